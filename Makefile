@@ -1,0 +1,54 @@
+# LoSA-TAL entry points. Everything runs inside .venv, which `make setup` creates on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+DATASET ?= thumos
+CONFIG ?= configs/train/thumos_vitg_losa.json
+SEED ?= 0
+# Optional overrides; empty means "the preset's or config's own value".
+VIDEOS ?=
+CKPT ?=
+STORE ?=
+ANNOTATIONS ?=
+OUT ?=
+
+.PHONY: setup test test-fast demo extract train bench clean
+
+setup: $(STAMP)
+
+# Re-installs when the dependency list changes.
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,plots,demo]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+# The quick subset: skips the crash/resume and multi-process campaigns.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+demo: $(STAMP)
+	$(PY) cli.py demo --out demo_out --seed $(SEED) $(if $(CKPT),--checkpoint "$(CKPT)")
+
+extract: $(STAMP)
+	$(PY) cli.py extract --preset $(DATASET) \
+		$(if $(VIDEOS),--videos "$(VIDEOS)") $(if $(CKPT),--checkpoint "$(CKPT)") \
+		$(if $(STORE),--out "$(STORE)") $(if $(ANNOTATIONS),--annotations "$(ANNOTATIONS)")
+
+train: $(STAMP)
+	$(PY) cli.py train --config $(CONFIG) \
+		$(if $(STORE),--store "$(STORE)") $(if $(ANNOTATIONS),--annotations "$(ANNOTATIONS)") \
+		$(if $(OUT),--out "$(OUT)")
+
+bench: $(STAMP)
+	$(PY) bench/eval_speed.py
+	$(PY) bench/extract.py
+	$(PY) bench/train.py
+
+clean:
+	rm -rf demo_out .pytest_cache .hypothesis
