@@ -1,0 +1,89 @@
+"""``evaluate`` and ``visualize``: click commands (heavy imports happen inside the functions)."""
+import warnings
+from contextlib import contextmanager
+
+import click
+
+
+@contextmanager
+def _warnings_to_stderr():
+    """Show library warnings as one ``warning:`` line each, without source lines."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for warning in caught:
+                click.echo(f"warning: {warning.message}", err=True)
+
+
+@click.command()
+@click.option("--preds", "preds_path", required=True, metavar="PRED.json",
+              help="Detections: {results: {video: [{segment, label, score}]}}.")
+@click.option("--gt", "gt_path", required=True, metavar="GT.json",
+              help="Ground truth in the ActivityNet layout (ActionFormer, OpenTAD variants too).")
+@click.option("--subset", default=None, help="Subset to evaluate (any case). Default: the test split.")
+@click.option("--tiou", default=None, metavar="LIST",
+              help="tIoU thresholds: '0.3,0.5' or start:stop:step (inclusive).")
+@click.option("--dataset", type=click.Choice(["thumos", "anet"], case_sensitive=False),
+              default=None, help="Threshold preset: thumos = 0.3:0.7:0.1 (default), "
+              "anet = 0.5:0.95:0.05.")
+@click.option("--json", "json_path", default=None, metavar="OUT", help="Write the report as JSON.")
+@click.option("--per-class", is_flag=True, help="Print AP per class too.")
+@click.option("--plot", "plot_dir", default=None, metavar="DIR",
+              help="Write per-class AP bars and precision-recall curves (PNG).")
+@click.option("--diagnose", "diagnose_dir", default=None, metavar="DIR",
+              help="Write a false-positive analysis and mAP sensitivity (PNG + JSON).")
+def evaluate(preds_path, gt_path, subset, tiou, dataset, json_path, per_class, plot_dir,
+             diagnose_dir):
+    """Score detections against ground truth: mAP per tIoU threshold and the average."""
+    from .annotations import load_annotations
+    from .files import write_json_atomic
+    from .metrics import evaluate_detections
+    from .predictions import load_predictions
+    from .report import format_report
+    from .thresholds import parse_tiou
+
+    thresholds = parse_tiou(tiou, dataset)
+    with _warnings_to_stderr():
+        annotations = load_annotations(gt_path)
+        predictions = load_predictions(preds_path)
+        evaluation = evaluate_detections(annotations, predictions, subset, thresholds)
+    report = evaluation.report()
+    click.echo(format_report(report, per_class=per_class))
+    if json_path:
+        write_json_atomic(json_path, report)
+    if plot_dir:
+        from .plots import write_plots
+
+        _echo_written(write_plots(evaluation, plot_dir))
+    if diagnose_dir:
+        from .diagnosis import diagnose, write_diagnosis
+
+        _echo_written(write_diagnosis(diagnose(evaluation), diagnose_dir))
+
+
+def _echo_written(paths):
+    for path in paths:
+        click.echo(f"wrote {path}")
+
+
+@click.command()
+@click.option("--preds", "preds_path", required=True, metavar="PRED.json", help="Detections.")
+@click.option("--gt", "gt_path", required=True, metavar="GT.json", help="Ground truth.")
+@click.option("--video", "video_id", required=True, metavar="ID", help="Video id to draw.")
+@click.option("--video-file", default=None, metavar="PATH",
+              help="The video itself: adds frame thumbnails (decoded with decord).")
+@click.option("--out", "out_path", required=True, metavar="PNG", help="Image to write.")
+@click.option("--tiou", "tiou_threshold", default=0.5, show_default=True, type=float,
+              help="tIoU threshold that decides true and false positives.")
+@click.option("--top", default=None, type=int, metavar="N",
+              help="Detections to draw, best first (default: max(10, 2 x ground truth)).")
+def visualize(preds_path, gt_path, video_id, video_file, out_path, tiou_threshold, top):
+    """Draw one video's timeline: ground truth against detections, TP/FP coloured."""
+    from .timeline import plot_timeline
+
+    with _warnings_to_stderr():
+        path = plot_timeline(gt_path, preds_path, video_id, out_path, video_file=video_file,
+                             tiou_threshold=tiou_threshold, top=top)
+    _echo_written([path])

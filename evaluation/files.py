@@ -1,0 +1,69 @@
+"""Reading the JSON inputs and writing outputs without ever leaving half a file behind."""
+import json
+import os
+import tempfile
+
+from losa_tal import input_error
+
+
+def read_json_object(source, what: str):
+    """Return ``(name, dict)`` for a JSON file path or an already-loaded dict.
+
+    ``name`` is what error messages call the input: the path, or ``<what>`` for a dict.
+    """
+    if isinstance(source, dict):
+        return f"<{what}>", source
+    name = os.fspath(source)
+    try:
+        with open(name, "rb") as file:
+            data = json.loads(file.read())
+    except FileNotFoundError:
+        raise input_error(name, "no such file") from None
+    except IsADirectoryError:
+        raise input_error(name, "is a directory, expected a JSON file") from None
+    except PermissionError:
+        raise input_error(name, "permission denied") from None
+    except json.JSONDecodeError as err:
+        raise input_error(name, f"not valid JSON ({err.msg} at line {err.lineno})") from None
+    except UnicodeDecodeError:
+        raise input_error(name, "not valid JSON (not UTF-8 text)") from None
+    if not isinstance(data, dict):
+        raise input_error(name, f"expected a JSON object, found {type(data).__name__}")
+    return name, data
+
+
+def require_key(name: str, data: dict, key: str, kind=dict):
+    """``data[key]``, which must exist and be of ``kind``; the error names the file."""
+    if key not in data:
+        raise input_error(name, f"'{key}' is missing")
+    value = data[key]
+    if not isinstance(value, kind):
+        raise input_error(name, f"'{key}' must be a JSON {_json_kind(kind)}")
+    return value
+
+
+def _json_kind(kind) -> str:
+    return {dict: "object", list: "array", str: "string"}.get(kind, kind.__name__)
+
+
+def write_json_atomic(path, data) -> None:
+    """Write JSON to ``path`` through a temporary file, so a crash never truncates an old one."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump(data, file, indent=2)
+            file.write("\n")
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates files readable by us only
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,140 @@
+"""``visualize``: one video's ground truth against its detections, on a time axis.
+
+Detections are drawn best first, one row each, green when they are a true positive at the chosen
+tIoU threshold and red otherwise (the matching is the evaluation's, restricted to this video,
+which gives the same answer because detections compete only within a video). With the video
+file, a row of frame thumbnails (decoded with decord) sits above the time axis.
+"""
+import os
+
+import numpy as np
+
+from losa_tal import InputError, input_error
+
+from .annotations import load_annotations
+from .matching import greedy_match
+from .predictions import load_predictions
+
+NUM_THUMBNAILS = 8
+COLOURS = {"gt": "tab:blue", "tp": "tab:green", "fp": "tab:red"}
+
+
+def plot_timeline(annotations, predictions, video_id, out_path, video_file=None,
+                  tiou_threshold=0.5, top=None) -> str:
+    """Draw the timeline of ``video_id`` into the PNG ``out_path``; returns the path.
+
+    ``annotations``/``predictions``: parsed objects, paths or dicts. ``top``: detections to
+    draw, best first (default max(10, 2 x the video's ground truth)).
+    """
+    if not 0.0 < tiou_threshold <= 1.0:
+        raise input_error("--tiou", f"threshold {tiou_threshold!r} is outside (0, 1]")
+    if not hasattr(annotations, "videos"):
+        annotations = load_annotations(annotations)
+    if not hasattr(predictions, "video_index"):
+        predictions = load_predictions(predictions)
+    video = annotations.video(video_id)
+    detections = predictions.for_video(video_id)
+    is_tp = match_one_video(video, detections, tiou_threshold)
+    top = max(10, 2 * len(video.labels)) if top is None else top
+    shown = np.argsort(-detections["scores"], kind="stable")[:max(top, 0)]
+    thumbnails = read_thumbnails(video_file, NUM_THUMBNAILS) if video_file else None
+    end = _time_extent(video, detections)
+    figure = _draw(video_id, video, detections, is_tp, shown, thumbnails, end, tiou_threshold)
+    from .plots import save_figure
+
+    return save_figure(figure, out_path)
+
+
+def match_one_video(video, detections, tiou_threshold) -> np.ndarray:
+    """bool [n]: which of the video's detections are true positives at the threshold."""
+    labels = sorted(set(video.labels) | set(detections["labels"]))
+    code = {label: i for i, label in enumerate(labels)}
+    order = np.argsort(-detections["scores"], kind="stable")
+    pred_keys = np.array([code[x] for x in detections["labels"]], dtype=np.int64)[order]
+    gt_keys = np.array([code[x] for x in video.labels], dtype=np.int64)
+    matched = greedy_match(detections["segments"][order].reshape(-1, 2), pred_keys,
+                           video.segments, gt_keys, [tiou_threshold])[0]
+    is_tp = np.zeros(len(order), dtype=bool)
+    is_tp[order] = matched >= 0
+    return is_tp
+
+
+def read_thumbnails(video_file, count: int):
+    """``(times [count] s, frames [count, H, W, 3] uint8)`` evenly spread over the video."""
+    if not os.path.isfile(video_file):
+        raise input_error(video_file, "no such file")
+    try:
+        import decord
+    except ImportError:
+        raise InputError("decord is not installed; it reads --video-file") from None
+    try:
+        reader = decord.VideoReader(os.fspath(video_file), ctx=decord.cpu(0))
+        num_frames, fps = len(reader), reader.get_avg_fps()
+        times = (np.arange(count) + 0.5) * (num_frames / fps) / count
+        indices = np.minimum((times * fps).astype(int), num_frames - 1)
+        frames = reader.get_batch(indices.tolist()).asnumpy()
+    except (RuntimeError, decord.DECORDError, ZeroDivisionError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise input_error(video_file, f"cannot decode the video ({reason})") from None
+    return (indices + 0.5) / fps, frames
+
+
+def _time_extent(video, detections) -> float:
+    ends = [video.duration or 0.0]
+    ends += [video.segments[:, 1].max()] if len(video.segments) else []
+    ends += [detections["segments"][:, 1].max()] if len(detections["segments"]) else []
+    return max(max(ends), 1e-3)
+
+
+def _draw(video_id, video, detections, is_tp, shown, thumbnails, end, tiou_threshold):
+    from matplotlib.patches import Patch
+
+    from .plots import new_figure
+
+    gt_classes = sorted(set(video.labels))
+    num_rows = len(gt_classes) + len(shown)
+    thumb_height = 1.4 if thumbnails is not None else 0.0
+    figure = new_figure(12, 1.6 + thumb_height + 0.24 * max(num_rows, 1))
+    if thumbnails is not None:
+        grid = figure.add_gridspec(2, NUM_THUMBNAILS,
+                                   height_ratios=[thumb_height, 0.24 * max(num_rows, 1) + 0.8])
+        _draw_thumbnails(figure, grid, *thumbnails)
+        axes = figure.add_subplot(grid[1, :])
+        for time in thumbnails[0]:
+            axes.axvline(time, color="0.8", linewidth=0.8, zorder=0)
+    else:
+        axes = figure.add_subplot()
+    names = []
+    for label in gt_classes:
+        row = len(names)
+        spans = [(s, e - s) for (s, e), x in zip(video.segments, video.labels) if x == label]
+        axes.broken_barh(spans, (row - 0.4, 0.8), color=COLOURS["gt"])
+        names.append(f"GT {label}")
+    top_score = max(detections["scores"][shown].max(), 1e-12) if len(shown) else 1.0
+    for i in shown:
+        row = len(names)
+        start, stop = detections["segments"][i]
+        alpha = 0.3 + 0.7 * max(detections["scores"][i], 0.0) / top_score
+        axes.broken_barh([(start, stop - start)], (row - 0.4, 0.8),
+                         color=COLOURS["tp" if is_tp[i] else "fp"], alpha=min(alpha, 1.0))
+        names.append(f"{detections['labels'][i]} {detections['scores'][i]:.2f}")
+    axes.set_yticks(range(len(names)), names, fontsize=7)
+    axes.set_ylim(len(names) - 0.5, -0.5)
+    axes.set_xlim(0, end)
+    axes.set_xlabel("time (s)")
+    axes.legend(handles=[Patch(color=COLOURS["gt"], label="ground truth"),
+                         Patch(color=COLOURS["tp"], label="true positive"),
+                         Patch(color=COLOURS["fp"], label="false positive")],
+                fontsize=7, ncols=3, loc="lower right", bbox_to_anchor=(1.0, 1.0))
+    figure.suptitle(f"{video_id}: {len(video.labels)} ground-truth segments, best {len(shown)} "
+                    f"of {len(detections['scores'])} detections (TP/FP at tIoU {tiou_threshold:g})",
+                    fontsize=10)
+    return figure
+
+
+def _draw_thumbnails(figure, grid, times, frames):
+    for column, (time, frame) in enumerate(zip(times, frames)):
+        axes = figure.add_subplot(grid[0, column])
+        axes.imshow(frame)
+        axes.set_title(f"{time:.1f} s", fontsize=7)
+        axes.axis("off")
