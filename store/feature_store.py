@@ -1,0 +1,333 @@
+"""``FeatureStore``: the one object stage one writes features through and stage two reads them from.
+
+The store trusts nothing it reads back: shapes and dtypes are checked against the root metadata
+on every read and values must be finite, so a store that was edited, truncated or damaged gives an
+``InputError`` naming the store and the video, never wrong features. Programming errors (a
+feature array of the wrong shape, a clip range outside the video) are ``ValueError``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import warnings
+
+import numpy as np
+
+from losa_tal import InputError, input_error
+
+from .errors import storage_errors
+from .hdf5_backend import Hdf5Backend
+from .locks import try_claim
+from .meta import (LAST, TIMES_KEY, array_key, checked_meta, meta_differences, new_meta,
+                   video_record_problems)
+from .names import encode_video_id
+from .zarr_backend import ZarrBackend, is_url
+
+BACKENDS = {"zarr": ZarrBackend, "hdf5": Hdf5Backend}
+HDF5_SUFFIXES = (".h5", ".hdf5")
+
+
+class FeatureStore:
+    """A feature store: per-video last-layer ``[T, D]`` and intermediate ``[T, K, D]`` features.
+
+    Use ``FeatureStore.create`` to write (it creates the store or checks that an existing one
+    matches) and ``FeatureStore.open`` to read.
+    """
+
+    def __init__(self, backend, meta: dict, writable: bool):
+        self._backend = backend
+        self.meta = meta
+        self._writable = writable
+        self._warned_no_claims = False
+
+    # -- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path, meta: dict, format: str | None = None) -> "FeatureStore":
+        """A writer: creates the store, or opens an existing one whose metadata matches ``meta``."""
+        location = _location(path)
+        requested = new_meta(meta)
+        format = _format_for_writing(location, format)
+        with storage_errors(location, "cannot create or open the store"):
+            backend = BACKENDS[format].create_or_open(location, requested)
+            stored = _read_checked_meta(backend, location)
+        differences = meta_differences(stored, requested)
+        if differences:
+            raise input_error(location, "was written with a different " + "; ".join(differences)
+                              + "; write into a new store instead")
+        with contextlib.suppress(OSError):  # a read-only store has nothing to clean
+            backend.remove_stale()
+        return cls(backend, stored, writable=True)
+
+    @classmethod
+    def open(cls, path) -> "FeatureStore":
+        """A reader (the format is detected)."""
+        location = _location(path)
+        format = _existing_format(location)
+        if format is None:
+            raise input_error(location, "no such feature store")
+        with storage_errors(location, "cannot read the store"):
+            backend = BACKENDS[format](location, writable=False)
+            meta = _read_checked_meta(backend, location)
+        return cls(backend, meta, writable=False)
+
+    def close(self):
+        self._backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __repr__(self):
+        return f"FeatureStore({self.path!r}, format={self.format!r})"
+
+    # -- description -----------------------------------------------------------------------------
+    @property
+    def path(self) -> str:
+        return self._backend.location
+
+    @property
+    def format(self) -> str:
+        return self._backend.format
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.meta["layers"])
+
+    @property
+    def tokens(self):
+        """The pooled token grid ``(t, h, w)``; None in a store without intermediate layers."""
+        tokens = self.meta["tokens"]
+        return None if tokens is None else tuple(tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        """K; 0 in a store without intermediate layers."""
+        return 0 if self.tokens is None else math.prod(self.tokens)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.meta["feature_dim"]
+
+    @property
+    def stored_layers(self) -> list:
+        """Every layer a video holds: ``LAST`` then the intermediate block indices."""
+        return [LAST, *self.meta["layers"]]
+
+    def layer_shape(self, layer, num_clips: int) -> tuple:
+        return (num_clips, self.feature_dim) if layer == LAST else \
+            (num_clips, self.num_tokens, self.feature_dim)
+
+    # -- reading ---------------------------------------------------------------------------------
+    def videos(self) -> list[str]:
+        """Ids of the complete videos, sorted (videos being written are not listed)."""
+        with storage_errors(self.path, "cannot list the videos"):
+            records = self._backend.complete_videos()
+        return sorted(_stored_id(name, record) for name, record in records.items())
+
+    def __contains__(self, video_id) -> bool:
+        return isinstance(video_id, str) and bool(video_id) and self._record(video_id) is not None
+
+    def __len__(self):
+        return len(self.videos())
+
+    def video_info(self, video_id: str) -> dict:
+        """``{"num_clips", "fps", "num_frames", "duration", "float32_layers", ...}``."""
+        record = self._checked_record(video_id)
+        return {key: value for key, value in record.items() if key != "complete"}
+
+    def feature_times(self, video_id: str) -> np.ndarray:
+        """Seconds of each feature step (clip centres), float64 ``[T]``, strictly increasing."""
+        record = self._checked_record(video_id)
+        num_clips = record["num_clips"]
+        with self._reading(video_id, TIMES_KEY):
+            array = self._backend.array(encode_video_id(video_id), TIMES_KEY)
+            if array is None or tuple(array.shape) != (num_clips,):
+                self._refuse(video_id, f"feature times have shape "
+                                       f"{None if array is None else tuple(array.shape)}, "
+                                       f"expected ({num_clips},)")
+            times = np.asarray(array[...], dtype=np.float64)
+        if not np.isfinite(times).all():
+            self._refuse(video_id, "feature times contain NaN or inf")
+        if (np.diff(times) <= 0).any():
+            self._refuse(video_id, "feature times are not strictly increasing")
+        return times
+
+    def read(self, video_id: str, layers=None, start: int = 0, stop: int | None = None) -> dict:
+        """Clips ``start:stop`` of the given layers (default: all), float32.
+
+        ``{LAST: [t, D], block index: [t, K, D]}``; only those layers' chunks that overlap the
+        clip range are read.
+        """
+        record = self._checked_record(video_id)
+        num_clips = record["num_clips"]
+        layers = self.stored_layers if layers is None else list(layers)
+        for layer in layers:
+            self._check_layer(layer)
+        stop = num_clips if stop is None else stop
+        if not (isinstance(start, (int, np.integer)) and isinstance(stop, (int, np.integer))
+                and 0 <= start <= stop <= num_clips):
+            raise ValueError(f"clip range {start}:{stop} is outside video {video_id!r} "
+                             f"({num_clips} clips)")
+        features = {}
+        for layer in layers:
+            with self._reading(video_id, array_key(layer)):
+                array = self._checked_array(video_id, record, layer)
+                values = np.asarray(array[start:stop], dtype=np.float32)
+            if not np.isfinite(values).all():
+                self._refuse(video_id, f"layer {layer} clips {start}:{stop} contain NaN or inf "
+                                       "(missing or damaged chunks); run `store verify`")
+            features[layer] = values
+        return features
+
+    def _check_layer(self, layer):
+        if layer == LAST or (isinstance(layer, int) and layer in self.layers):
+            return
+        if isinstance(layer, (int, np.integer)) and not isinstance(layer, bool):
+            raise input_error(self.path, f"holds no layer {layer} (it holds {LAST!r} and "
+                              f"intermediate layers {self.layers})")
+        raise ValueError(f"a layer is {LAST!r} or an intermediate block index, got {layer!r}")
+
+    def _checked_array(self, video_id, record, layer):
+        """The layer's array, refused if its shape or dtype disagrees with the metadata."""
+        array = self._backend.array(encode_video_id(video_id), array_key(layer))
+        if array is None:
+            self._refuse(video_id, f"layer {layer} is missing")
+        expected_shape = self.layer_shape(layer, record["num_clips"])
+        if tuple(array.shape) != expected_shape:
+            self._refuse(video_id, f"layer {layer} has shape {tuple(array.shape)}, the metadata "
+                                   f"says {expected_shape}")
+        promoted = layer in record.get("float32_layers", [])
+        expected_dtype = np.dtype("float32" if promoted else self.meta["dtype"])
+        if np.dtype(array.dtype) != expected_dtype:
+            self._refuse(video_id, f"layer {layer} is {np.dtype(array.dtype)}, the metadata "
+                                   f"says {expected_dtype}")
+        return array
+
+    @contextlib.contextmanager
+    def _reading(self, video_id, key):
+        """Backend read errors (checksum mismatch, unreadable file) become InputErrors."""
+        try:
+            with self._backend.reading():
+                yield
+        except InputError:
+            raise
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            self._refuse(video_id, f"cannot read {key}: {' '.join(str(err).split())}")
+
+    def _record(self, video_id: str):
+        with storage_errors(self.path, "cannot read the store"):
+            record = self._backend.record(encode_video_id(video_id))
+        if record is None or _stored_id(encode_video_id(video_id), record) != video_id:
+            return None
+        return record
+
+    def _checked_record(self, video_id: str) -> dict:
+        record = self._record(video_id)
+        if record is None:
+            raise input_error(self.path, f"holds no complete video {video_id!r}")
+        problems = video_record_problems(record, self.stored_layers)
+        if problems:
+            self._refuse(video_id, "; ".join(problems))
+        return record
+
+    def _refuse(self, video_id, problem):
+        raise input_error(self.path, f"video {video_id!r}: {problem}")
+
+    # -- writing ---------------------------------------------------------------------------------
+    def video_writer(self, video_id: str, num_clips: int, info: dict):
+        """A context manager writing one video; nothing is visible until ``commit(times)``."""
+        from .writer import VideoWriter
+
+        if not self._writable:
+            raise ValueError(f"{self.path} was opened for reading; use FeatureStore.create")
+        if video_id in self:
+            raise ValueError(f"video {video_id!r} is already in {self.path}; check `in` first")
+        return VideoWriter(self, video_id, num_clips, info)
+
+    def write_video(self, video_id: str, features: dict, times, info: dict) -> bool:
+        """Write a whole video at once; False if another writer published it first."""
+        num_clips = len(next(iter(features.values()), []))
+        with self.video_writer(video_id, num_clips, info) as writer:
+            writer.write(0, features)
+            return writer.commit(times)
+
+    @contextlib.contextmanager
+    def claim(self, video_id: str):
+        """Take a video for this process: ``with fs.claim(vid) as mine: if mine: ...``.
+
+        Yields False while another process holds it. The claim is an ``flock``, dropped by the
+        kernel if this process dies, so a killed run never blocks its resume. On object storage
+        (no locks) it always yields True, with a warning: shard the videos between writers.
+        """
+        directory = self._backend.claims_dir
+        if directory is None:
+            if not self._warned_no_claims:
+                warnings.warn(f"{self.path}: claims need a POSIX file system; on object storage "
+                              "give each writer its own videos", stacklevel=3)
+                self._warned_no_claims = True
+            yield True
+            return
+        with contextlib.ExitStack() as stack:
+            with storage_errors(self.path, f"cannot claim video {video_id!r}"):
+                mine = stack.enter_context(try_claim(directory, encode_video_id(video_id)))
+            yield mine
+
+    # -- maintenance -----------------------------------------------------------------------------
+    def incomplete_videos(self) -> list[str]:
+        """Names (encoded) of video groups without a completion marker; readers ignore them."""
+        with storage_errors(self.path, "cannot list the videos"):
+            return self._backend.incomplete_videos()
+
+
+def _stored_id(name: str, record: dict) -> str:
+    video_id = record.get("video_id")
+    return video_id if isinstance(video_id, str) else name
+
+
+def _location(path) -> str:
+    location = os.fspath(path) if not isinstance(path, str) else path
+    if not location:
+        raise ValueError("a store path is required")
+    return location
+
+
+def _existing_format(location: str):
+    """The format of the store at ``location``; None if nothing (or an empty directory) is there."""
+    if is_url(location):
+        return "zarr"
+    if not os.path.exists(location):
+        return None
+    if os.path.isdir(location):
+        if ZarrBackend.is_store(location):
+            return "zarr"
+        if not os.listdir(location):
+            return None
+        raise input_error(location, "is a directory but not a Zarr feature store (no zarr.json)")
+    if Hdf5Backend.is_store(location):
+        return "hdf5"
+    raise input_error(location, "is neither a Zarr feature store directory nor an HDF5 file")
+
+
+def _format_for_writing(location: str, requested):
+    if requested is not None and requested not in BACKENDS:
+        raise ValueError(f"format must be one of {', '.join(BACKENDS)} or None, got {requested!r}")
+    existing = _existing_format(location)
+    if existing is not None and requested is not None and existing != requested:
+        raise input_error(location, f"is an existing {existing} store; cannot write it as "
+                          f"{requested}")
+    if requested == "hdf5" and is_url(location):
+        raise input_error(location, "HDF5 stores must be local files; use --format zarr for URLs")
+    if existing or requested:
+        return existing or requested
+    return "hdf5" if location.lower().endswith(HDF5_SUFFIXES) else "zarr"
+
+
+def _read_checked_meta(backend, location) -> dict:
+    meta = backend.read_meta()
+    if meta is None:
+        raise input_error(location, "is not a LoSA-TAL feature store (no 'losa_tal' metadata)")
+    return checked_meta(location, meta)
