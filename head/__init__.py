@@ -1,0 +1,8 @@
+"""The anchor-free ActionFormer-style detection head: model, targets, losses, NMS, post-processing."""
+from head.model import THUMOS_REGRESSION_RANGES, ActionFormerHead
+from head.nms import batched_nms, segment_iou
+from head.postprocess import postprocess
+from head.targets import Points, assign_targets, make_points
+
+__all__ = ["ActionFormerHead", "THUMOS_REGRESSION_RANGES", "Points", "assign_targets",
+           "batched_nms", "make_points", "postprocess", "segment_iou"]

@@ -1,0 +1,231 @@
+"""An anchor-free, ActionFormer-style temporal action detector (Zhang et al., ECCV 2022).
+
+input [B, T, D] features + [B, T] mask
+  -> embedding: masked convs + LayerNorm + ReLU
+  -> stem: transformer blocks with local self-attention at stride 1
+  -> branch: one strided transformer block per further pyramid level (strides 2, 4, ..., 32)
+  -> per level LayerNorm, then classification and regression towers shared by all levels
+  -> per level: class logits [B, T_l, C], offsets [B, T_l, 2] (distances to start and end, in
+     units of the level's stride), mask [B, T_l].
+Every pyramid point predicts for every class independently (sigmoid); training assigns ground
+truth to points by centre sampling and per-level regression ranges (head/targets.py).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from head.blocks import ConvNormReLU, MaskedConv1d, Scale, TransformerBlock, zero_padding
+from head.losses import diou_loss, sigmoid_focal_loss
+from head.postprocess import postprocess
+from head.targets import assign_targets, make_points
+
+THUMOS_REGRESSION_RANGES = ((0, 4), (4, 8), (8, 16), (16, 32), (32, 64), (64, math.inf))
+
+
+class Tower(nn.Module):
+    """Shared per-level prediction tower: (conv, LayerNorm, ReLU) x depth, then a conv."""
+
+    def __init__(self, dim, out_dim, depth, kernel_size=3):
+        super().__init__()
+        self.layers = nn.ModuleList(ConvNormReLU(dim, dim, kernel_size) for _ in range(depth))
+        self.predict = MaskedConv1d(dim, out_dim, kernel_size)
+
+    def forward(self, x, mask):
+        for layer in self.layers:
+            x = layer(x, mask)
+        return self.predict(x, mask)[0]
+
+
+class ActionFormerHead(nn.Module):
+    """ActionFormer-style detection head; see the module docstring.
+
+    Args:
+        in_dim: width D of the input features.
+        num_classes: number C of action classes.
+        embed_dim: width of the embedding, transformer and towers.
+        num_levels: pyramid levels (strides 1, 2, ..., 2**(num_levels-1)).
+        window: local self-attention window in steps of each level (odd; 19 attends +-9).
+        num_heads: self-attention heads.
+        max_seq_len: length of the sinusoidal position table; used only with ``use_abs_pe``.
+        num_embed_convs: convolutions of the input embedding.
+        num_stem_blocks: stride-1 transformer blocks before the pyramid.
+        mlp_ratio: hidden width of the transformer MLPs relative to ``embed_dim``.
+        dropout: dropout in attention and MLPs.
+        drop_path: stochastic depth rate of the transformer blocks' residual branches.
+        tower_depth: (conv, LayerNorm, ReLU) layers before each tower's prediction conv.
+        use_abs_pe: add a fixed sinusoidal position encoding after the embedding.
+        regression_ranges: per level (low, high) range, in input feature steps, of the larger of a
+            point's distances to a segment's start and end (THUMOS defaults; one per level).
+        center_sample_radius: positives lie within radius * stride of a segment's centre
+            (None: anywhere inside the segment).
+        cls_prior_prob: initial foreground probability of every class (bias of the cls conv).
+        focal_alpha, focal_gamma: sigmoid focal loss parameters.
+        reg_loss_weight: weight of the DIoU loss against the focal loss.
+        label_smoothing: classification targets become t * (1 - s) + s / (C + 1).
+        loss_norm_init, loss_norm_momentum: the losses are divided by an EMA of the number of
+            positive points (a buffer, so checkpoints resume it exactly).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_classes: int,
+        embed_dim: int = 512,
+        num_levels: int = 6,
+        window: int = 19,
+        num_heads: int = 4,
+        max_seq_len: int = 2304,
+        num_embed_convs: int = 2,
+        num_stem_blocks: int = 2,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        drop_path: float = 0.1,
+        tower_depth: int = 2,
+        use_abs_pe: bool = False,
+        regression_ranges=THUMOS_REGRESSION_RANGES,
+        center_sample_radius: float | None = 1.5,
+        cls_prior_prob: float = 0.01,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        reg_loss_weight: float = 1.0,
+        label_smoothing: float = 0.0,
+        loss_norm_init: float = 100.0,
+        loss_norm_momentum: float = 0.9,
+    ):
+        super().__init__()
+        if len(regression_ranges) != num_levels:
+            raise ValueError(f"{len(regression_ranges)} regression_ranges for {num_levels} levels")
+        if window % 2 == 0:
+            raise ValueError(f"window must be odd, got {window}")
+        self.num_classes = num_classes
+        self.strides = [2 ** level for level in range(num_levels)]
+        self.regression_ranges = [(float(low), float(high)) for low, high in regression_ranges]
+        self.center_sample_radius = center_sample_radius
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.reg_loss_weight = reg_loss_weight
+        self.label_smoothing = label_smoothing
+        self.loss_norm_momentum = loss_norm_momentum
+        self.register_buffer("loss_normalizer", torch.tensor(float(loss_norm_init)))
+        self.max_seq_len = max_seq_len
+        self.register_buffer("position_table", sinusoid_table(max_seq_len, embed_dim)
+                             if use_abs_pe else None, persistent=False)
+
+        self.embed = nn.ModuleList(
+            ConvNormReLU(in_dim if i == 0 else embed_dim, embed_dim) for i in range(num_embed_convs)
+        )
+        block = lambda stride: TransformerBlock(embed_dim, num_heads, window, stride,  # noqa: E731
+                                                mlp_ratio, dropout, drop_path)
+        self.stem = nn.ModuleList(block(1) for _ in range(num_stem_blocks))
+        self.branch = nn.ModuleList(block(2) for _ in range(num_levels - 1))
+        self.level_norms = nn.ModuleList(nn.LayerNorm(embed_dim) for _ in range(num_levels))
+        self.cls_tower = Tower(embed_dim, num_classes, tower_depth)
+        self.reg_tower = Tower(embed_dim, 2, tower_depth)
+        self.reg_scales = nn.ModuleList(Scale() for _ in range(num_levels))
+        prior_logit = -math.log((1 - cls_prior_prob) / cls_prior_prob)
+        nn.init.constant_(self.cls_tower.predict.conv.bias, prior_logit)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> dict:
+        """x [B, T, D], mask [B, T] bool (True = valid) -> dict of per-level lists:
+        "cls_logits" [B, T_l, C], "offsets" [B, T_l, 2] (>= 0, stride units), "masks" [B, T_l].
+        T is padded up to a multiple of the largest stride, so T_0 may exceed T.
+        """
+        x, mask = pad_to_multiple(x, mask, self.strides[-1])
+        x = zero_padding(x, mask)
+        for layer in self.embed:
+            x = layer(x, mask)
+        if self.position_table is not None:
+            x = zero_padding(x + self._positions(x.shape[1]).to(x.dtype), mask)
+        for block in self.stem:
+            x, mask = block(x, mask)
+        features, masks = [x], [mask]
+        for block in self.branch:
+            x, mask = block(x, mask)
+            features.append(x)
+            masks.append(mask)
+        out = {"cls_logits": [], "offsets": [], "masks": masks}
+        for norm, scale, feature, level_mask in zip(self.level_norms, self.reg_scales, features,
+                                                    masks):
+            feature = zero_padding(norm(feature), level_mask)
+            out["cls_logits"].append(self.cls_tower(feature, level_mask))
+            out["offsets"].append(F.relu(scale(self.reg_tower(feature, level_mask))))
+        return out
+
+    def _positions(self, length):
+        if length > self.max_seq_len:
+            raise ValueError(f"sequence of {length} steps exceeds max_seq_len {self.max_seq_len} "
+                             "of the absolute position encoding")
+        return self.position_table[:length]
+
+    def points(self, out: dict):
+        """The pyramid points of an output of ``forward`` (see head/targets.py)."""
+        lengths = [mask.shape[1] for mask in out["masks"]]
+        return make_points(lengths, self.strides, self.regression_ranges,
+                           device=out["masks"][0].device)
+
+    def assign(self, out: dict, targets):
+        """Stacked targets for a batch: cls [B, P, C], reg [B, P, 2] (see assign_targets)."""
+        points = self.points(out)
+        assigned = [assign_targets(points, t["segments"], t["labels"], self.num_classes,
+                                   self.center_sample_radius) for t in targets]
+        cls, reg = zip(*assigned)
+        return torch.stack(cls), torch.stack(reg)
+
+    def loss(self, out: dict, targets, num_positives=None) -> dict:
+        """Focal + DIoU losses of a batch.
+
+        targets: one dict per video, "segments" [N, 2] (start, end) in feature steps of the
+        input, "labels" [N] int class indices. ``num_positives`` overrides the count fed to the
+        normaliser EMA (e.g. a count summed over processes); the EMA moves only in training mode.
+        Returns {"cls", "reg", "total", "num_positives"}.
+        """
+        cls_targets, reg_targets = self.assign(out, targets)
+        logits = torch.cat(out["cls_logits"], dim=1)
+        offsets = torch.cat(out["offsets"], dim=1)
+        valid = torch.cat(out["masks"], dim=1)
+        positive = valid & (cls_targets.sum(-1) > 0)
+        count = positive.sum()
+        if self.training:
+            observed = count if num_positives is None else torch.as_tensor(num_positives)
+            momentum = self.loss_norm_momentum
+            self.loss_normalizer.mul_(momentum).add_(
+                (1 - momentum) * observed.to(self.loss_normalizer).clamp(min=1))
+        normalizer = self.loss_normalizer
+
+        if self.label_smoothing > 0:
+            smooth = self.label_smoothing
+            cls_targets = cls_targets * (1 - smooth) + smooth / (self.num_classes + 1)
+        cls_loss = sigmoid_focal_loss(logits[valid], cls_targets[valid], self.focal_alpha,
+                                      self.focal_gamma).sum() / normalizer
+        # Sum over no element is 0 but keeps the towers in the graph (DDP needs every parameter).
+        reg_loss = diou_loss(offsets[positive], reg_targets[positive]).sum() / normalizer
+        total = cls_loss + self.reg_loss_weight * reg_loss
+        return {"cls": cls_loss, "reg": reg_loss, "total": total, "num_positives": count}
+
+    @torch.no_grad()
+    def predict(self, out: dict, **postprocess_options):
+        """Detections per video: list of {"segments" [N, 2] (feature steps), "scores" [N],
+        "labels" [N]}, best first. Options (THUMOS defaults): see head.postprocess.postprocess.
+        """
+        return postprocess(out, self.strides, **postprocess_options)
+
+
+def pad_to_multiple(x, mask, multiple: int):
+    """Pad [B, T, D] and its mask with invalid steps so that T is a multiple of ``multiple``."""
+    extra = -x.shape[1] % multiple
+    if extra == 0:
+        return x, mask
+    return F.pad(x, (0, 0, 0, extra)), F.pad(mask, (0, extra), value=False)
+
+
+def sinusoid_table(length: int, dim: int) -> torch.Tensor:
+    """The fixed sine/cosine position encoding of "Attention is all you need", [length, dim]."""
+    position = torch.arange(length, dtype=torch.float64)[:, None]
+    frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * (-math.log(1e4) / dim))
+    table = torch.zeros(length, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency)
+    return table.float()

@@ -1,0 +1,65 @@
+"""From the head's per-level outputs to a ranked list of segments per video (feature steps)."""
+from __future__ import annotations
+
+import torch
+
+from head.nms import batched_nms, segment_voting
+
+
+def decode_level(cls_logits, offsets, mask, stride: int, score_threshold: float, top_k: int,
+                 min_duration: float):
+    """Candidates of one level of one video.
+
+    cls_logits [T, C], offsets [T, 2] (stride units), mask [T] -> segments [n, 2] (feature
+    steps), scores [n], labels [n]: the ``top_k`` best (point, class) pairs scoring above the
+    threshold whose segment is longer than ``min_duration`` steps.
+    """
+    num_classes = cls_logits.shape[1]
+    scores = torch.sigmoid(cls_logits.float()) * mask[:, None]
+    scores = scores.flatten()
+    keep = torch.nonzero(scores > score_threshold).squeeze(1)
+    if keep.numel() > top_k:
+        keep = keep[scores[keep].topk(top_k).indices]
+    point, label = keep // num_classes, keep % num_classes
+    position = point.to(torch.float32) * stride
+    distance = offsets[point].float() * stride
+    segments = torch.stack([position - distance[:, 0], position + distance[:, 1]], dim=1)
+    long_enough = (segments[:, 1] - segments[:, 0]) > min_duration
+    return segments[long_enough], scores[keep][long_enough], label[long_enough]
+
+
+def postprocess(out: dict, strides, score_threshold: float = 0.001, pre_nms_top_k: int = 2000,
+                min_duration: float = 0.05, nms_method: str = "soft", iou_threshold: float = 0.5,
+                sigma: float = 0.5, min_score: float = 0.001, max_segments: int = 2000,
+                voting_iou: float | None = None):
+    """Detections per video from the head's output dict (see ``ActionFormerHead.forward``).
+
+    Per level: score threshold and top-k; then per-class NMS over all levels (``nms_method``
+    "soft" (Gaussian, ``sigma``), "linear", "hard" (``iou_threshold``) or "none"), optional
+    score-weighted boundary voting among same-class candidates overlapping by ``voting_iou``, and
+    at most ``max_segments`` per video. Returns a list (one per video) of dicts with
+    "segments" [N, 2] float (start, end in feature steps of the head's input; not clamped to the
+    video), "scores" [N] and "labels" [N] int, best first.
+    """
+    detections = []
+    for video in range(out["masks"][0].shape[0]):
+        levels = [
+            decode_level(cls[video], off[video], mask[video], stride, score_threshold,
+                         pre_nms_top_k, min_duration)
+            for cls, off, mask, stride in zip(out["cls_logits"], out["offsets"], out["masks"],
+                                              strides)
+        ]
+        segments, scores, labels = (torch.cat(parts) for parts in zip(*levels))
+        if nms_method == "none":
+            order = scores.argsort(descending=True, stable=True)[:max_segments]
+            kept = segments[order], scores[order], labels[order]
+        else:
+            kept = batched_nms(segments, scores, labels, nms_method, iou_threshold, sigma,
+                               min_score, max_segments)
+        kept_segments, kept_scores, kept_labels = kept
+        if voting_iou is not None and kept_segments.shape[0]:
+            kept_segments = segment_voting(kept_segments, kept_labels, segments, scores, labels,
+                                           voting_iou)
+        detections.append({"segments": kept_segments, "scores": kept_scores,
+                           "labels": kept_labels})
+    return detections

@@ -1,0 +1,259 @@
+"""The detection head: target assignment on hand-made and real THUMOS cases, losses, the loss
+normaliser in checkpoints, masking, decoding, and learning a small detection problem."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from head import ActionFormerHead, assign_targets, make_points
+from head.losses import diou_loss, sigmoid_focal_loss
+from head.model import THUMOS_REGRESSION_RANGES
+from head.nms import segment_iou
+
+THUMOS = Path("/work/shared/data/annotations/thumos14.json")
+STRIDES = [1, 2, 4, 8, 16, 32]
+LENGTH = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors run fastest on one thread; two threads on a busy 2-core machine spin-wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def thumos_points(length=LENGTH):
+    lengths = [math.ceil(length / s) for s in STRIDES]
+    return make_points(lengths, STRIDES, THUMOS_REGRESSION_RANGES)
+
+
+def assign(segments, labels, num_classes=3, radius=1.5, length=LENGTH):
+    points = thumos_points(length)
+    cls, reg = assign_targets(points, torch.tensor(segments, dtype=torch.float32),
+                              torch.tensor(labels), num_classes, radius)
+    return points, cls, reg
+
+
+def positives(points, cls, reg):
+    """{(stride, position): (labels, start offset, end offset)} of the assigned points."""
+    found = {}
+    for p in torch.nonzero(cls.sum(1) > 0).squeeze(1).tolist():
+        key = (int(points.stride[p]), float(points.position[p]))
+        found[key] = (torch.nonzero(cls[p]).squeeze(1).tolist(), *reg[p].tolist())
+    return found
+
+
+def test_one_segment_is_assigned_to_the_level_whose_range_fits_near_its_centre():
+    # Centre 20, centre region +-6 at stride 4; the farthest end is 10 to 14 steps away: level 2.
+    got = positives(*assign([[10.0, 30.0]], [1]))
+    assert got == {(4, 16.0): ([1], 6 / 4, 14 / 4), (4, 20.0): ([1], 10 / 4, 10 / 4),
+                   (4, 24.0): ([1], 14 / 4, 6 / 4)}
+
+
+def test_regression_ranges_are_inclusive_at_both_ends():
+    # From point 20 both ends of [12, 28] are 8 steps away: the top of (4, 8), the bottom of (8, 16).
+    got = positives(*assign([[12.0, 28.0]], [0]))
+    assert got[(2, 20.0)] == ([0], 4.0, 4.0)
+    assert got[(4, 20.0)] == ([0], 2.0, 2.0)
+
+
+@pytest.mark.parametrize("order", [[0, 1], [1, 0]])
+def test_the_shortest_qualifying_segment_wins_whatever_the_order(order):
+    segments = [[[12.0, 28.0], 0], [[11.0, 30.0], 2]]
+    listed = [segments[i] for i in order]
+    got = positives(*assign([s for s, _ in listed], [lab for _, lab in listed]))
+    for position in (16.0, 20.0, 24.0):
+        labels, to_start, to_end = got[(4, position)]
+        assert labels == [0]
+        assert (position - 4 * to_start, position + 4 * to_end) == (12.0, 28.0)
+
+
+def test_identical_segments_with_different_labels_give_multi_label_points():
+    got = positives(*assign([[10.0, 30.0], [40.0, 44.0], [10.0, 30.0]], [2, 1, 0]))
+    assert got[(4, 20.0)] == ([0, 2], 2.5, 2.5)
+    assert all(labels == [1] for (_, position), (labels, *_) in got.items() if position > 35)
+
+
+def test_centre_sampling_keeps_only_points_near_the_centre():
+    # [13, 29], centre 21. Level 2 (stride 4, reach 8..16): 16, 20, 24 and 28 (reach 15) all fit
+    # the range, but 28 lies 7 > 1.5 * 4 steps from the centre.
+    near = positives(*assign([[13.0, 29.0]], [0], radius=1.5))
+    anywhere = positives(*assign([[13.0, 29.0]], [0], radius=None))
+    assert sorted(near) == [(4, 16.0), (4, 20.0), (4, 24.0)]
+    assert sorted(anywhere) == [(4, 16.0), (4, 20.0), (4, 24.0), (4, 28.0)]
+    assert anywhere[(4, 28.0)] == ([0], 15 / 4, 1 / 4)
+
+
+def test_a_video_without_actions_has_no_positives():
+    points, cls, reg = assign(torch.zeros(0, 2).tolist(), [])
+    assert cls.shape == (points.position.shape[0], 3) and not cls.any() and not reg.any()
+
+
+def test_bad_ground_truth_is_refused():
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        assign([[1.0, 5.0]], [3])
+    with pytest.raises(ValueError, match="start <= end"):
+        assign([[5.0, 1.0]], [0])
+
+
+def thumos_videos(subset="Validation", count=12, must_have="video_validation_0000170"):
+    database = json.loads(THUMOS.read_text())["database"]
+    classes = sorted({a["label"] for v in database.values() for a in v["annotations"]})
+    names = [v for v in sorted(database) if database[v]["subset"] == subset][:count]
+    names.append(must_have)
+    return classes, {name: database[name] for name in names}
+
+
+def test_real_thumos_targets_point_at_ground_truth_with_all_of_its_labels():
+    classes, videos = thumos_videos()
+    multi_label_points = 0
+    for name, video in videos.items():
+        fps = video["fps"]
+        # Feature step k covers frames 4k .. 4k+15; its time is the clip centre (4k + 8) / fps.
+        to_step = lambda seconds: (seconds * fps - 8) / 4  # noqa: E731
+        truth = {}
+        for a in video["annotations"]:
+            segment = (round(to_step(a["segment"][0]), 3), round(to_step(a["segment"][1]), 3))
+            truth.setdefault(segment, set()).add(classes.index(a["label"]))
+        length = math.ceil(video["duration"] * fps / 4 / 32) * 32
+        points = thumos_points(length)
+        segments = [s for s, labels in truth.items() for _ in labels]
+        labels = [lab for labels in truth.values() for lab in sorted(labels)]
+        cls, reg = assign_targets(points, torch.tensor(segments), torch.tensor(labels),
+                                  len(classes))
+        positive = torch.nonzero(cls.sum(1) > 0).squeeze(1)
+        assert positive.numel() > 0, name
+        for p in positive.tolist():
+            stride, position = float(points.stride[p]), float(points.position[p])
+            segment = (position - stride * float(reg[p, 0]), position + stride * float(reg[p, 1]))
+            match = [s for s in truth if max(abs(s[0] - segment[0]), abs(s[1] - segment[1])) < 1e-2]
+            assert len(match) == 1, (name, segment)
+            assert set(torch.nonzero(cls[p]).squeeze(1).tolist()) == truth[match[0]]
+            multi_label_points += len(truth[match[0]]) > 1
+    assert multi_label_points > 0    # e.g. Diving + CliffDiving in video_validation_0000170
+
+
+def test_focal_and_diou_losses_on_hand_computed_values():
+    logits, targets = torch.tensor([2.0, -1.0, 0.0]), torch.tensor([1.0, 0.0, 1.0])
+    prob = torch.sigmoid(logits)
+    expected = [0.25 * (1 - prob[0]) ** 2 * -torch.log(prob[0]),
+                0.75 * prob[1] ** 2 * -torch.log(1 - prob[1]),
+                torch.tensor(0.25 * 0.5 ** 2 * math.log(2))]
+    expected = [float(e) for e in expected]
+    assert sigmoid_focal_loss(logits, targets).tolist() == pytest.approx(expected)
+    # pred [-1, 1] vs truth [-1, 3] around the point: IoU 2/4, centres 0 and 1, enclosure 4.
+    pred, truth = torch.tensor([[1.0, 1.0], [2.0, 3.0]]), torch.tensor([[1.0, 3.0], [2.0, 3.0]])
+    assert diou_loss(pred, truth).tolist() == pytest.approx([0.5 + 1 / 16, 0.0])
+
+
+def small_head(**kwargs):
+    options = dict(embed_dim=32, num_heads=2, drop_path=0.0)
+    options.update(kwargs)
+    return ActionFormerHead(16, 3, **options)
+
+
+def inputs(length=50, valid=(50, 30), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(valid), length, 16, generator=generator)
+    mask = torch.arange(length)[None] < torch.tensor(valid)[:, None]
+    return x, mask
+
+
+def test_forward_builds_six_levels_over_a_padded_sequence():
+    torch.manual_seed(0)
+    out = small_head().eval()(*inputs())
+    assert [o.shape[1] for o in out["cls_logits"]] == [64, 32, 16, 8, 4, 2]
+    assert [m[1].sum().item() for m in out["masks"]] == [30, 15, 8, 4, 2, 1]
+    assert all((o >= 0).all() for o in out["offsets"])
+    # The prior bias: every class starts near 1% foreground probability.
+    assert 0.003 < torch.sigmoid(torch.cat(out["cls_logits"], 1)).median() < 0.03
+
+
+def test_padding_content_never_reaches_valid_points():
+    torch.manual_seed(0)
+    head = small_head().eval()
+    x, mask = inputs()
+    noisy = x.clone()
+    noisy[~mask] = 100.0
+    clean_out, noisy_out = head(x, mask), head(noisy, mask)
+    for key in ("cls_logits", "offsets"):
+        for clean, dirty, level_mask in zip(clean_out[key], noisy_out[key], clean_out["masks"]):
+            assert torch.allclose(clean[level_mask], dirty[level_mask], atol=1e-5)
+
+
+def batch_targets():
+    return [{"segments": torch.tensor([[5.0, 20.0], [30.0, 33.0]]), "labels": torch.tensor([1, 0])},
+            {"segments": torch.tensor([[2.0, 12.0]]), "labels": torch.tensor([2])}]
+
+
+def test_loss_normaliser_is_an_ema_of_positives_saved_in_checkpoints():
+    torch.manual_seed(0)
+    head = small_head(loss_norm_init=100.0, loss_norm_momentum=0.9)
+    out = head(*inputs())
+    losses = head.loss(out, batch_targets())
+    count = int(losses["num_positives"])
+    assert count > 0 and torch.isfinite(losses["total"])
+    assert head.loss_normalizer.item() == pytest.approx(0.9 * 100 + 0.1 * count)
+    head.loss(out, batch_targets(), num_positives=torch.tensor(7))
+    assert head.loss_normalizer.item() == pytest.approx(0.9 * (90 + 0.1 * count) + 0.7)
+    head.eval()
+    frozen = head.loss_normalizer.item()
+    head.loss(out, batch_targets())
+    assert head.loss_normalizer.item() == frozen     # evaluation leaves it alone
+    resumed = small_head()
+    resumed.load_state_dict(head.state_dict())
+    assert torch.equal(resumed.loss_normalizer, head.loss_normalizer)
+
+
+def test_loss_without_any_positive_still_reaches_every_parameter():
+    torch.manual_seed(0)
+    head = small_head()
+    empty = [{"segments": torch.zeros(0, 2), "labels": torch.zeros(0, dtype=torch.long)}] * 2
+    losses = head.loss(head(*inputs()), empty)
+    assert losses["reg"].item() == 0
+    losses["total"].backward()
+    assert all(p.grad is not None for p in head.parameters())
+
+
+def test_decoding_maps_offsets_to_feature_steps():
+    head = small_head()
+    levels = [64, 32, 16, 8, 4, 2]
+    out = {"cls_logits": [torch.full((1, n, 3), -20.0) for n in levels],
+           "offsets": [torch.ones(1, n, 2) for n in levels],
+           "masks": [torch.ones(1, n, dtype=torch.bool) for n in levels]}
+    out["cls_logits"][1][0, 5, 2] = 3.0           # level 1 (stride 2), point at step 10
+    out["offsets"][1][0, 5] = torch.tensor([1.5, 2.5])
+    out["cls_logits"][3][0, 1, 0] = 1.0           # level 3 (stride 8), point at step 8
+    out["masks"][3][0, 1] = False                 # ... but padded: never reported
+    (det,) = head.predict(out, nms_method="hard")
+    assert det["segments"].tolist() == [[7.0, 15.0]]
+    assert det["labels"].tolist() == [2]
+    assert det["scores"].tolist() == pytest.approx([torch.sigmoid(torch.tensor(3.0)).item()])
+
+
+def test_head_learns_to_localise_a_small_detection_problem():
+    """Class 1 wherever channel 0 is raised, class 2 wherever channel 1 is: learn, then find them."""
+    torch.manual_seed(0)
+    head = small_head(drop_path=0.0)
+    x, mask = inputs(length=64, valid=(64, 64), seed=3)
+    x = 0.1 * x
+    x[0, 10:30, 0] += 2.0
+    x[1, 40:48, 1] += 2.0
+    targets = [{"segments": torch.tensor([[10.0, 29.0]]), "labels": torch.tensor([1])},
+               {"segments": torch.tensor([[40.0, 47.0]]), "labels": torch.tensor([2])}]
+    optimizer = torch.optim.AdamW(head.parameters(), lr=2e-3)
+    for _ in range(60):
+        optimizer.zero_grad()
+        head.loss(head(x, mask), targets)["total"].backward()
+        optimizer.step()
+    head.eval()
+    detections = head.predict(head(x, mask), max_segments=10)
+    for det, target in zip(detections, targets):
+        assert det["scores"].shape[0] <= 10
+        assert torch.all(det["scores"][:-1] >= det["scores"][1:])
+        assert det["labels"][0] == target["labels"][0]
+        assert segment_iou(det["segments"][0], target["segments"][0]) > 0.8
