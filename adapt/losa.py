@@ -1,0 +1,218 @@
+"""LoSA: long- and short-range adapters over cached intermediate backbone features.
+
+LoSA (Gupta et al., WACV 2025) adapts a frozen video backbone for temporal action localisation
+without back-propagating through it. For each chosen intermediate layer i it runs two
+cross-attention adapters whose Key/Value are the last-layer features of the video:
+
+* short-range: Query = the K pooled spatio-temporal tokens of each clip at layer i, Key/Value =
+  the last-layer features of the clips in a short window around that clip; one vector per clip.
+* long-range: Query = layer i's clip sequence (tokens averaged), Key/Value = the last-layer
+  sequence over a long window or the whole (padded) sequence.
+
+A learnable gate scales each adapter's output per channel; the gated sum goes through one
+projection and is added to the last-layer sequence. Gates start at zero, so at initialisation
+the output *is* the last-layer sequence, bit for bit: LoSA starts as the head-only baseline.
+
+Everything runs in a bottleneck width ``d``: the last-layer features are normalised and projected
+to ``d`` once (shared "memory"), each adapter projects its own query to ``d`` and attends there.
+The projected query is also the adapter's residual stream, so the intermediate layer's own
+information reaches the output and not only a mixture of last-layer values.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class BottleneckCrossAttention(nn.Module):
+    """Pre-norm multi-head cross-attention in width ``bottleneck`` with a residual from the query.
+
+    query [N, Q, dim] (backbone width), memory [N, M, bottleneck] (already normalised and
+    projected), allowed [N, Q or 1, M] bool (True = may attend) -> [N, Q, bottleneck].
+    """
+
+    def __init__(self, dim: int, bottleneck: int, num_heads: int, dropout: float = 0.0):
+        super().__init__()
+        if bottleneck % num_heads:
+            raise ValueError(f"bottleneck {bottleneck} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.query_norm = nn.LayerNorm(dim)
+        self.query_down = nn.Linear(dim, bottleneck)
+        self.key = nn.Linear(bottleneck, bottleneck)
+        self.value = nn.Linear(bottleneck, bottleneck)
+        self.out = nn.Linear(bottleneck, bottleneck)
+
+    def project_query(self, query: torch.Tensor) -> torch.Tensor:
+        return self.query_down(self.query_norm(query))
+
+    def keys_values(self, memory: torch.Tensor):
+        return self.key(memory), self.value(memory)
+
+    def attend(self, q, keys, values, allowed) -> torch.Tensor:
+        """Projected queries q [N, Q, d] attend to keys/values [N, M, d]; returns q + attention."""
+        heads = lambda x: x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # noqa: E731
+        attended = F.scaled_dot_product_attention(
+            heads(q), heads(keys), heads(values),
+            attn_mask=allowed.unsqueeze(1),
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return q + self.out(attended.transpose(1, 2).flatten(2))
+
+
+class ShortRangeAdapter(nn.Module):
+    """Each clip's K tokens at one layer attend to the last-layer features of nearby clips."""
+
+    def __init__(self, dim, bottleneck, num_heads, num_tokens, window, dropout=0.0):
+        super().__init__()
+        self.radius = window // 2
+        self.cross = BottleneckCrossAttention(dim, bottleneck, num_heads, dropout)
+        # Tells the attention which token of the pooled grid a query came from.
+        self.token_embed = nn.Parameter(torch.zeros(num_tokens, bottleneck))
+        nn.init.trunc_normal_(self.token_embed, std=0.02)
+
+    def forward(self, tokens, memory, mask):
+        """tokens [B, T, K, D], memory [B, T, d], mask [B, T] -> [B, T, d]."""
+        batch, length = mask.shape
+        q = self.cross.project_query(tokens) + self.token_embed
+        # Project once per clip, then gather the windows (a W-fold smaller matmul).
+        keys, values = (sliding_windows(x, self.radius).flatten(0, 1)          # [B*T, W, d]
+                        for x in self.cross.keys_values(memory))
+        allowed = sliding_windows(mask, self.radius, pad_value=False)    # [B, T, W]
+        # A padded clip may see no valid key at all; let it attend anywhere (its output is
+        # discarded) rather than produce NaN from an empty softmax.
+        allowed = allowed | ~mask.unsqueeze(-1)
+        out = self.cross.attend(q.flatten(0, 1), keys, values, allowed.flatten(0, 1).unsqueeze(1))
+        return out.unflatten(0, (batch, length)).mean(dim=2)
+
+
+class LongRangeAdapter(nn.Module):
+    """One layer's clip sequence attends to the last-layer sequence, globally or in a band."""
+
+    def __init__(self, dim, bottleneck, num_heads, window=None, dropout=0.0):
+        super().__init__()
+        self.radius = None if window is None else window // 2
+        self.cross = BottleneckCrossAttention(dim, bottleneck, num_heads, dropout)
+
+    def forward(self, tokens, memory, mask):
+        """tokens [B, T, K, D], memory [B, T, d], mask [B, T] -> [B, T, d]."""
+        q = self.cross.project_query(tokens.mean(dim=2))
+        keys, values = self.cross.keys_values(memory)
+        if self.radius is None:
+            # Key mask only, [B, 1, T], so attention kernels broadcast it over queries. A video
+            # with no valid step at all may attend anywhere (its output is discarded).
+            allowed = (mask | ~mask.any(dim=1, keepdim=True)).unsqueeze(1)
+        else:
+            positions = torch.arange(mask.shape[1], device=mask.device)
+            band = (positions[:, None] - positions[None, :]).abs() <= self.radius
+            allowed = (mask.unsqueeze(1) & band) | ~mask.unsqueeze(-1)  # see ShortRangeAdapter
+        return self.cross.attend(q, keys, values, allowed)
+
+
+def sliding_windows(x: torch.Tensor, radius: int, pad_value=0.0) -> torch.Tensor:
+    """x [B, T, ...] -> [B, T, 2*radius+1, ...]: entry [b, t, j] is x[b, t - radius + j].
+
+    Positions outside the sequence hold ``pad_value``. The result is a strided view of one
+    padded copy, so it costs no memory until something reshapes it.
+    """
+    pad = x.new_full((x.shape[0], radius, *x.shape[2:]), pad_value)
+    padded = torch.cat([pad, x, pad], dim=1)
+    windows = padded.unfold(1, 2 * radius + 1, 1)                      # [B, T, ..., W]
+    return windows.movedim(-1, 2)
+
+
+class LoSA(nn.Module):
+    """Long-short-range adapters with gated fusion; see the module docstring.
+
+    Args:
+        dim: backbone width D (1408 for ViT-g).
+        num_layers: number L of intermediate layers fed in ``inter``.
+        num_tokens: pooled tokens K per clip and layer in ``inter``.
+        bottleneck: width d in which the adapters attend (query/key/value and output).
+        num_heads: attention heads of every adapter (must divide ``bottleneck``).
+        short_window: clips seen by the short-range adapter, centred on the query clip (odd).
+        long_window: clips seen by the long-range adapter (odd), or None for the whole sequence.
+        dropout: attention dropout and dropout on each adapter's output before its gate.
+        checkpoint_layers: recompute each layer's adapters in the backward pass instead of
+            storing their activations (saves about L * B*T*K*D activation elements).
+
+    forward(last [B, T, D], inter [B, L, T, K, D], mask [B, T] bool, True = valid) -> [B, T, D].
+    Output at padded steps equals ``last``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_layers: int,
+        num_tokens: int,
+        bottleneck: int = 256,
+        num_heads: int = 4,
+        short_window: int = 9,
+        long_window: int | None = None,
+        dropout: float = 0.1,
+        checkpoint_layers: bool = False,
+    ):
+        super().__init__()
+        for name, window in (("short_window", short_window), ("long_window", long_window)):
+            if window is not None and (window < 1 or window % 2 == 0):
+                raise ValueError(f"{name} must be a positive odd number of clips, got {window}")
+        self.num_layers = num_layers
+        self.num_tokens = num_tokens
+        self.checkpoint_layers = checkpoint_layers
+        self.memory_norm = nn.LayerNorm(dim)
+        self.memory_down = nn.Linear(dim, bottleneck)
+        self.short = nn.ModuleList(
+            ShortRangeAdapter(dim, bottleneck, num_heads, num_tokens, short_window, dropout)
+            for _ in range(num_layers)
+        )
+        self.long = nn.ModuleList(
+            LongRangeAdapter(dim, bottleneck, num_heads, long_window, dropout)
+            for _ in range(num_layers)
+        )
+        self.output_dropout = nn.Dropout(dropout)
+        # Per-channel gates, [short|long, layer, d]; zero so LoSA starts as the head-only model.
+        self.gates = nn.Parameter(torch.zeros(2, num_layers, bottleneck))
+        # No bias: with zero gates the projection must add exactly zero.
+        self.fuse = nn.Linear(bottleneck, dim, bias=False)
+
+    def forward(self, last: torch.Tensor, inter: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self._check_shapes(last, inter, mask)
+        memory = self.memory_down(self.memory_norm(last))
+        gated = None
+        for i in range(self.num_layers):
+            if self.checkpoint_layers and torch.is_grad_enabled():
+                layer_out = checkpoint(self._layer, i, inter[:, i], memory, mask,
+                                       use_reentrant=False)
+            else:
+                layer_out = self._layer(i, inter[:, i], memory, mask)
+            gated = layer_out if gated is None else gated + layer_out
+        update = self.fuse(gated) * mask.unsqueeze(-1).to(gated.dtype)
+        return last + update
+
+    def _layer(self, i, tokens, memory, mask):
+        """Gated sum of layer i's short- and long-range adapter outputs, [B, T, d]."""
+        short = self.output_dropout(self.short[i](tokens, memory, mask))
+        long = self.output_dropout(self.long[i](tokens, memory, mask))
+        return self.gates[0, i] * short + self.gates[1, i] * long
+
+    def _check_shapes(self, last, inter, mask):
+        batch, length, dim = last.shape
+        expected = (batch, self.num_layers, length, self.num_tokens, dim)
+        if tuple(inter.shape) != expected:
+            raise ValueError(f"LoSA expects inter of shape {expected} [B, L, T, K, D], "
+                             f"got {tuple(inter.shape)}")
+        if tuple(mask.shape) != (batch, length) or mask.dtype != torch.bool:
+            raise ValueError(f"LoSA expects a bool mask of shape {(batch, length)}, "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
+
+
+def count_trainable_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def losa_parameter_count(dim: int, num_layers: int, num_tokens: int, **losa_kwargs) -> int:
+    """Trainable parameters of LoSA for a backbone layout, without allocating any weights."""
+    with torch.device("meta"):
+        return count_trainable_parameters(LoSA(dim, num_layers, num_tokens, **losa_kwargs))
