@@ -174,12 +174,14 @@ class ActionFormerHead(nn.Module):
         cls, reg = zip(*assigned)
         return torch.stack(cls), torch.stack(reg)
 
-    def loss(self, out: dict, targets, num_positives=None) -> dict:
-        """Focal + DIoU losses of a batch.
+    def loss(self, out: dict, targets, update_normalizer: bool | None = None) -> dict:
+        """Focal + DIoU losses of a batch, each divided by the loss normaliser.
 
         targets: one dict per video, "segments" [N, 2] (start, end) in feature steps of the
-        input, "labels" [N] int class indices. ``num_positives`` overrides the count fed to the
-        normaliser EMA (e.g. a count summed over processes); the EMA moves only in training mode.
+        input, "labels" [N] int class indices. ``update_normalizer`` (default: in training mode)
+        first moves the normaliser EMA with this batch's positive count; pass False and call
+        ``update_loss_normalizer`` yourself to move it once per optimizer step with a count
+        summed over micro-batches and processes.
         Returns {"cls", "reg", "total", "num_positives"}.
         """
         cls_targets, reg_targets = self.assign(out, targets)
@@ -188,11 +190,10 @@ class ActionFormerHead(nn.Module):
         valid = torch.cat(out["masks"], dim=1)
         positive = valid & (cls_targets.sum(-1) > 0)
         count = positive.sum()
-        if self.training:
-            observed = count if num_positives is None else torch.as_tensor(num_positives)
-            momentum = self.loss_norm_momentum
-            self.loss_normalizer.mul_(momentum).add_(
-                (1 - momentum) * observed.to(self.loss_normalizer).clamp(min=1))
+        if update_normalizer is None:
+            update_normalizer = self.training
+        if update_normalizer:
+            self.update_loss_normalizer(count)
         normalizer = self.loss_normalizer
 
         if self.label_smoothing > 0:
@@ -204,6 +205,14 @@ class ActionFormerHead(nn.Module):
         reg_loss = diou_loss(offsets[positive], reg_targets[positive]).sum() / normalizer
         total = cls_loss + self.reg_loss_weight * reg_loss
         return {"cls": cls_loss, "reg": reg_loss, "total": total, "num_positives": count}
+
+    @torch.no_grad()
+    def update_loss_normalizer(self, num_positives) -> None:
+        """normaliser = momentum * normaliser + (1 - momentum) * max(num_positives, 1)."""
+        observed = torch.as_tensor(num_positives, dtype=self.loss_normalizer.dtype,
+                                   device=self.loss_normalizer.device).clamp(min=1)
+        self.loss_normalizer.mul_(self.loss_norm_momentum).add_(
+            (1 - self.loss_norm_momentum) * observed)
 
     @torch.no_grad()
     def predict(self, out: dict, **postprocess_options):

@@ -198,12 +198,13 @@ def test_loss_normaliser_is_an_ema_of_positives_saved_in_checkpoints():
     count = int(losses["num_positives"])
     assert count > 0 and torch.isfinite(losses["total"])
     assert head.loss_normalizer.item() == pytest.approx(0.9 * 100 + 0.1 * count)
-    head.loss(out, batch_targets(), num_positives=torch.tensor(7))
+    head.update_loss_normalizer(7)                   # e.g. once per step, a global count
     assert head.loss_normalizer.item() == pytest.approx(0.9 * (90 + 0.1 * count) + 0.7)
-    head.eval()
     frozen = head.loss_normalizer.item()
+    head.loss(out, batch_targets(), update_normalizer=False)
+    head.eval()
     head.loss(out, batch_targets())
-    assert head.loss_normalizer.item() == frozen     # evaluation leaves it alone
+    assert head.loss_normalizer.item() == frozen     # asked not to, or evaluating: unchanged
     resumed = small_head()
     resumed.load_state_dict(head.state_dict())
     assert torch.equal(resumed.loss_normalizer, head.loss_normalizer)
