@@ -282,6 +282,10 @@ class FeatureStore:
         with storage_errors(self.path, "cannot list the videos"):
             return self._backend.incomplete_videos()
 
+    def interrupted_publish(self):
+        """The video an HDF5 writer was publishing when it died, or None."""
+        return self._backend.interrupted_publish()
+
 
 def _stored_id(name: str, record: dict) -> str:
     video_id = record.get("video_id")

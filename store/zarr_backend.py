@@ -211,6 +211,9 @@ class ZarrBackend:
         """Names under videos/ without a completion marker (only marker mode leaves them)."""
         return sorted(set(self._list_video_names()) - set(self.complete_videos()))
 
+    def interrupted_publish(self):
+        return None  # publication is one rename (or one marker write): never half done
+
     def close(self):
         if self._staging is not None:
             self._staging.close()

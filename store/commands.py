@@ -1,0 +1,153 @@
+"""``store info | verify | export | import``: click commands (heavy imports inside the functions)."""
+import contextlib
+import json
+import math
+import warnings
+
+import click
+
+LAYER_HELP = "'last' (default), or an intermediate block index, averaged over its K tokens."
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """Library warnings as one ``warning:`` line each on stderr, without source lines."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for warning in caught:
+                click.echo(f"warning: {warning.message}", err=True)
+
+
+@click.group()
+def store():
+    """Inspect, check, export and import feature stores."""
+
+
+@store.command()
+@click.argument("path", metavar="STORE")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as one JSON object.")
+def info(path, as_json):
+    """The store's metadata, and per complete video its clips, fps and duration."""
+    from .feature_store import FeatureStore
+
+    with FeatureStore.open(path) as fs:
+        videos = {vid: _video_summary(fs.video_info(vid)) for vid in fs.videos()}
+        summary = {"path": fs.path, "format": fs.format, "meta": fs.meta,
+                   "num_videos": len(videos),
+                   "num_clips": sum(video["num_clips"] for video in videos.values()),
+                   "incomplete_videos": fs.incomplete_videos(), "videos": videos}
+    if as_json:
+        click.echo(json.dumps(summary, indent=1))
+    else:
+        click.echo(_format_info(summary))
+
+
+def _video_summary(info: dict) -> dict:
+    return {key: info.get(key) for key in ("num_clips", "fps", "duration", "float32_layers")}
+
+
+def _format_info(summary: dict) -> str:
+    meta = summary["meta"]
+    backbone = meta["backbone"]
+    checkpoint = backbone.get("checkpoint") or {}
+    protocol = meta["protocol"]
+    lines = [
+        f"store     {summary['path']} ({summary['format']}, format {meta['format_version']}, "
+        f"written by losa-tal {meta.get('software_version')} on {meta.get('created')})",
+        f"backbone  {backbone.get('preset') or 'custom'}"
+        + (f", checkpoint {checkpoint.get('file')} sha256 {str(checkpoint.get('sha256'))[:12]}"
+           if checkpoint else "")
+        + (f", random init seed {backbone['random_init_seed']}"
+           if backbone.get("random_init_seed") is not None else ""),
+        "protocol  " + ", ".join(f"{key} {value}" for key, value in protocol.items()),
+        f"layers    last + {meta['layers']}, tokens {meta['tokens']}, feature_dim "
+        f"{meta['feature_dim']}, {meta['dtype']}",
+        f"videos    {summary['num_videos']} complete, {summary['num_clips']} clips"
+        + (f", {len(summary['incomplete_videos'])} incomplete (ignored)"
+           if summary["incomplete_videos"] else ""),
+    ]
+    if summary["videos"]:
+        width = max(len(vid) for vid in summary["videos"])
+        lines.append(f"  {'video':<{width}}  {'clips':>7}  {'fps':>7}  {'duration':>9}")
+        for vid, video in summary["videos"].items():
+            fps = "-" if video["fps"] is None else f"{video['fps']:.3f}"
+            duration = "-" if video["duration"] is None else f"{video['duration']:.2f}s"
+            lines.append(f"  {vid:<{width}}  {video['num_clips']:>7}  {fps:>7}  {duration:>9}")
+    return "\n".join(lines)
+
+
+@store.command()
+@click.argument("path", metavar="STORE")
+def verify(path):
+    """Read every complete video through every check; exit 1 naming each bad one."""
+    from .feature_store import FeatureStore
+    from .verify import verify_store
+
+    with FeatureStore.open(path) as fs:
+        report = verify_store(fs, progress=True)
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    for vid, problem in report.bad.items():
+        click.echo(f"bad: {vid}: {problem}")
+    click.echo(f"{report.checked} video(s) checked, {len(report.bad)} bad")
+    if report.bad:
+        click.get_current_context().exit(1)
+
+
+@store.command()
+@click.argument("path", metavar="STORE")
+@click.option("--out", required=True, metavar="DIR", help="Directory for one .npy per video.")
+@click.option("--layer", default="last", show_default=True, help=LAYER_HELP)
+def export(path, out, layer):
+    """One float32 [T, D] .npy per video, as ActionFormer and OpenTAD read them."""
+    from losa_tal import InputError
+
+    from .feature_store import FeatureStore
+    from .meta import LAST
+    from .transfer import export_features
+
+    if layer != LAST:
+        try:
+            layer = int(layer)
+        except ValueError:
+            raise InputError(f"--layer: expected 'last' or a block index, got {layer!r}") from None
+    with FeatureStore.open(path) as fs:
+        count = export_features(fs, out, layer, progress=True)
+    click.echo(f"wrote {count} file(s) to {out}")
+
+
+@store.command("import")
+@click.argument("directory", metavar="DIR")
+@click.option("--out", required=True, metavar="STORE", help="Store to create or append to.")
+@click.option("--fps", type=float, default=None,
+              help="Frame rate of every video (unless --annotations gives it per video).")
+@click.option("--clip-len", type=int, default=16, show_default=True, help="Frames per clip.")
+@click.option("--clip-stride", type=int, default=4, show_default=True,
+              help="Frames between consecutive clips.")
+@click.option("--frame-interval", type=int, default=1, show_default=True,
+              help="Step between the frames inside a clip.")
+@click.option("--annotations", default=None, metavar="JSON",
+              help="Annotation file giving each video's fps (or frame count and duration).")
+@click.option("--backbone", default=None, help="Backbone name to record, e.g. vit_g.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32",
+              show_default=True, help="Storage precision (float32 keeps the files exactly).")
+@click.option("--format", "store_format", type=click.Choice(["zarr", "hdf5"]), default=None,
+              help="Store format (default: an existing store's, else zarr; .h5 means hdf5).")
+def import_(directory, out, fps, clip_len, clip_stride, frame_interval, annotations, backbone,
+            dtype, store_format):
+    """Make a last-layer-only store from [T, D] .npy files (e.g. published VideoMAEv2 features)."""
+    from losa_tal import InputError
+
+    from .transfer import import_features
+
+    if fps is not None and not (math.isfinite(fps) and fps > 0):
+        raise InputError(f"--fps: must be a positive number, got {fps}")
+    with _warnings_as_lines():
+        imported, skipped = import_features(
+            directory, out, fps=fps, clip_len=clip_len, clip_stride=clip_stride,
+            frame_interval=frame_interval, annotations=annotations, format=store_format,
+            dtype=dtype, backbone=backbone, progress=True)
+    click.echo(f"imported {imported} video(s) into {out}; {skipped} already there")
