@@ -142,9 +142,14 @@ def ground_truth_arrays(videos: dict) -> GroundTruth:
 
 def rank_detections(predictions, gt: GroundTruth, subset) -> RankedDetections:
     """Keep detections of the subset's videos and evaluated classes, in rank order."""
-    video_of = _lookup(predictions.video_ids, gt.video_ids)[predictions.video_index]
+    video_index = _lookup(predictions.video_ids, gt.video_ids)
+    where = f"subset '{subset}'" if subset else "the ground truth"
+    if len(video_index) and video_index.max() < 0:
+        raise input_error(predictions.name, f"none of its {len(video_index)} videos is in {where} "
+                          f"(e.g. '{predictions.video_ids[0]}')")
+    video_of = video_index[predictions.video_index]
     label_of = _lookup(predictions.label_names, gt.classes)[predictions.label_index]
-    _warn_about_ignored(predictions, video_of, label_of, subset)
+    _warn_about_ignored(predictions, video_of, label_of, where)
     rows = np.flatnonzero((video_of >= 0) & (label_of >= 0))
     rows = rows[rank_order(label_of[rows], predictions.scores[rows], len(gt.classes))]
     label = label_of[rows]
@@ -174,12 +179,8 @@ def _lookup(names: list, known: list) -> np.ndarray:
     return np.array([index.get(name, -1) for name in names], dtype=np.int64).reshape(-1)
 
 
-def _warn_about_ignored(predictions, video_of, label_of, subset):
-    where = f"subset '{subset}'" if subset else "the ground truth"
+def _warn_about_ignored(predictions, video_of, label_of, where):
     outside = video_of < 0
-    if len(predictions) and outside.all():
-        raise input_error(predictions.name, f"none of its {len(predictions.video_ids)} videos is in "
-                          f"{where} (e.g. '{predictions.video_ids[0]}')")
     if outside.any():
         videos = np.unique(predictions.video_index[outside])
         warnings.warn(f"{predictions.name}: ignored {int(outside.sum())} detections on "

@@ -73,7 +73,7 @@ def _parse_columns(name, results) -> Predictions:
     if np.any(segment_array[:, 1] < segment_array[:, 0]):
         raise ValueError
     label_names = list(dict.fromkeys(labels))  # TypeError for unhashable labels
-    if not all(type(x) is str for x in label_names):
+    if not all(isinstance(x, str) for x in label_names):
         raise TypeError
     code = {label: i for i, label in enumerate(label_names)}
     label_index = np.fromiter(map(code.__getitem__, labels), dtype=np.int64, count=len(labels))

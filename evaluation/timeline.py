@@ -6,6 +6,8 @@ which gives the same answer because detections compete only within a video). Wit
 file, a row of frame thumbnails (decoded with decord) sits above the time axis.
 """
 import os
+import sys
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -68,15 +70,30 @@ def read_thumbnails(video_file, count: int):
     except ImportError:
         raise InputError("decord is not installed; it reads --video-file") from None
     try:
-        reader = decord.VideoReader(os.fspath(video_file), ctx=decord.cpu(0))
-        num_frames, fps = len(reader), reader.get_avg_fps()
-        times = (np.arange(count) + 0.5) * (num_frames / fps) / count
-        indices = np.minimum((times * fps).astype(int), num_frames - 1)
-        frames = reader.get_batch(indices.tolist()).asnumpy()
+        with _native_stderr_silenced():
+            reader = decord.VideoReader(os.fspath(video_file), ctx=decord.cpu(0))
+            num_frames, fps = len(reader), reader.get_avg_fps()
+            times = (np.arange(count) + 0.5) * (num_frames / fps) / count
+            indices = np.minimum((times * fps).astype(int), num_frames - 1)
+            frames = reader.get_batch(indices.tolist()).asnumpy()
     except (RuntimeError, decord.DECORDError, ZeroDivisionError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise input_error(video_file, f"cannot decode the video ({reason})") from None
     return (indices + 0.5) / fps, frames
+
+
+@contextmanager
+def _native_stderr_silenced():
+    """FFmpeg and decord log straight to file descriptor 2; our error message says it all."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _time_extent(video, detections) -> float:
