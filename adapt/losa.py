@@ -45,8 +45,19 @@ class BottleneckCrossAttention(nn.Module):
         self.value = nn.Linear(bottleneck, bottleneck)
         self.out = nn.Linear(bottleneck, bottleneck)
 
-    def project_query(self, query: torch.Tensor) -> torch.Tensor:
-        return self.query_down(self.query_norm(query))
+    def project_query(self, tokens: torch.Tensor, pool_tokens: bool = False) -> torch.Tensor:
+        """LayerNorm + projection of the query tokens [..., K, dim] (averaged over K first if
+        ``pool_tokens``) to the bottleneck width.
+
+        The normalised [B, T, K, dim] query is the largest activation of an adapter, and
+        recomputing it costs one projection: it is recomputed in backward, not stored.
+        """
+        return recompute_in_backward(self._project_query, tokens, pool_tokens)
+
+    def _project_query(self, tokens, pool_tokens):
+        if pool_tokens:
+            tokens = tokens.mean(dim=-2)
+        return self.query_down(self.query_norm(tokens))
 
     def keys_values(self, memory: torch.Tensor):
         return self.key(memory), self.value(memory)
@@ -75,17 +86,24 @@ class ShortRangeAdapter(nn.Module):
 
     def forward(self, tokens, memory, mask):
         """tokens [B, T, K, D], memory [B, T, d], mask [B, T] -> [B, T, d]."""
-        batch, length = mask.shape
         q = self.cross.project_query(tokens) + self.token_embed
-        # Project once per clip, then gather the windows (a W-fold smaller matmul).
-        keys, values = (sliding_windows(x, self.radius).flatten(0, 1)          # [B*T, W, d]
-                        for x in self.cross.keys_values(memory))
+        # Project once per clip, then gather windows: a W-fold smaller matmul. The gathered
+        # windows are W times the size of the keys and values, so they are recomputed too.
+        keys, values = self.cross.keys_values(memory)
+        out = recompute_in_backward(self._attend_windows, q, keys, values, mask)
+        return out.mean(dim=2)
+
+    def _attend_windows(self, q, keys, values, mask):
+        """q [B, T, K, d] attends to the keys/values [B, T, d] of the clips around its own."""
+        batch, length = mask.shape
+        windows = lambda x: sliding_windows(x, self.radius).flatten(0, 1)  # noqa: E731
         allowed = sliding_windows(mask, self.radius, pad_value=False)    # [B, T, W]
         # A padded clip may see no valid key at all; let it attend anywhere (its output is
         # discarded) rather than produce NaN from an empty softmax.
         allowed = allowed | ~mask.unsqueeze(-1)
-        out = self.cross.attend(q.flatten(0, 1), keys, values, allowed.flatten(0, 1).unsqueeze(1))
-        return out.unflatten(0, (batch, length)).mean(dim=2)
+        out = self.cross.attend(q.flatten(0, 1), windows(keys), windows(values),
+                                allowed.flatten(0, 1).unsqueeze(1))
+        return out.unflatten(0, (batch, length))
 
 
 class LongRangeAdapter(nn.Module):
@@ -98,7 +116,7 @@ class LongRangeAdapter(nn.Module):
 
     def forward(self, tokens, memory, mask):
         """tokens [B, T, K, D], memory [B, T, d], mask [B, T] -> [B, T, d]."""
-        q = self.cross.project_query(tokens.mean(dim=2))
+        q = self.cross.project_query(tokens, pool_tokens=True)
         keys, values = self.cross.keys_values(memory)
         if self.radius is None:
             # Key mask only, [B, 1, T], so attention kernels broadcast it over queries. A video
@@ -109,6 +127,13 @@ class LongRangeAdapter(nn.Module):
             band = (positions[:, None] - positions[None, :]).abs() <= self.radius
             allowed = (mask.unsqueeze(1) & band) | ~mask.unsqueeze(-1)  # see ShortRangeAdapter
         return self.cross.attend(q, keys, values, allowed)
+
+
+def recompute_in_backward(function, *args):
+    """function(*args), keeping only its inputs for backward (activation checkpointing)."""
+    if torch.is_grad_enabled():
+        return checkpoint(function, *args, use_reentrant=False)
+    return function(*args)
 
 
 def sliding_windows(x: torch.Tensor, radius: int, pad_value=0.0) -> torch.Tensor:
@@ -182,9 +207,8 @@ class LoSA(nn.Module):
         memory = self.memory_down(self.memory_norm(last))
         gated = None
         for i in range(self.num_layers):
-            if self.checkpoint_layers and torch.is_grad_enabled():
-                layer_out = checkpoint(self._layer, i, inter[:, i], memory, mask,
-                                       use_reentrant=False)
+            if self.checkpoint_layers:
+                layer_out = recompute_in_backward(self._layer, i, inter[:, i], memory, mask)
             else:
                 layer_out = self._layer(i, inter[:, i], memory, mask)
             gated = layer_out if gated is None else gated + layer_out
