@@ -1,0 +1,465 @@
+"""Stage-two training and inference on small synthetic feature stores written through the store API.
+
+The stores hold random features with an injected signal: during each annotated action the
+last-layer features (and, through them, the intermediate tokens) move along a direction of the
+action's class, so a detector can learn the segments from a handful of videos in seconds.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from evaluation import evaluate_map, load_annotations
+from losa_tal import InputError
+from store import LAST, FeatureStore
+from training.config import Config
+from training.data import (StoreDataset, collate, seconds_to_steps, steps_to_seconds,
+                           to_video_steps, video_truth)
+from training.infer import infer
+from training.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+CLASSES = ["Jump", "Run", "Throw"]
+DIM, LAYERS, TOKENS = 16, (1, 2), (1, 1, 2)
+# One thread keeps runs bitwise comparable across processes and fast on a shared 2-core machine.
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic stores.
+
+def synthetic_videos(count, subset, first=0, num_steps=96, seed=0):
+    """Videos with 3 actions each; features carry a class direction during every action."""
+    rng = np.random.default_rng([seed, first])
+    directions = np.random.default_rng(1234).normal(size=(len(CLASSES), DIM)) * 1.5
+    videos = {}
+    for index in range(first, first + count):
+        # Clip centres of 16-frame clips every 4 frames at 30 fps, as the store records them.
+        times = (np.arange(num_steps) * 4 + 8) / 30.0
+        last = rng.normal(size=(num_steps, DIM)).astype(np.float32) * 0.5
+        annotations = []
+        for start in range(4, num_steps - 16, num_steps // 4):
+            label = int(rng.integers(len(CLASSES)))
+            length = int(rng.integers(4, 14))
+            last[start:start + length] += directions[label]
+            annotations.append({"segment": [round(float(times[start]), 3),
+                                            round(float(times[start + length - 1]), 3)],
+                                "label": CLASSES[label]})
+        videos[f"video_{index:03d}"] = {"subset": subset, "times": times, "last": last,
+                                        "annotations": annotations}
+    return videos
+
+
+def write_store(path, videos, layers=LAYERS, tokens=TOKENS, dim=DIM, seed=0):
+    meta = {"backbone": {"preset": None, "kwargs": {"embed_dim": dim}, "checkpoint": None,
+                         "random_init_seed": seed},
+            "protocol": {"clip_len": 16, "frame_interval": 1, "clip_stride": 4},
+            "layers": list(layers), "tokens": list(tokens) if layers else None,
+            "feature_dim": dim, "dtype": "float32"}
+    store = FeatureStore.create(path, meta)
+    rng = np.random.default_rng(seed)
+    num_tokens = int(np.prod(tokens))
+    for vid, video in videos.items():
+        last = video["last"][:, :dim]
+        features = {LAST: last}
+        for layer in layers:
+            noise = rng.normal(size=(len(last), num_tokens, dim)) * 0.3
+            features[layer] = (last[:, None, :] + noise).astype(np.float32)
+        store.write_video(vid, features, video["times"],
+                          {"fps": 30.0, "duration": float(video["times"][-1] + 0.3)})
+    return path
+
+
+def write_annotations(path, videos):
+    database = {vid: {"subset": v["subset"], "duration": float(v["times"][-1] + 0.3),
+                      "annotations": v["annotations"]} for vid, v in videos.items()}
+    path.write_text(json.dumps({"database": database}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset_files(tmp_path_factory):
+    """4 training and 2 validation videos in a store, and their annotations."""
+    root = tmp_path_factory.mktemp("synthetic")
+    videos = {**synthetic_videos(4, "training"), **synthetic_videos(2, "validation", first=4)}
+    return write_store(root / "store.zarr", videos), write_annotations(root / "gt.json", videos)
+
+
+def tiny_config(**sections) -> Config:
+    """A detector small enough to train for a few dozen steps in seconds on one CPU thread."""
+    data = {
+        "model": {"losa": {"bottleneck": 16, "num_heads": 2, "short_window": 3, "dropout": 0.1}},
+        "head": {"embed_dim": 32, "num_levels": 3, "window": 5, "num_heads": 2,
+                 "regression_bounds": [0, 4, 8], "drop_path": 0.1},
+        "train": {"epochs": 3, "batch_size": 2, "micro_batch": 1},
+        "optim": {"warmup_epochs": 1, "lr_head": 2e-3, "lr_adapter": 2e-3, "ema_decay": 0.8},
+        "eval": {"every": 0},
+    }
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return Config.from_dict(data)
+
+
+def write_config(path, config: Config):
+    path.write_text(json.dumps(config.to_dict()))
+    return path
+
+
+def final_weights(run_dir):
+    return torch.load(Path(run_dir) / "last.pt", map_location="cpu", weights_only=True)
+
+
+def assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# ---------------------------------------------------------------------------------------------
+# Ground truth on the feature grid.
+
+def test_seconds_map_onto_steps_through_recorded_times():
+    times = (np.arange(50) * 4 + 8) / 25.0  # clip centres at 25 fps, stride 4
+    steps = seconds_to_steps([times[0], times[10], (times[20] + times[21]) / 2, 0.0, 9.0], times)
+    np.testing.assert_allclose(steps[:3], [0, 10, 20.5])
+    # Beyond the recorded centres the grid extends linearly.
+    np.testing.assert_allclose(steps[3:], [-2.0, (9.0 * 25 - 8) / 4])
+    np.testing.assert_allclose(steps_to_seconds(steps, times), [times[0], times[10],
+                                                                (times[20] + times[21]) / 2,
+                                                                0.0, 9.0])
+
+
+def test_identical_segments_keep_every_label_and_unknown_labels_are_dropped():
+    ann = load_annotations({"database": {"v": {"subset": "training", "duration": 10.0,
+                                               "annotations": [
+                                                   {"segment": [1.0, 2.0], "label": "Run"},
+                                                   {"segment": [1.0, 2.0], "label": "Jump"},
+                                                   {"segment": [3.0, 4.0], "label": "Swim"},
+                                                   {"segment": [50.0, 60.0], "label": "Run"}]}}})
+    times = (np.arange(60) * 4 + 8) / 30.0
+    truth = video_truth(ann.videos("training")["v"], times, {"Jump": 0, "Run": 1})
+    # Swim is not a class of the model; the segment beyond the features is dropped.
+    assert truth.labels.tolist() == [1, 0]
+    np.testing.assert_allclose(truth.segments[0], truth.segments[1])
+    np.testing.assert_allclose(truth.segments[0], seconds_to_steps([1.0, 2.0], times))
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples: windows, resizing, layers read.
+
+class CountingStore:
+    """Wraps a store and records which layers and clip ranges were read."""
+
+    def __init__(self, store):
+        self.store, self.reads = store, []
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def __contains__(self, vid):
+        return vid in self.store
+
+    def read(self, vid, layers, start=0, stop=None):
+        self.reads.append((tuple(layers), start, stop))
+        return self.store.read(vid, layers=layers, start=start, stop=stop)
+
+
+def make_dataset(store_path, annotations_path, train=True, layers=LAYERS, **data):
+    config = tiny_config(data=data)
+    store = CountingStore(FeatureStore.open(store_path))
+    annotations = load_annotations(annotations_path)
+    subset = "training" if train else "validation"
+    return StoreDataset(store, store_path, annotations, annotations_path, subset, CLASSES,
+                        list(layers), config.data, train=train, seed=3)
+
+
+def test_training_windows_keep_actions_inside_and_read_only_what_is_needed(dataset_files):
+    dataset = make_dataset(*dataset_files, max_seq_len=32, min_action_inside=0.5)
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        for index in range(len(dataset)):
+            sample = dataset[index]
+            layers, start, stop = dataset.store.reads[-1]
+            assert layers == ("last", *LAYERS) and stop - start == 32
+            assert sample["last"].shape == (32, DIM)
+            assert sample["inter"].shape == (len(LAYERS), 32, 2, DIM)
+            # Every action of the window is kept when at least half of it is inside; at
+            # least one is (the videos have an action every 24 steps).
+            segments = sample["segments"].numpy()
+            assert len(segments) >= 1
+            assert (segments >= 0).all() and (segments <= 31).all()
+            truth = dataset.truth[sample["video"]].segments
+            inside = np.minimum(truth[:, 1], stop - 1) - np.maximum(truth[:, 0], start)
+            expected = (inside >= 0.5 * (truth[:, 1] - truth[:, 0]) - 1e-9).sum()
+            assert len(segments) == expected
+    # The same (seed, epoch, index) gives the same window; another epoch moves it.
+    dataset.set_epoch(1)
+    a = dataset[0]["step_offset"]
+    dataset.set_epoch(1)
+    assert dataset[0]["step_offset"] == a
+    assert len({(dataset.set_epoch(e), dataset[0]["step_offset"])[1] for e in range(8)}) > 1
+
+    head_only = make_dataset(*dataset_files, layers=())
+    sample = head_only[0]
+    assert head_only.store.reads == [(("last",), 0, 96)] and sample["inter"] is None
+
+
+def test_inference_windows_cover_the_video_and_map_back(dataset_files):
+    dataset = make_dataset(*dataset_files, train=False, infer_window=40, infer_overlap=0.25)
+    pieces = [p for p in dataset.pieces if p[0] == dataset.videos[0]]
+    assert [(start, stop) for _, start, stop in pieces] == [(0, 40), (30, 70), (56, 96)]
+    sample = dataset[2]
+    assert sample["step_offset"] == 56
+    np.testing.assert_allclose(to_video_steps([0.0, 39.0], sample), [56.0, 95.0])
+
+
+def test_resize_mode_resamples_whole_videos_and_scales_segments(dataset_files):
+    dataset = make_dataset(*dataset_files, mode="resize", resize_len=48)
+    sample = dataset[0]
+    truth = dataset.truth[sample["video"]]
+    assert sample["last"].shape == (48, DIM) and sample["inter"].shape == (2, 48, 2, DIM)
+    assert sample["step_scale"] == 0.5
+    np.testing.assert_allclose(to_video_steps(sample["segments"].numpy(), sample),
+                               truth.segments, rtol=1e-5, atol=1e-4)
+    batch = collate([dataset[0], dataset[1]])
+    assert batch["mask"].all() and batch["inter"].shape == (2, 2, 48, 2, DIM)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training, inference, evaluation.
+
+def test_losa_overfits_a_few_videos_and_infer_writes_what_evaluate_reads(dataset_files, tmp_path):
+    store_path, annotations_path = dataset_files
+    config = tiny_config(train={"epochs": 25}, eval={"subset": "training", "every": 25},
+                         model={"losa": {"dropout": 0.0}}, head={"drop_path": 0.0})
+    summary = train(config, store_path, annotations_path, tmp_path / "run", progress=False)
+    assert summary["best"]["epoch"] == 25
+    assert summary["best"]["average_map"] >= 0.9
+
+    checkpoint = final_weights(tmp_path / "run")
+    assert checkpoint["ema"]["losa.gates"].abs().max() > 0  # the adapters took part
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert sum(r["event"] == "step" for r in log) == 50 and log[-1]["event"] == "epoch"
+
+    out = tmp_path / "preds.json"
+    result = CliRunner().invoke(cli_main(), [
+        "infer", "--run", str(tmp_path / "run"), "--store", str(store_path), "--annotations",
+        str(annotations_path), "--subset", "training", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    predictions = json.loads(out.read_text())
+    first = predictions["results"]["video_000"][0]
+    assert first["label"] in CLASSES and 0 <= first["segment"][0] < first["segment"][1] <= 13
+    report = evaluate_map(load_annotations(annotations_path), predictions, subset="training")
+    assert report["average_mAP"] == pytest.approx(summary["best"]["average_map"], abs=1e-9)
+
+
+def test_same_seed_same_weights_other_seed_other_weights(dataset_files, tmp_path):
+    store_path, annotations_path = dataset_files
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        config = tiny_config(train={"epochs": 2, "seed": seed})
+        train(config, store_path, annotations_path, tmp_path / name, progress=False)
+        runs[name] = final_weights(tmp_path / name)
+    assert_same_state(runs["a"]["model"], runs["b"]["model"])
+    assert_same_state(runs["a"]["ema"], runs["b"]["ema"])
+    assert not torch.equal(runs["a"]["model"]["head.cls_tower.predict.conv.weight"],
+                           runs["c"]["model"]["head.cls_tower.predict.conv.weight"])
+
+
+def test_head_only_reads_a_store_without_intermediate_layers(tmp_path):
+    videos = {**synthetic_videos(2, "training"), **synthetic_videos(1, "validation", first=2)}
+    store_path = write_store(tmp_path / "last_only.zarr", videos, layers=())
+    annotations_path = write_annotations(tmp_path / "gt.json", videos)
+    with pytest.raises(InputError, match="holds no intermediate layers, which LoSA needs"):
+        train(tiny_config(), store_path, annotations_path, tmp_path / "losa", progress=False)
+    summary = train(tiny_config(model={"type": "head_only"}, train={"epochs": 1}), store_path,
+                    annotations_path, tmp_path / "head_only", progress=False)
+    assert summary["epoch"] == 1 and summary["best"] is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals: the wrong store, the wrong checkpoint, a run directory in use.
+
+def cli_main():
+    sys.path.insert(0, str(ROOT))
+    import cli
+
+    return cli.main
+
+
+def run_cli(args):
+    result = CliRunner().invoke(cli_main(), args)
+    return result.exit_code, result.output.strip()
+
+
+def test_missing_store_says_to_extract_first(tmp_path):
+    code, output = run_cli(["train", "--config", str(ROOT / "configs/train/thumos_vitg_losa.json"),
+                            "--store", str(tmp_path / "nowhere.zarr"),
+                            "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert output == (f"error: {tmp_path / 'nowhere.zarr'}: feature store not found; "
+                      "run `make extract DATASET=thumos` first (or pass --store)")
+
+
+@pytest.mark.parametrize("overrides, problem", [
+    (["model.layers=[1, 5]"], "lacks intermediate layers [5] that the config needs"),
+    (["model.tokens=[1, 2, 2]"], "holds a pooled token grid [1, 1, 2], the config needs [1, 2, 2]"),
+])
+def test_store_lacking_layers_or_tokens_is_refused_before_training(dataset_files, tmp_path,
+                                                                   overrides, problem):
+    store_path, annotations_path = dataset_files
+    config_path = write_config(tmp_path / "config.json", tiny_config())
+    code, output = run_cli(["train", "--config", str(config_path), "--store", str(store_path),
+                            "--annotations", str(annotations_path), "--out",
+                            str(tmp_path / "run"), *sum((["--set", o] for o in overrides), [])])
+    assert code == 2 and output.startswith(f"error: {store_path}: {problem}")
+    assert "\n" not in output and not (tmp_path / "run").exists()
+
+
+def test_videos_missing_from_the_store_are_warned_about_once(dataset_files, tmp_path):
+    store_path, annotations_path = dataset_files
+    data = json.loads(Path(annotations_path).read_text())
+    for name in ("video_900", "video_901"):
+        data["database"][name] = {**data["database"]["video_000"]}
+    bigger = tmp_path / "bigger.json"
+    bigger.write_text(json.dumps(data))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_dataset(store_path, bigger)
+    messages = [str(w.message) for w in caught if "not in the store" in str(w.message)]
+    assert messages == [f"{store_path}: 2 of 6 'training' videos in {bigger} are not in the "
+                        "store; skipping them"]
+
+
+def test_wrong_checkpoints_and_stores_are_one_line_errors(dataset_files, tmp_path):
+    store_path, annotations_path = dataset_files
+    config = tiny_config(train={"epochs": 1})
+    train(config, store_path, annotations_path, tmp_path / "run", progress=False)
+    checkpoint = tmp_path / "run" / "last.pt"
+    infer_args = ["infer", "--store", str(store_path), "--annotations", str(annotations_path),
+                  "--out", str(tmp_path / "p.json"), "--quiet"]
+
+    # A store of another width (another backbone) than the checkpoint was trained on.
+    videos = synthetic_videos(2, "validation", first=4)
+    other = write_store(tmp_path / "other.zarr", videos, dim=8)
+    code, output = run_cli([*infer_args[:1], "--checkpoint", str(checkpoint), "--store",
+                            str(other), *infer_args[3:]])
+    assert code == 2 and output.startswith(f"error: {other}: its backbone, feature_dim differ")
+
+    # Weights that do not fit the config, a pickled payload, and a file that is not ours.
+    state = torch.load(checkpoint, weights_only=True)
+    state["ema"]["head.cls_tower.predict.conv.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "bad_shape.pt")
+    torch.save({"format": "losa-tal-checkpoint", "payload": object()}, tmp_path / "pickled.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    for name, problem in (("bad_shape.pt", "weights do not fit the model its config describes"),
+                          ("pickled.pt", "not a loadable checkpoint"),
+                          ("foreign.pt", "not a LoSA-TAL training checkpoint")):
+        code, output = run_cli([*infer_args[:1], "--checkpoint", str(tmp_path / name),
+                                *infer_args[1:]])
+        assert code == 2 and output.startswith(f"error: {tmp_path / name}: {problem}"), output
+        assert "\n" not in output
+
+    # The run directory is in use; resuming with changed settings is refused.
+    config_path = write_config(tmp_path / "config.json", config)
+    train_args = ["train", "--config", str(config_path), "--store", str(store_path),
+                  "--annotations", str(annotations_path), "--out", str(tmp_path / "run"),
+                  "--quiet"]
+    code, output = run_cli(train_args)
+    assert code == 2 and "already holds a training run (last.pt); pass --resume" in output
+    code, output = run_cli([*train_args, "--resume", "--set", "optim.lr_head=1e-2"])
+    assert code == 2 and output == (f"error: {checkpoint}: was trained with different settings "
+                                    "(optim.lr_head); resume with the run's own config.json, "
+                                    "or choose another --out")
+
+
+# ---------------------------------------------------------------------------------------------
+# Crash and resume; processes.
+
+def cli_train(config_path, store_path, annotations_path, out_dir, *extra):
+    return [sys.executable, str(ROOT / "cli.py"), "train", "--config", str(config_path),
+            "--store", str(store_path), "--annotations", str(annotations_path),
+            "--out", str(out_dir), "--quiet", *extra]
+
+
+def wait_for_step(log_path, process, epoch, step, timeout=60.0):
+    """Block until the run logs an optimizer step past ``step`` of ``epoch``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if log_path.exists():
+            for line in log_path.read_text().splitlines():
+                record = json.loads(line) if line.endswith("}") else {}
+                if record.get("event") == "step" and record["epoch"] == epoch \
+                        and record["step"] >= step:
+                    return
+        time.sleep(0.005)
+    raise AssertionError("the run ended or stalled before the kill point")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(dataset_files, tmp_path):
+    store_path, annotations_path = dataset_files
+    # Two steps per epoch, long enough (~0.1 s a step) to be caught mid-epoch.
+    config = tiny_config(train={"epochs": 4, "batch_size": 2, "micro_batch": 1},
+                         eval={"every": 2, "subset": "training"})
+    config_path = write_config(tmp_path / "config.json", config)
+    train(config, store_path, annotations_path, tmp_path / "straight", progress=False)
+
+    run = tmp_path / "killed"
+    process = subprocess.Popen(cli_train(config_path, store_path, annotations_path, run),
+                               env=SUBPROCESS_ENV, stderr=subprocess.PIPE)
+    wait_for_step(run / "log.jsonl", process, epoch=3, step=5)  # first step of epoch 3
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 2
+
+    resumed = subprocess.run(cli_train(config_path, store_path, annotations_path, run,
+                                       "--resume"), env=SUBPROCESS_ENV, capture_output=True,
+                             text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    straight, again = final_weights(tmp_path / "straight"), final_weights(run)
+    assert again["epoch"] == 4 and again["best"] == straight["best"]
+    assert_same_state(straight["model"], again["model"])
+    assert_same_state(straight["ema"], again["ema"])
+    for a, b in zip(straight["optimizer"]["state"].values(), again["optimizer"]["state"].values()):
+        assert_same_state(a, b)
+    assert torch.equal(torch.load(run / "best.pt", weights_only=True)["ema"]["losa.gates"],
+                       torch.load(tmp_path / "straight" / "best.pt",
+                                  weights_only=True)["ema"]["losa.gates"])
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_weights_of_one(dataset_files, tmp_path):
+    store_path, annotations_path = dataset_files
+    # Global batch 2 of micro-batches of 1: one process accumulates two, two processes one each.
+    config = tiny_config(train={"epochs": 2, "batch_size": 2, "micro_batch": 1})
+    config_path = write_config(tmp_path / "config.json", config)
+    train(config, store_path, annotations_path, tmp_path / "one", progress=False)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", *cli_train(config_path, store_path, annotations_path,
+                                                   tmp_path / "two")[1:]]
+    result = subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert_same_state(one["model"], two["model"])
+    assert_same_state(one["ema"], two["ema"])
+    log = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["world_size"] == 2

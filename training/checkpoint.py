@@ -1,0 +1,88 @@
+"""Training checkpoints: tensors and plain data only, written atomically, loaded with weights_only.
+
+A checkpoint is a dict::
+
+    format: "losa-tal-checkpoint", format_version: 1
+    epoch: epochs completed, step: optimizer steps completed
+    model, ema: state dicts (the EMA weights are the ones evaluated and used for inference)
+    optimizer: AdamW state dict, scheduler: {"step": int}
+    config: Config.to_dict(), classes: [label names, in output order]
+    store: the signature of the store it was trained on (see store_signature)
+    best: {"epoch", "average_map"} or None, the best evaluation so far
+
+No RNG state is needed: every random draw is derived from (seed, epoch, step, sample), so a run
+resumed from the end of epoch n draws exactly what an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from losa_tal import input_error
+
+FORMAT = "losa-tal-checkpoint"
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("epoch", "step", "model", "ema", "optimizer", "scheduler", "config", "classes",
+                 "store")
+
+
+def save(path, checkpoint: dict) -> None:
+    """Write atomically: a crash leaves the previous file intact, never half of a new one."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **checkpoint}, partial)
+    with open(partial, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+
+
+def load(path) -> dict:
+    """Read and sanity-check a checkpoint; anything but one of ours is an InputError."""
+    path = Path(path)
+    if not path.is_file():
+        raise input_error(path, "checkpoint not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not loadable"
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise input_error(path, f"not a loadable checkpoint (tensors and plain data only): "
+                          f"{first_line}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise input_error(path, "not a LoSA-TAL training checkpoint")
+    if checkpoint.get("format_version") != FORMAT_VERSION:
+        raise input_error(path, f"checkpoint format version {checkpoint.get('format_version')} "
+                          f"is not supported (expected {FORMAT_VERSION})")
+    missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
+    if missing:
+        raise input_error(path, f"checkpoint lacks {', '.join(missing)}")
+    return checkpoint
+
+
+def store_signature(store, layers) -> dict:
+    """What a trained model depends on in a store: backbone, sampling, shapes, layers read."""
+    meta = store.meta
+    return {
+        "backbone": meta.get("backbone"),
+        "protocol": meta.get("protocol"),
+        "feature_dim": int(store.feature_dim),
+        "tokens": None if store.tokens is None else [int(t) for t in store.tokens],
+        "layers": [int(layer) for layer in layers],
+    }
+
+
+def check_store_matches(signature: dict, store, store_path, checkpoint_path) -> None:
+    """Refuse a store whose features are not the ones the checkpoint was trained on."""
+    current = store_signature(store, [])
+    differing = [key for key in ("backbone", "protocol", "feature_dim")
+                 if signature.get(key) != current[key]]
+    if signature["layers"] and signature.get("tokens") != current["tokens"]:
+        differing.append("tokens")
+    if differing:
+        raise input_error(store_path, f"its {', '.join(differing)} differ from those of the "
+                          f"store the checkpoint {checkpoint_path} was trained on")
+    missing = [layer for layer in signature["layers"] if layer not in list(store.layers)]
+    if missing:
+        raise input_error(store_path, f"lacks intermediate layers {missing} that the checkpoint "
+                          f"{checkpoint_path} reads")

@@ -1,0 +1,80 @@
+"""``cli.py train`` and ``cli.py infer``. Only click is imported here; torch loads on use."""
+import click
+
+MODEL_CHOICES = ("losa", "head_only")
+
+
+@click.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="Training config (JSON), e.g. configs/train/thumos_vitg_losa.json.")
+@click.option("--store", "store_path", default=None,
+              help="Feature store (default: the config's data.store).")
+@click.option("--annotations", "annotations_path", default=None,
+              help="Ground-truth JSON (default: the config's data.annotations).")
+@click.option("--out", "out_dir", default=None,
+              help="Run directory (default: runs/<config name>).")
+@click.option("--model", "model_type", type=click.Choice(MODEL_CHOICES), default=None,
+              help="LoSA adapters + head, or the head-only baseline (overrides model.type).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Overrides train.epochs.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config value, e.g. --set optim.lr_head=2e-4 (repeatable).")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out from its last checkpoint.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(config_path, store_path, annotations_path, out_dir, model_type, epochs, overrides,
+          resume, quiet):
+    """Train LoSA adapters and the detection head from a feature store.
+
+    Data parallel: torchrun --nproc_per_node N cli.py train ... (the global batch, and so the
+    result, is the same for any N).
+    """
+    import os
+    from pathlib import Path
+
+    from training.config import load_config
+    from training.train import train as run_training
+
+    overrides = list(overrides)
+    if model_type is not None:
+        overrides.append(f"model.type={model_type}")
+    if epochs is not None:
+        overrides.append(f"train.epochs={epochs}")
+    config = load_config(config_path, overrides)
+    out_dir = out_dir or str(Path("runs") / Path(config_path).stem)
+    summary = run_training(config, store_path, annotations_path, out_dir, resume=resume,
+                           progress=not quiet)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, the main process reports
+        best = summary["best"]
+        best_text = (f", best average mAP {best['average_map']:.4f} at epoch {best['epoch']}"
+                     if best else "")
+        click.echo(f"trained {summary['epoch']} epochs into {summary['run_dir']}{best_text}")
+
+
+@click.command()
+@click.option("--run", "run_dir", default=None, type=click.Path(file_okay=False),
+              help="Run directory: uses its best.pt (or last.pt).")
+@click.option("--checkpoint", "checkpoint_path", default=None, type=click.Path(dir_okay=False),
+              help="A checkpoint file, instead of --run.")
+@click.option("--store", "store_path", default=None,
+              help="Feature store (default: the run config's data.store).")
+@click.option("--annotations", "annotations_path", default=None,
+              help="Ground-truth JSON naming the videos and subsets (default: the run's).")
+@click.option("--subset", default=None,
+              help="Subset to predict (default: the run's eval.subset, else the test split).")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="Predictions JSON to write (ActivityNet format, read by cli.py evaluate).")
+@click.option("--device", default=None, help="torch device (default: cuda if available).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def infer(run_dir, checkpoint_path, store_path, annotations_path, subset, out_path, device,
+          quiet):
+    """Predict action segments for a subset with a trained checkpoint."""
+    from losa_tal import InputError
+    from training.infer import infer as run_inference
+
+    if (run_dir is None) == (checkpoint_path is None):
+        raise InputError("--run/--checkpoint: give exactly one of them")
+    predictions = run_inference(run_dir or checkpoint_path, store_path, annotations_path, subset,
+                                out_path, device=device, progress=not quiet)
+    count = sum(len(v) for v in predictions["results"].values())
+    click.echo(f"wrote {count} segments for {len(predictions['results'])} videos to {out_path}")

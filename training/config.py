@@ -1,0 +1,277 @@
+"""Training configs: plain JSON files with one section per concern, checked against dataclasses.
+
+A config file holds the sections ``data``, ``model`` (with its ``losa`` sub-section), ``head``,
+``optim``, ``train`` and ``eval``. Keys left out take the defaults below; a key that is not listed
+here, or a value of the wrong type, is an ``InputError`` naming the file and the dotted key, so a
+typo never trains silently with a default. ``--set key.sub=value`` overrides are parsed as JSON
+literals (``--set optim.lr_head=2e-4``, ``--set model.layers=[3,7]``); a value that is not valid
+JSON is taken as a string (``--set model.type=head_only``).
+
+The defaults are ActionFormer's THUMOS-14 settings (DESIGN.md section 4).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from losa_tal import InputError, input_error
+
+MODEL_TYPES = ("losa", "head_only")
+DATA_MODES = ("window", "resize")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "thumos"  # the extraction preset that builds the store (named in errors)
+    store: str = "stores/thumos_vitg"  # default paths; --store/--annotations override them
+    annotations: str = "data/thumos14/annotations/thumos14.json"
+    train_subset: str | None = None  # None: the annotation file's training split by convention
+    mode: str = "window"  # "window": THUMOS-style crops; "resize": ActivityNet fixed length
+    max_seq_len: int = 2304  # window mode: longest training window, in feature steps
+    min_action_inside: float = 0.5  # window mode: actions cut below this fraction are dropped
+    resize_len: int = 192  # resize mode: every video is resampled to this many steps
+    infer_window: int | None = None  # window mode: None runs each video whole at inference
+    infer_overlap: float = 0.25  # fraction shared by consecutive inference windows
+    num_workers: int = 0  # DataLoader worker processes
+
+
+@dataclass
+class LosaConfig:
+    """Constructor arguments of ``adapt.LoSA`` other than the shapes read from the store."""
+
+    bottleneck: int = 256
+    num_heads: int = 4
+    short_window: int = 9  # clips around each clip that its short-range adapter attends to
+    long_window: int | None = None  # None: global attention over the window/video
+    dropout: float = 0.1
+    checkpoint_layers: bool = False  # recompute adapter activations in backward (saves memory)
+
+
+@dataclass
+class ModelConfig:
+    type: str = "losa"  # "losa" (adapters + head) or "head_only" (the baseline, last layer only)
+    layers: list[int] | None = None  # intermediate layers LoSA adapts; None: all in the store
+    tokens: list[int] | None = None  # pooled token grid [t, h, w] the store must hold; None: any
+    losa: LosaConfig = field(default_factory=LosaConfig)
+
+
+@dataclass
+class HeadConfig:
+    """Constructor arguments of ``head.ActionFormerHead`` other than in_dim and num_classes."""
+
+    embed_dim: int = 512
+    num_levels: int = 6  # pyramid levels, strides 1, 2, ..., 2**(num_levels - 1)
+    window: int = 19  # local self-attention window, in steps of each level
+    num_heads: int = 4
+    max_seq_len: int = 2304  # length of the position table (used only with use_abs_pe)
+    num_embed_convs: int = 2
+    num_stem_blocks: int = 2
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    drop_path: float = 0.1
+    tower_depth: int = 2
+    use_abs_pe: bool = False
+    # Level l regresses segments whose farther end lies within [bounds[l], bounds[l + 1]) steps
+    # (the top level without limit); None: the head's THUMOS ranges 0, 4, 8, 16, 32, 64.
+    regression_bounds: list[float] | None = None
+    center_sample_radius: float | None = 1.5
+    cls_prior_prob: float = 0.01
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    reg_loss_weight: float = 1.0
+    label_smoothing: float = 0.0
+    loss_norm_init: float = 100.0
+    loss_norm_momentum: float = 0.9
+
+
+@dataclass
+class OptimConfig:
+    lr_head: float = 1e-4
+    lr_adapter: float = 1e-4
+    weight_decay: float = 0.05
+    warmup_epochs: float = 5.0  # linear warmup, then cosine decay to zero
+    clip_grad: float = 1.0  # max global gradient norm; 0 disables clipping
+    ema_decay: float = 0.999  # exponential moving average of the weights, used for evaluation
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 35
+    batch_size: int = 2  # global batch: the same whatever the number of processes
+    micro_batch: int = 2  # videos per forward pass; the rest is gradient accumulation
+    seed: int = 0
+    amp: bool = True  # bf16 autocast on CUDA (CPU always runs in float32)
+
+
+@dataclass
+class EvalConfig:
+    subset: str | None = None  # held-out subset scored in training; None: the file's test split
+    every: int = 5  # evaluate every N epochs (and after the last); 0: only after the last
+    max_videos: int | None = None  # evaluate on the first N videos only, to save time
+    tiou_thresholds: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7])
+    score_threshold: float = 0.001
+    pre_nms_topk: int = 2000  # candidates kept per pyramid level before NMS
+    min_duration: float = 0.05  # shortest candidate kept, in feature steps
+    max_segments: int = 2000  # per video, after NMS
+    nms: str = "soft"  # "soft" (Gaussian Soft-NMS), "linear" or "hard"
+    nms_sigma: float = 0.5
+    iou_threshold: float = 0.1  # hard and linear NMS only
+    voting_iou: float | None = 0.7  # refine kept segments by voting among overlapping candidates
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw, source: str = "config") -> "Config":
+        """Build a config from plain data, checking every key and type against the dataclasses."""
+        config = _build(cls, raw, source, prefix="")
+        _check_values(config, source)
+        return config
+
+
+def load_config(path, overrides=()) -> Config:
+    """Read a JSON config file and apply ``key.sub=value`` overrides on top of it."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise input_error(path, "config file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise input_error(path, f"cannot read config ({err})") from None
+    except json.JSONDecodeError as err:
+        raise input_error(path, f"not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise input_error(path, "a config must be a JSON object of sections")
+    for item in overrides:
+        _apply_override(raw, item)
+    return Config.from_dict(raw, source=str(path))
+
+
+def parse_override(item: str):
+    """``"optim.lr_head=2e-4"`` -> ``(["optim", "lr_head"], 2e-4)``."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise InputError(f"--set {item}: expected key.sub=value")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text  # bare words are strings: --set model.type=head_only
+    return key.strip().split("."), value
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    keys, value = parse_override(item)
+    node = raw
+    for depth, key in enumerate(keys[:-1]):
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise InputError(f"--set {item}: {'.'.join(keys[:depth + 1])} is not a section")
+    node[keys[-1]] = value
+
+
+def _build(cls, raw, source: str, prefix: str):
+    """Instantiate dataclass ``cls`` from ``raw``; unknown keys and wrong types name the key."""
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(raw, dict):
+        raise input_error(source, f"{where}: expected an object, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise input_error(
+            source, f"{prefix}{unknown[0]}: unknown key (known in {where}: {', '.join(sorted(known))})"
+        )
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, source, f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(value, hint, source, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(value, hint, source: str, key: str):
+    """Check ``value`` against a type hint; ints count as numbers where floats are expected."""
+    if not _matches(value, hint):
+        raise input_error(source, f"{key}: expected {_describe(hint)}, got {json.dumps(value)}")
+    return value
+
+
+def _matches(value, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    if origin is list:
+        plural = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
+        return f"a list of {plural[typing.get_args(hint)[0]]}"
+    if hint is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[hint]
+
+
+def _check_values(config: Config, source: str) -> None:
+    """Range and choice checks that types alone cannot express."""
+    checks = [
+        ("model.type", config.model.type in MODEL_TYPES, f"one of {', '.join(MODEL_TYPES)}"),
+        ("data.mode", config.data.mode in DATA_MODES, f"one of {', '.join(DATA_MODES)}"),
+        ("data.max_seq_len", config.data.max_seq_len > 0, "positive"),
+        ("data.resize_len", config.data.resize_len > 0, "positive"),
+        ("data.min_action_inside", 0 < config.data.min_action_inside <= 1, "in (0, 1]"),
+        ("data.infer_overlap", 0 <= config.data.infer_overlap < 1, "in [0, 1)"),
+        ("data.infer_window", config.data.infer_window is None or config.data.infer_window > 0,
+         "positive or null"),
+        ("data.num_workers", config.data.num_workers >= 0, "zero or more"),
+        ("head.regression_bounds", config.head.regression_bounds is None
+         or len(config.head.regression_bounds) == config.head.num_levels,
+         "null or one lower bound per level (head.num_levels)"),
+        ("model.tokens", config.model.tokens is None or len(config.model.tokens) == 3,
+         "a list [t, h, w]"),
+        ("train.epochs", config.train.epochs > 0, "positive"),
+        ("train.batch_size", config.train.batch_size > 0, "positive"),
+        ("train.micro_batch", config.train.micro_batch > 0
+         and config.train.batch_size % config.train.micro_batch == 0,
+         "positive and a divisor of train.batch_size"),
+        ("optim.ema_decay", 0 <= config.optim.ema_decay < 1, "in [0, 1)"),
+        ("optim.clip_grad", config.optim.clip_grad >= 0, "zero or more"),
+        ("optim.warmup_epochs", config.optim.warmup_epochs >= 0, "zero or more"),
+        ("eval.every", config.eval.every >= 0, "zero or more"),
+        ("eval.nms", config.eval.nms in ("soft", "linear", "hard"), "soft, linear or hard"),
+        ("eval.tiou_thresholds", bool(config.eval.tiou_thresholds)
+         and all(0 < t < 1 for t in config.eval.tiou_thresholds), "a non-empty list in (0, 1)"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            raise input_error(source, f"{key}: must be {expected}")

@@ -1,0 +1,93 @@
+"""The stage-two detector: optional LoSA adapters in front of the ActionFormer-style head.
+
+``Detector`` is the one place where the training recipe meets the ``adapt`` and ``head`` APIs:
+the recipe only calls ``detector(batch)``, ``detector.loss(outputs, batch)``,
+``detector.update_loss_normalizer(count)`` and ``detector.candidates(outputs, eval_config)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+
+class Detector(nn.Module):
+    """LoSA (``model.type == "losa"``) or nothing (head-only baseline), then the TAL head."""
+
+    def __init__(self, feature_dim: int, num_classes: int, num_layers: int, num_tokens: int,
+                 model_config, head_config):
+        super().__init__()
+        from adapt import LoSA
+        from head import ActionFormerHead
+
+        self.losa = None
+        if model_config.type == "losa":
+            self.losa = LoSA(dim=feature_dim, num_layers=num_layers, num_tokens=num_tokens,
+                             **dataclasses.asdict(model_config.losa))
+        self.head = ActionFormerHead(in_dim=feature_dim, num_classes=num_classes,
+                                     **head_arguments(head_config))
+
+    def forward(self, batch: dict):
+        features = batch["last"]
+        if self.losa is not None:
+            features = self.losa(features, batch["inter"], batch["mask"])
+        return self.head(features, batch["mask"])
+
+    def loss(self, outputs, batch: dict) -> dict:
+        """The head's losses for a batch ("total", "cls", "reg", "num_positives").
+
+        The head normalises by an EMA of the positive count. It stays frozen during a step and
+        moves once afterwards with the count of the whole global batch
+        (:meth:`update_loss_normalizer`), so the update does not depend on how the batch was
+        split into micro-batches and processes.
+        """
+        return self.head.loss(outputs, batch["targets"], update_normalizer=False)
+
+    def update_loss_normalizer(self, num_positives: float) -> None:
+        self.head.update_loss_normalizer(num_positives)
+
+    def candidates(self, outputs, eval_config) -> list:
+        """Scored segments per sample before NMS, in sample steps (best first)."""
+        return self.head.predict(outputs, score_threshold=eval_config.score_threshold,
+                                 pre_nms_top_k=eval_config.pre_nms_topk,
+                                 min_duration=eval_config.min_duration, nms_method="none",
+                                 max_segments=eval_config.pre_nms_topk * len(self.head.strides))
+
+
+def head_arguments(head_config) -> dict:
+    """ActionFormerHead keyword arguments from the ``head`` config section."""
+    arguments = dataclasses.asdict(head_config)
+    bounds = arguments.pop("regression_bounds")
+    if bounds is not None:
+        arguments["regression_ranges"] = list(zip(bounds, [*bounds[1:], math.inf]))
+    return arguments
+
+
+def parameter_groups(detector: Detector, lr_adapter: float, lr_head: float,
+                     weight_decay: float) -> list[dict]:
+    """AdamW groups: adapters and head at their own rates; no decay on biases, norms and gates.
+
+    Only matrices (ndim >= 2) are decayed; decaying LoSA's gates or LayerNorm scales would pull
+    the model back toward its initial state rather than regularise it.
+    """
+    parts = [("head", detector.head, lr_head)]
+    if detector.losa is not None:
+        parts.insert(0, ("adapter", detector.losa, lr_adapter))
+    groups = []
+    for name, module, lr in parts:
+        params = [p for p in module.parameters() if p.requires_grad]
+        decayed = [p for p in params if p.ndim >= 2]
+        plain = [p for p in params if p.ndim < 2]
+        groups.append({"name": f"{name}", "params": decayed, "base_lr": lr,
+                       "weight_decay": weight_decay})
+        groups.append({"name": f"{name}_no_decay", "params": plain, "base_lr": lr,
+                       "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+def trainable_parameters(detector: Detector) -> dict:
+    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+    return {"adapter": count(detector.losa) if detector.losa is not None else 0,
+            "head": count(detector.head)}

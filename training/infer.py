@@ -1,0 +1,168 @@
+"""Inference: a trained checkpoint + a feature store -> ActivityNet-format predictions.
+
+``python cli.py infer --run RUN_DIR --store STORE --annotations JSON --subset test --out P.json``
+or, from Python (the demo does this)::
+
+    from training.infer import infer
+    predictions = infer("runs/thumos", store_path, annotations_path, subset="test",
+                        out_path="preds.json")
+
+Each video is run whole or, in window mode with ``data.infer_window`` set, as overlapping windows
+whose candidates are merged per video before NMS; segments are turned into seconds through the
+feature times the store recorded for that video.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from losa_tal import InputError, input_error
+from training import checkpoint as ckpt
+from training.config import Config
+from training.data import StoreDataset, collate, steps_to_seconds, to_video_steps
+from training.detector import Detector
+from training.inputs import open_annotations, open_store, resolve_subset
+
+
+def infer(run_or_checkpoint, store_path=None, annotations_path=None, subset=None,
+          out_path=None, device=None, progress: bool = False) -> dict:
+    """Predict every video of ``subset`` that the store holds; optionally write the JSON file."""
+    path = checkpoint_path(run_or_checkpoint)
+    state = ckpt.load(path)
+    config = Config.from_dict(state["config"], f"{path} (config)")
+    store_path = store_path or config.data.store
+    annotations_path = annotations_path or config.data.annotations
+    store = open_store(store_path, config.data.dataset)
+    ckpt.check_store_matches(state["store"], store, store_path, path)
+    annotations = open_annotations(annotations_path)
+    layers = state["store"]["layers"]
+    model = build_trained_detector(state, store, path)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    name = resolve_subset(annotations, subset or config.eval.subset, train=False)
+    dataset = StoreDataset(store, store_path, annotations, annotations_path, name,
+                           state["classes"], layers, config.data, train=False)
+    predictions = predict(model.to(device), dataset, config.eval, device, state["classes"],
+                          amp=config.train.amp, progress=progress)
+    if out_path is not None:
+        write_predictions(out_path, predictions)
+    return predictions
+
+
+def checkpoint_path(run_or_checkpoint) -> Path:
+    """A run directory means its best.pt (or last.pt before any evaluation); a file is itself."""
+    path = Path(run_or_checkpoint)
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise input_error(path, "run directory holds no checkpoint (best.pt or last.pt)")
+    return path
+
+
+def build_trained_detector(state: dict, store, path) -> Detector:
+    """The detector a checkpoint describes, with its EMA weights; a mismatch is one line."""
+    config = Config.from_dict(state["config"], f"{path} (config)")
+    model = Detector(store.feature_dim, len(state["classes"]), len(state["store"]["layers"]),
+                     store.num_tokens, config.model, config.head)
+    try:
+        model.load_state_dict(state["ema"])
+    except RuntimeError as err:
+        problem = " ".join(str(err).split())
+        raise input_error(path, f"weights do not fit the model its config describes: "
+                          f"{problem[:300]}") from None
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model, dataset: StoreDataset, eval_config, device, classes, amp=True,
+            progress=False) -> dict:
+    """``{"results": {video: [{"segment": [s, e], "label", "score"}]}}`` for a dataset."""
+    from tqdm import tqdm
+
+    was_training = model.training
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, collate_fn=collate,
+                                         num_workers=dataset.config.num_workers)
+    candidates = {vid: [] for vid in dataset.videos}
+    use_amp = amp and torch.device(device).type == "cuda"
+    for batch in tqdm(loader, desc="inference", unit="piece", disable=not progress):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=use_amp):
+            outputs = model(_to(batch, device))
+        for sample, found in zip(batch["samples"], model.candidates(outputs, eval_config)):
+            found["segments"] = torch.from_numpy(
+                to_video_steps(found["segments"].float().cpu().numpy(), sample))
+            candidates[sample["video"]].append(found)
+    model.train(was_training)
+    results = {}
+    for vid, parts in candidates.items():
+        segments, scores, labels = _suppress(parts, eval_config)
+        results[vid] = _to_entries(segments, scores, labels, dataset, vid, classes)
+    return {"version": "losa-tal", "results": results, "external_data": {}}
+
+
+def _suppress(parts, eval_config):
+    """Per-class NMS over the candidates of all pieces of one video, then boundary voting."""
+    from head.nms import batched_nms, segment_voting
+
+    segments = torch.cat([p["segments"].double() for p in parts])
+    scores = torch.cat([p["scores"].float().cpu() for p in parts]).double()
+    labels = torch.cat([p["labels"].cpu() for p in parts])
+    kept = batched_nms(segments, scores, labels, eval_config.nms, eval_config.iou_threshold,
+                       eval_config.nms_sigma, eval_config.score_threshold,
+                       eval_config.max_segments)
+    kept_segments, kept_scores, kept_labels = kept
+    if eval_config.voting_iou is not None and len(kept_scores):
+        kept_segments = segment_voting(kept_segments, kept_labels, segments, scores, labels,
+                                       eval_config.voting_iou)
+    return kept_segments.numpy(), kept_scores.numpy(), kept_labels.numpy()
+
+
+def _to_entries(segments, scores, labels, dataset, vid, classes) -> list:
+    times = dataset.times[vid]
+    seconds = steps_to_seconds(segments.reshape(-1), times).reshape(-1, 2)
+    duration = dataset.store.video_info(vid).get("duration") or float(times[-1])
+    seconds = np.clip(seconds, 0.0, duration)
+    return [{"segment": [round(float(s), 3), round(float(e), 3)], "label": classes[int(c)],
+             "score": float(p)}
+            for (s, e), p, c in zip(seconds, scores, labels) if e > s]
+
+
+def _to(batch, device):
+    moved = dict(batch)
+    for key in ("last", "inter", "mask"):
+        if moved[key] is not None:
+            moved[key] = moved[key].to(device)
+    return moved
+
+
+def evaluate_predictions(annotations, predictions: dict, dataset: StoreDataset,
+                         eval_config) -> dict:
+    """mAP report over exactly the videos of ``dataset`` (those the store holds, capped)."""
+    from evaluation import evaluate_map, load_annotations
+
+    videos = annotations.videos(dataset.subset)
+    restricted = {"database": {vid: {
+        "subset": dataset.subset,
+        "duration": videos[vid].duration,
+        "annotations": [{"segment": [float(s), float(e)], "label": label}
+                        for (s, e), label in zip(videos[vid].segments, videos[vid].labels)],
+    } for vid in dataset.videos}}
+    return evaluate_map(load_annotations(restricted), predictions, subset=dataset.subset,
+                        tiou_thresholds=eval_config.tiou_thresholds)
+
+
+def write_predictions(path, predictions: dict) -> None:
+    """Write atomically, so an interrupted run never leaves half a file behind."""
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        partial.write_text(json.dumps(predictions))
+        os.replace(partial, path)
+    except OSError as err:
+        raise InputError(f"{path}: cannot write predictions ({err.strerror or err})") from None

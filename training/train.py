@@ -1,0 +1,333 @@
+"""The stage-two training recipe, top-down: inputs, model, optimisation loop, checkpoints.
+
+Run it as ``python cli.py train`` (one process) or ``torchrun --nproc_per_node N cli.py train``
+(data parallel). The global batch (``train.batch_size``) is the same whatever the number of
+processes: each optimizer step consumes ``batch_size / micro_batch`` micro-batches, shared out
+over the processes, and every random draw is keyed by (seed, epoch, step, micro-batch), so one
+process with gradient accumulation and N processes compute the same update.
+
+A run directory holds ``config.json`` (the resolved config), ``log.jsonl`` (one JSON object per
+step, epoch and evaluation), ``last.pt`` (written after every epoch) and ``best.pt`` (the
+checkpoint with the best average mAP so far).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from losa_tal import InputError, input_error
+from training import checkpoint as ckpt
+from training import distributed
+from training.config import Config
+from training.data import StoreDataset, collate, needed_layers
+from training.detector import Detector, parameter_groups, trainable_parameters
+from training.inputs import open_annotations, open_store, resolve_subset
+
+# Paths may move between a run and its resumption; nothing else in the config may change.
+RESUME_FREE_KEYS = {"data.store", "data.annotations", "data.num_workers"}
+
+
+def train(config: Config, store_path=None, annotations_path=None, out_dir="runs/train",
+          resume: bool = False, progress: bool = True) -> dict:
+    """Train a detector; returns the final log record (epoch, step, best mAP, run directory)."""
+    world = distributed.start(prefer_cuda=True)
+    try:
+        return Trainer(world, config, store_path, annotations_path, out_dir, resume,
+                       progress).run()
+    finally:
+        distributed.stop(world)
+
+
+class Trainer:
+    def __init__(self, world, config, store_path, annotations_path, out_dir, resume, progress):
+        self.world = world
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.progress = progress and world.is_main
+        self.store_path = store_path or config.data.store
+        self.annotations_path = annotations_path or config.data.annotations
+
+        self.store = open_store(self.store_path, config.data.dataset)
+        self.annotations = open_annotations(self.annotations_path)
+        self.classes = list(self.annotations.classes)
+        self.layers = needed_layers(config, self.store, self.store_path)
+        self.train_set = self._dataset(config.data.train_subset, train=True)
+        self.eval_set = self._dataset(config.eval.subset, train=False,
+                                      max_videos=config.eval.max_videos)
+        self.steps_per_epoch, self.accum_steps = self._batch_plan()
+
+        torch.manual_seed(config.train.seed)
+        self.model = Detector(self.store.feature_dim, len(self.classes), len(self.layers),
+                              self.store.num_tokens, config.model, config.head)
+        self.model.to(world.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(
+            parameter_groups(self.model, config.optim.lr_adapter, config.optim.lr_head,
+                             config.optim.weight_decay))
+        self.epoch, self.step, self.best = 0, 0, None
+        self._prepare_run_dir(resume)
+        self.parallel = self.model
+        if world.size > 1:
+            self.parallel = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+
+    # -- inputs --------------------------------------------------------------------------------
+
+    def _dataset(self, subset, train, max_videos=None):
+        name = resolve_subset(self.annotations, subset, train)
+        return StoreDataset(self.store, self.store_path, self.annotations, self.annotations_path,
+                            name, self.classes, self.layers, self.config.data, train=train,
+                            seed=self.config.train.seed, max_videos=max_videos)
+
+    def _batch_plan(self):
+        """Optimizer steps per epoch and micro-batches per step on this process."""
+        train = self.config.train
+        micro_per_step = train.batch_size // train.micro_batch
+        if micro_per_step % self.world.size:
+            raise InputError(f"train.batch_size: {train.batch_size} / train.micro_batch "
+                             f"{train.micro_batch} micro-batches cannot be shared equally by "
+                             f"{self.world.size} processes")
+        steps = len(self.train_set) // train.batch_size
+        if steps == 0:
+            raise input_error(self.store_path, f"only {len(self.train_set)} training videos, "
+                              f"fewer than train.batch_size {train.batch_size}")
+        return steps, micro_per_step // self.world.size
+
+    def _loader(self, epoch):
+        """This process's micro-batches of one epoch, in step order (the last partial batch is
+        dropped so that every step has the full global batch)."""
+        train = self.config.train
+        self.train_set.set_epoch(epoch)
+        order = np.random.default_rng([train.seed, epoch]).permutation(len(self.train_set))
+        micro = order[: self.steps_per_epoch * train.batch_size].reshape(-1, train.micro_batch)
+        per_step = micro.reshape(self.steps_per_epoch, -1, train.micro_batch)
+        mine = per_step[:, self.world.rank * self.accum_steps:(self.world.rank + 1) * self.accum_steps]
+        return torch.utils.data.DataLoader(
+            self.train_set, batch_sampler=mine.reshape(-1, train.micro_batch).tolist(),
+            collate_fn=collate, num_workers=self.config.data.num_workers)
+
+
+    # -- the run ------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        config = self.config
+        self._log({"event": "start", "world_size": self.world.size, "device": str(self.world.device),
+                   "train_videos": len(self.train_set), "eval_videos": len(self.eval_set.videos),
+                   "steps_per_epoch": self.steps_per_epoch,
+                   "trainable_parameters": trainable_parameters(self.model)})
+        while self.epoch < config.train.epochs:
+            loss = self._train_epoch(self.epoch)
+            self.epoch += 1
+            record = {"event": "epoch", "epoch": self.epoch, "step": self.step, "loss": loss}
+            improved = False
+            if self._evaluation_due():
+                average_map = self._evaluate()
+                record["average_map"] = average_map
+                improved = self.best is None or average_map > self.best["average_map"]
+                if improved:
+                    self.best = {"epoch": self.epoch, "average_map": average_map}
+            self._save_checkpoints(improved)
+            self._log(record)
+        return {"epoch": self.epoch, "step": self.step, "best": self.best,
+                "run_dir": str(self.out_dir)}
+
+    def _train_epoch(self, epoch) -> float:
+        from tqdm import tqdm
+
+        self.parallel.train()
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.config.train.epochs}",
+                   unit="step", disable=not self.progress, dynamic_ncols=True)
+        losses, started = [], time.perf_counter()
+        micro_batches = iter(self._loader(epoch))
+        for step_in_epoch in range(self.steps_per_epoch):
+            group = [next(micro_batches) for _ in range(self.accum_steps)]
+            loss = self._optimizer_step(epoch, step_in_epoch, group)
+            losses.append(loss)
+            videos_per_s = (step_in_epoch + 1) * self.config.train.batch_size / (
+                time.perf_counter() - started)
+            bar.set_postfix(loss=f"{loss:.4f}", videos_per_s=f"{videos_per_s:.1f}", refresh=False)
+            bar.update()
+            self._log({"event": "step", "epoch": epoch + 1, "step": self.step, "loss": loss,
+                       "lr": {g["name"]: g["lr"] for g in self.optimizer.param_groups}})
+        bar.close()
+        return float(np.mean(losses))
+
+    def _optimizer_step(self, epoch, step_in_epoch, micro_batches) -> float:
+        """One update from this process's micro-batches; returns the global batch's loss.
+
+        The objective is the sum of the micro-batch losses of the whole global batch, as if it
+        had gone through in one forward pass. DDP averages gradients over processes, hence the
+        factor ``world.size``.
+        """
+        config = self.config
+        factor = learning_rate_factor(self.step, self._warmup_steps(), self._total_steps())
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        totals = torch.zeros(2, dtype=torch.float64)  # loss, positive points
+        for k, batch in enumerate(micro_batches):
+            micro_index = self.world.rank * self.accum_steps + k
+            # Dropout masks depend on the micro-batch's place in the run, not on the process.
+            torch.manual_seed(derived_seed(config.train.seed, epoch, step_in_epoch, micro_index))
+            batch = to_device(batch, self.world.device)
+            last_one = k == len(micro_batches) - 1
+            no_sync = self.world.size > 1 and not last_one
+            with self.parallel.no_sync() if no_sync else contextlib.nullcontext():
+                with self._autocast():
+                    losses = self.model.loss(self.parallel(batch), batch)
+                if not torch.isfinite(losses["total"]):
+                    raise input_error(self.store_path, f"non-finite loss at epoch {epoch + 1} on "
+                                      f"videos {[s['video'] for s in batch['samples']]}; check "
+                                      "these features (store verify) or lower the learning rate")
+                (losses["total"] * self.world.size).backward()
+            totals += torch.stack([losses["total"].detach().double().cpu(),
+                                   losses["num_positives"].double().cpu()])
+        if config.optim.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.optim.clip_grad)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, num_positives = distributed.sum_across(self.world, totals).tolist()
+        self.model.update_loss_normalizer(num_positives)
+        update_ema(self.ema, self.model, config.optim.ema_decay)
+        self.step += 1
+        return loss
+
+    def _autocast(self):
+        use = self.config.train.amp and self.world.device.type == "cuda"
+        return torch.autocast(self.world.device.type, dtype=torch.bfloat16, enabled=use)
+
+    def _warmup_steps(self):
+        return round(self.config.optim.warmup_epochs * self.steps_per_epoch)
+
+    def _total_steps(self):
+        return self.config.train.epochs * self.steps_per_epoch
+
+    # -- evaluation ------------------------------------------------------------------------------
+
+    def _evaluation_due(self) -> bool:
+        every = self.config.eval.every
+        return self.epoch == self.config.train.epochs or (every > 0 and self.epoch % every == 0)
+
+    def _evaluate(self) -> float:
+        """Average mAP of the EMA weights on the held-out videos (computed on the main process)."""
+        from training.infer import evaluate_predictions, predict
+
+        average_map = None
+        if self.world.is_main:
+            predictions = predict(self.ema, self.eval_set, self.config.eval, self.world.device,
+                                  self.classes, amp=self.config.train.amp, progress=self.progress)
+            report = evaluate_predictions(self.annotations, predictions, self.eval_set,
+                                          self.config.eval)
+            average_map = report["average_mAP"]
+            self._log({"event": "eval", "epoch": self.epoch, "subset": report["subset"],
+                       "average_map": average_map, "map": dict(zip(
+                           [f"{t:.2f}" for t in report["tiou_thresholds"]], report["mAP"]))})
+        # Every process keeps the same "best" record, so any of them could write checkpoints.
+        return distributed.from_main(self.world, average_map)
+
+    # -- run directory and checkpoints -------------------------------------------------------------
+
+    def _prepare_run_dir(self, resume):
+        last = self.out_dir / "last.pt"
+        if last.exists() and not resume:
+            raise input_error(self.out_dir, "already holds a training run (last.pt); pass "
+                              "--resume to continue it, or choose another --out")
+        if resume and last.exists():
+            self._restore(ckpt.load(last), last)
+        elif resume:
+            warnings.warn(f"{self.out_dir}: no checkpoint to resume from; starting afresh",
+                          stacklevel=2)
+        if self.world.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+        distributed.barrier(self.world)
+
+    def _restore(self, state, path):
+        differing = config_differences(Config.from_dict(state["config"], str(path)), self.config)
+        if differing:
+            raise input_error(path, f"was trained with different settings ({', '.join(differing)});"
+                              " resume with the run's own config.json, or choose another --out")
+        if state["classes"] != self.classes:
+            raise input_error(self.annotations_path, f"its classes differ from those {path} was "
+                              "trained on")
+        ckpt.check_store_matches(state["store"], self.store, self.store_path, path)
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.step, self.best = state["epoch"], state["step"], state.get("best")
+        self._log({"event": "resume", "epoch": self.epoch, "step": self.step})
+
+    def _save_checkpoints(self, improved: bool):
+        if self.world.is_main:
+            state = {
+                "epoch": self.epoch, "step": self.step,
+                "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": {"step": self.step},
+                "config": self.config.to_dict(), "classes": self.classes,
+                "store": ckpt.store_signature(self.store, self.layers), "best": self.best,
+            }
+            # best.pt first: a crash in between leaves last.pt one epoch behind, and the
+            # resumed run repeats that epoch exactly and rewrites best.pt identically.
+            if improved:
+                ckpt.save(self.out_dir / "best.pt", state)
+            ckpt.save(self.out_dir / "last.pt", state)
+        distributed.barrier(self.world)
+
+    def _log(self, record: dict):
+        if self.world.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.out_dir / "log.jsonl", "a") as log:
+                log.write(json.dumps({**record, "time": time.time()}) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Small pure pieces of the recipe.
+
+def learning_rate_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup to 1 over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model for parameters; buffers are copied."""
+    for ema_param, param in zip(ema.parameters(), model.parameters()):
+        ema_param.lerp_(param, 1.0 - decay)
+    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
+        ema_buffer.copy_(buffer)
+
+
+def derived_seed(*keys: int) -> int:
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
+
+
+def to_device(batch: dict, device) -> dict:
+    moved = dict(batch)
+    for key in ("last", "inter", "mask"):
+        if moved[key] is not None:
+            moved[key] = moved[key].to(device, non_blocking=True)
+    moved["targets"] = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
+    return moved
+
+
+def config_differences(saved: Config, current: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs (paths excepted)."""
+    def flatten(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from flatten(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+    saved_items, current_items = dict(flatten(saved.to_dict())), dict(flatten(current.to_dict()))
+    return [key for key in current_items
+            if key not in RESUME_FREE_KEYS and saved_items.get(key) != current_items[key]]
