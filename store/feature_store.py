@@ -239,13 +239,15 @@ class FeatureStore:
 
     # -- writing ---------------------------------------------------------------------------------
     def video_writer(self, video_id: str, num_clips: int, info: dict):
-        """A context manager writing one video; nothing is visible until ``commit(times)``."""
+        """A context manager writing one video; nothing is visible until ``commit(times)``.
+
+        Check ``video_id in fs`` (under ``claim``) first: a video that is already in the store
+        is never replaced, so writing it again only costs time (``commit`` returns False).
+        """
         from .writer import VideoWriter
 
         if not self._writable:
             raise ValueError(f"{self.path} was opened for reading; use FeatureStore.create")
-        if video_id in self:
-            raise ValueError(f"video {video_id!r} is already in {self.path}; check `in` first")
         return VideoWriter(self, video_id, num_clips, info)
 
     def write_video(self, video_id: str, features: dict, times, info: dict) -> bool:

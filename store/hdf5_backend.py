@@ -197,7 +197,7 @@ class Hdf5Backend:
                     for dataset in group.values():
                         _ = dataset.shape, dataset.dtype
         except Exception as err:  # any failure here means the index is damaged
-            raise input_error(self.location, f"a writer was killed while publishing video "
+            raise input_error(self.location, f"a writer died or failed while publishing video "
                               f"'{name}' and the file's index is damaged ({err}); `store verify` "
                               "lists what is still readable") from None
         os.unlink(self._publishing_marker)

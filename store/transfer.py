@@ -29,11 +29,13 @@ def export_features(fs, out_dir: str, layer=LAST, progress: bool = False) -> int
     with storage_errors(out_dir, "cannot create the export directory"):
         os.makedirs(out_dir, exist_ok=True)
     videos = fs.videos()
-    for video_id in tqdm(videos, desc="export", unit="video", disable=not progress):
-        features = _layer_as_sequence(fs, video_id, layer)
-        path = os.path.join(out_dir, encode_video_id(video_id) + NPY_SUFFIX)
-        with storage_errors(path, "cannot write"):
-            _save_atomically(path, features)
+    # As a context manager the bar is closed (ending its line) even when a video fails.
+    with tqdm(videos, desc="export", unit="video", disable=not progress) as bar:
+        for video_id in bar:
+            features = _layer_as_sequence(fs, video_id, layer)
+            path = os.path.join(out_dir, encode_video_id(video_id) + NPY_SUFFIX)
+            with storage_errors(path, "cannot write"):
+                _save_atomically(path, features)
     return len(videos)
 
 
@@ -85,8 +87,9 @@ def import_features(source_dir: str, store_path: str, *, fps=None, clip_len=16, 
             "imported_from": os.path.abspath(source_dir)}
     imported = skipped = 0
     off_grid = []
-    with FeatureStore.create(store_path, meta, format=format) as fs:
-        for path in tqdm(files, desc="import", unit="video", disable=not progress):
+    with FeatureStore.create(store_path, meta, format=format) as fs, \
+            tqdm(files, desc="import", unit="video", disable=not progress) as bar:
+        for path in bar:
             video_id = decode_video_id(os.path.basename(path)[:-len(NPY_SUFFIX)])
             if video_id in fs:
                 skipped += 1
@@ -123,11 +126,12 @@ def _load_features(path: str, feature_dim) -> np.ndarray:
     except (OSError, ValueError, EOFError) as err:
         raise input_error(path, f"not a readable .npy array ({' '.join(str(err).split())})") \
             from None
-    if not isinstance(array, np.ndarray) or array.dtype.kind != "f" or array.ndim != 2 or \
-            len(array) == 0:
+    if not isinstance(array, np.ndarray) or array.dtype.kind != "f" or array.ndim != 2:
         raise input_error(path, f"expected a [T, D] floating-point array, got "
                           f"{getattr(array, 'dtype', type(array).__name__)} "
                           f"{getattr(array, 'shape', '')}")
+    if len(array) == 0:
+        raise input_error(path, "holds no features (0 rows)")
     if feature_dim is not None and array.shape[1] != feature_dim:
         raise input_error(path, f"has {array.shape[1]} channels, the other files {feature_dim}")
     if not np.isfinite(array).all():

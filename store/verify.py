@@ -22,11 +22,12 @@ def verify_store(fs, progress: bool = False) -> VerifyReport:
     from tqdm import tqdm
 
     report = VerifyReport()
-    for video_id in tqdm(fs.videos(), desc="verify", unit="video", disable=not progress):
-        problem = video_problem(fs, video_id)
-        if problem is not None:
-            report.bad[video_id] = problem
-        report.checked += 1
+    with tqdm(fs.videos(), desc="verify", unit="video", disable=not progress) as bar:
+        for video_id in bar:
+            problem = video_problem(fs, video_id)
+            if problem is not None:
+                report.bad[video_id] = problem
+            report.checked += 1
     incomplete = fs.incomplete_videos()
     if incomplete:
         report.notes.append(f"{len(incomplete)} incomplete video(s) ignored by readers (a writer "
@@ -34,8 +35,8 @@ def verify_store(fs, progress: bool = False) -> VerifyReport:
                             f"{', '.join(incomplete[:5])}{' ...' if len(incomplete) > 5 else ''}")
     interrupted = fs.interrupted_publish()
     if interrupted is not None:
-        report.notes.append(f"a writer was killed while publishing '{interrupted}' into the "
-                            "HDF5 file; the next writer checks the file before appending")
+        report.notes.append(f"a writer died or failed while publishing '{interrupted}' into "
+                            "the HDF5 file; the next writer checks the file before appending")
     return report
 
 
