@@ -145,7 +145,12 @@ class Annotations:
 
 
 def load_annotations(source) -> Annotations:
-    """Parse a ground-truth JSON file (path) or an already-loaded dict; bad input -> InputError."""
+    """Parse a ground-truth JSON file (path) or an already-loaded dict; bad input -> InputError.
+
+    An ``Annotations`` object is returned as it is, so every API function takes all three.
+    """
+    if isinstance(source, Annotations):
+        return source
     name, data = read_json_object(source, "annotations")
     database = require_key(name, data, "database")
     videos, cleaning = {}, {}

@@ -17,11 +17,16 @@ def _warnings_to_stderr():
                 click.echo(f"warning: {warning.message}", err=True)
 
 
+preds_option = click.option("--preds", "preds_path", required=True, metavar="PRED.json",
+                            help="Detections: {results: {video: [{segment, label, score}]}}.")
+gt_option = click.option("--gt", "gt_path", required=True, metavar="GT.json",
+                         help="Ground truth in the ActivityNet layout (ActionFormer and OpenTAD "
+                         "variants too).")
+
+
 @click.command()
-@click.option("--preds", "preds_path", required=True, metavar="PRED.json",
-              help="Detections: {results: {video: [{segment, label, score}]}}.")
-@click.option("--gt", "gt_path", required=True, metavar="GT.json",
-              help="Ground truth in the ActivityNet layout (ActionFormer, OpenTAD variants too).")
+@preds_option
+@gt_option
 @click.option("--subset", default=None, help="Subset to evaluate (any case). Default: the test split.")
 @click.option("--tiou", default=None, metavar="LIST",
               help="tIoU thresholds: '0.3,0.5' or start:stop:step (inclusive).")
@@ -69,8 +74,8 @@ def _echo_written(paths):
 
 
 @click.command()
-@click.option("--preds", "preds_path", required=True, metavar="PRED.json", help="Detections.")
-@click.option("--gt", "gt_path", required=True, metavar="GT.json", help="Ground truth.")
+@preds_option
+@gt_option
 @click.option("--video", "video_id", required=True, metavar="ID", help="Video id to draw.")
 @click.option("--video-file", default=None, metavar="PATH",
               help="The video itself: adds frame thumbnails (decoded with decord).")

@@ -99,10 +99,7 @@ def evaluate_map(annotations, predictions, subset=None, tiou_thresholds=None) ->
 
 def evaluate_detections(annotations, predictions, subset=None, tiou_thresholds=None) -> Evaluation:
     """Match and score detections against one subset. Accepts parsed objects, paths or dicts."""
-    if not hasattr(annotations, "videos"):
-        annotations = load_annotations(annotations)
-    if not hasattr(predictions, "video_index"):
-        predictions = load_predictions(predictions)
+    annotations, predictions = load_annotations(annotations), load_predictions(predictions)
     thresholds = _check_thresholds(tiou_thresholds)
     subset = annotations.resolve_subset(subset)
     videos = annotations.videos(subset)

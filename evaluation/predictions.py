@@ -47,7 +47,12 @@ class Predictions:
 
 
 def load_predictions(source) -> Predictions:
-    """Parse a predictions JSON file (path) or an already-loaded dict; bad input -> InputError."""
+    """Parse a predictions JSON file (path) or an already-loaded dict; bad input -> InputError.
+
+    A ``Predictions`` object is returned as it is.
+    """
+    if isinstance(source, Predictions):
+        return source
     name, data = read_json_object(source, "predictions")
     results = require_key(name, data, "results")
     try:

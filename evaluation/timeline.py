@@ -30,10 +30,7 @@ def plot_timeline(annotations, predictions, video_id, out_path, video_file=None,
     """
     if not 0.0 < tiou_threshold <= 1.0:
         raise input_error("--tiou", f"threshold {tiou_threshold!r} is outside (0, 1]")
-    if not hasattr(annotations, "videos"):
-        annotations = load_annotations(annotations)
-    if not hasattr(predictions, "video_index"):
-        predictions = load_predictions(predictions)
+    annotations, predictions = load_annotations(annotations), load_predictions(predictions)
     video = annotations.video(video_id)
     detections = predictions.for_video(video_id)
     is_tp = match_one_video(video, detections, tiou_threshold)
@@ -104,49 +101,52 @@ def _time_extent(video, detections) -> float:
 
 
 def _draw(video_id, video, detections, is_tp, shown, thumbnails, end, tiou_threshold):
-    from matplotlib.patches import Patch
-
     from .plots import new_figure
 
-    gt_classes = sorted(set(video.labels))
-    num_rows = len(gt_classes) + len(shown)
+    num_rows = max(len(set(video.labels)) + len(shown), 1)
     thumb_height = 1.4 if thumbnails is not None else 0.0
-    figure = new_figure(12, 1.6 + thumb_height + 0.24 * max(num_rows, 1))
+    figure = new_figure(12, 1.6 + thumb_height + 0.24 * num_rows)  # checks matplotlib first
+    from matplotlib.patches import Patch
+
     if thumbnails is not None:
         grid = figure.add_gridspec(2, NUM_THUMBNAILS,
-                                   height_ratios=[thumb_height, 0.24 * max(num_rows, 1) + 0.8])
+                                   height_ratios=[thumb_height, 0.24 * num_rows + 0.8])
         _draw_thumbnails(figure, grid, *thumbnails)
         axes = figure.add_subplot(grid[1, :])
         for time in thumbnails[0]:
             axes.axvline(time, color="0.8", linewidth=0.8, zorder=0)
     else:
         axes = figure.add_subplot()
-    names = []
-    for label in gt_classes:
-        row = len(names)
-        spans = [(s, e - s) for (s, e), x in zip(video.segments, video.labels) if x == label]
-        axes.broken_barh(spans, (row - 0.4, 0.8), color=COLOURS["gt"])
-        names.append(f"GT {label}")
-    top_score = max(detections["scores"][shown].max(), 1e-12) if len(shown) else 1.0
-    for i in shown:
-        row = len(names)
-        start, stop = detections["segments"][i]
-        alpha = 0.3 + 0.7 * max(detections["scores"][i], 0.0) / top_score
-        axes.broken_barh([(start, stop - start)], (row - 0.4, 0.8),
-                         color=COLOURS["tp" if is_tp[i] else "fp"], alpha=min(alpha, 1.0))
-        names.append(f"{detections['labels'][i]} {detections['scores'][i]:.2f}")
+    names = _draw_rows(axes, video, detections, is_tp, shown)
     axes.set_yticks(range(len(names)), names, fontsize=7)
     axes.set_ylim(len(names) - 0.5, -0.5)
     axes.set_xlim(0, end)
     axes.set_xlabel("time (s)")
-    axes.legend(handles=[Patch(color=COLOURS["gt"], label="ground truth"),
-                         Patch(color=COLOURS["tp"], label="true positive"),
-                         Patch(color=COLOURS["fp"], label="false positive")],
-                fontsize=7, ncols=3, loc="lower right", bbox_to_anchor=(1.0, 1.0))
+    legend = [Patch(color=COLOURS[key], label=text) for key, text in
+              (("gt", "ground truth"), ("tp", "true positive"), ("fp", "false positive"))]
+    axes.legend(handles=legend, fontsize=7, ncols=3, loc="lower right", bbox_to_anchor=(1.0, 1.0))
     figure.suptitle(f"{video_id}: {len(video.labels)} ground-truth segments, best {len(shown)} "
                     f"of {len(detections['scores'])} detections (TP/FP at tIoU {tiou_threshold:g})",
                     fontsize=10)
     return figure
+
+
+def _draw_rows(axes, video, detections, is_tp, shown) -> list:
+    """A row per ground-truth class, then a row per shown detection; returns the row names."""
+    names = []
+    for label in sorted(set(video.labels)):
+        spans = [(s, e - s) for (s, e), x in zip(video.segments, video.labels) if x == label]
+        axes.broken_barh(spans, (len(names) - 0.4, 0.8), color=COLOURS["gt"])
+        names.append(f"GT {label}")
+    scores = detections["scores"]
+    top_score = max(scores[shown].max(), 1e-12) if len(shown) else 1.0
+    for i in shown:
+        start, stop = detections["segments"][i]
+        alpha = min(0.3 + 0.7 * max(scores[i], 0.0) / top_score, 1.0)  # fainter = less sure
+        axes.broken_barh([(start, stop - start)], (len(names) - 0.4, 0.8),
+                         color=COLOURS["tp" if is_tp[i] else "fp"], alpha=alpha)
+        names.append(f"{detections['labels'][i]} {scores[i]:.2f}")
+    return names
 
 
 def _draw_thumbnails(figure, grid, times, frames):

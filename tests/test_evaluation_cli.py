@@ -186,20 +186,17 @@ def write_input(path, content):
     return str(path)
 
 
-@pytest.mark.parametrize("case", list(BAD_PREDICTIONS))
-def test_bad_predictions_file(case, tmp_path):
-    content, problem = BAD_PREDICTIONS[case]
-    gt = write_input(tmp_path / "gt.json", GOOD_GT)
-    preds = write_input(tmp_path / "preds.json", content)
-    assert_one_line_error(run_cli("evaluate", "--gt", gt, "--preds", preds), preds, problem)
+BAD_FILES = ([("preds", case, *BAD_PREDICTIONS[case]) for case in BAD_PREDICTIONS] +
+             [("gt", case, *BAD_GROUND_TRUTH[case]) for case in BAD_GROUND_TRUTH])
 
 
-@pytest.mark.parametrize("case", list(BAD_GROUND_TRUTH))
-def test_bad_ground_truth_file(case, tmp_path):
-    content, problem = BAD_GROUND_TRUTH[case]
-    gt = write_input(tmp_path / "gt.json", content)
-    preds = write_input(tmp_path / "preds.json", GOOD_PREDS)
-    assert_one_line_error(run_cli("evaluate", "--gt", gt, "--preds", preds), gt, problem)
+@pytest.mark.parametrize("which, case, content, problem", BAD_FILES,
+                         ids=[f"{which}: {case}" for which, case, _, _ in BAD_FILES])
+def test_bad_input_file(which, case, content, problem, tmp_path):
+    files = {"gt": GOOD_GT, "preds": GOOD_PREDS, which: content}
+    paths = {name: write_input(tmp_path / f"{name}.json", data) for name, data in files.items()}
+    result = run_cli("evaluate", "--gt", paths["gt"], "--preds", paths["preds"])
+    assert_one_line_error(result, paths[which], problem)
 
 
 @pytest.mark.parametrize("args, name, problem", [
