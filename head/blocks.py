@@ -115,7 +115,9 @@ class TransformerBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x, mask):
-        attended, out_mask = self.attn(self.norm1(x), mask)
+        # Re-zero the padding after the norm (LayerNorm maps 0 to its bias): a strided conv
+        # reading past the last valid step then sees zeros, as at the end of the sequence.
+        attended, out_mask = self.attn(zero_padding(self.norm1(x), mask), mask)
         if self.skip is not None:
             x = self.skip(x.transpose(1, 2)).transpose(1, 2)
         x = x + self.drop_path(attended)

@@ -185,6 +185,21 @@ def test_padding_content_never_reaches_valid_points():
             assert torch.allclose(clean[level_mask], dirty[level_mask], atol=1e-5)
 
 
+def test_padding_to_a_longer_sequence_changes_nothing_at_valid_points():
+    torch.manual_seed(0)
+    head = small_head().eval()
+    with torch.no_grad():    # as after training: LayerNorm maps zeros to a non-zero bias
+        for norm in (m for m in head.modules() if isinstance(m, torch.nn.LayerNorm)):
+            norm.bias.normal_()
+    x, mask = inputs(length=64, valid=(64,))
+    longer = torch.cat([x, torch.zeros(1, 32, 16)], dim=1)
+    longer_mask = torch.cat([mask, torch.zeros(1, 32, dtype=torch.bool)], dim=1)
+    exact_out, padded_out = head(x, mask), head(longer, longer_mask)
+    for key in ("cls_logits", "offsets"):
+        for exact, padded in zip(exact_out[key], padded_out[key]):
+            assert torch.allclose(exact, padded[:, :exact.shape[1]], atol=1e-5)
+
+
 def batch_targets():
     return [{"segments": torch.tensor([[5.0, 20.0], [30.0, 33.0]]), "labels": torch.tensor([1, 0])},
             {"segments": torch.tensor([[2.0, 12.0]]), "labels": torch.tensor([2])}]
