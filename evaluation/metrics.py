@@ -34,7 +34,6 @@ class GroundTruth:
     video: np.ndarray  # int64 [G], index into video_ids
     label: np.ndarray  # int64 [G], index into classes
     segments: np.ndarray  # float64 [G, 2]
-    durations: np.ndarray  # float64 [len(video_ids)], nan where unknown
 
     @property
     def num_gt(self) -> np.ndarray:
@@ -133,8 +132,7 @@ def ground_truth_arrays(videos: dict) -> GroundTruth:
     video = np.repeat(np.arange(len(videos), dtype=np.int64), counts)
     label = np.array([class_index[x] for v in videos.values() for x in v.labels], dtype=np.int64)
     segments = np.concatenate([v.segments for v in videos.values()]).reshape(-1, 2)
-    durations = np.array([np.nan if v.duration is None else v.duration for v in videos.values()])
-    return GroundTruth(list(videos), classes, video, label, segments, durations)
+    return GroundTruth(list(videos), classes, video, label, segments)
 
 
 def rank_detections(predictions, gt: GroundTruth, subset) -> RankedDetections:
