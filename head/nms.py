@@ -103,12 +103,19 @@ def _per_class_grid(segments, scores, labels):
     return grid_segments, grid_scores, classes, alive
 
 
-def segment_voting(kept_segments, kept_labels, segments, scores, labels, iou_threshold: float):
+def segment_voting(kept_segments, kept_labels, segments, scores, labels, iou_threshold: float,
+                   chunk: int = 256):
     """Refine each kept segment to the score-weighted mean of the candidates of its class that
     overlap it by at least ``iou_threshold`` (it always overlaps itself among the candidates).
+
+    Works on ``chunk`` kept segments at a time, so memory stays at chunk x candidates.
     """
-    iou = segment_iou(kept_segments[:, None], segments[None])              # [K, N]
-    weight = scores[None] * ((iou >= iou_threshold) & (kept_labels[:, None] == labels[None]))
-    total = weight.sum(dim=1, keepdim=True)
-    voted = (weight @ segments) / total.clamp(min=1e-12)
-    return torch.where(total > 0, voted, kept_segments)
+    voted = []
+    for start in range(0, kept_segments.shape[0], chunk):
+        kept, kept_label = kept_segments[start:start + chunk], kept_labels[start:start + chunk]
+        iou = segment_iou(kept[:, None], segments[None])                     # [k, N]
+        weight = scores[None] * ((iou >= iou_threshold) & (kept_label[:, None] == labels[None]))
+        total = weight.sum(dim=1, keepdim=True)
+        mean = (weight @ segments) / total.clamp(min=1e-12)
+        voted.append(torch.where(total > 0, mean, kept))
+    return torch.cat(voted) if voted else kept_segments

@@ -110,3 +110,16 @@ def test_voting_averages_same_class_overlaps_by_score():
     voted = segment_voting(kept, torch.tensor([0]), candidates, scores, labels, 0.7)
     expected_start = (0.6 * 0 + 0.2 * 1) / 0.8
     assert voted.tolist() == [[pytest.approx(expected_start), pytest.approx(expected_start + 10)]]
+
+
+def test_voting_in_chunks_equals_voting_at_once():
+    generator = torch.Generator().manual_seed(0)
+    starts = torch.rand(200, generator=generator) * 100
+    segments = torch.stack([starts, starts + 1 + torch.rand(200, generator=generator) * 20], 1)
+    scores = torch.rand(200, generator=generator)
+    labels = torch.randint(0, 3, (200,), generator=generator)
+    kept, _, kept_labels = batched_nms(segments, scores, labels, method="hard", iou_threshold=0.3)
+    at_once = segment_voting(kept, kept_labels, segments, scores, labels, 0.5, chunk=10_000)
+    chunked = segment_voting(kept, kept_labels, segments, scores, labels, 0.5, chunk=7)
+    assert kept.shape[0] > 7 and not torch.equal(at_once, kept)
+    assert torch.allclose(at_once, chunked)
