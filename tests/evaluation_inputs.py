@@ -1,7 +1,9 @@
 """Small builders of ground-truth and prediction dicts for the evaluation tests."""
 import json
+from pathlib import Path
 
-THUMOS_DIR = "/work/shared/data/annotations"
+# The real THUMOS-14 files live in the shared folder beside the checkout (in CI too); never copied here.
+THUMOS_DIR = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "annotations")
 ACTIONFORMER_FILE = f"{THUMOS_DIR}/thumos14.json"
 OPENTAD_FILE = f"{THUMOS_DIR}/thumos_14_anno.json"
 

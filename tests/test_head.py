@@ -12,18 +12,9 @@ from head.losses import diou_loss, sigmoid_focal_loss
 from head.model import THUMOS_REGRESSION_RANGES
 from head.nms import segment_iou
 
-THUMOS = Path("/work/shared/data/annotations/thumos14.json")
+THUMOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "annotations" / "thumos14.json"
 STRIDES = [1, 2, 4, 8, 16, 32]
 LENGTH = 64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors run fastest on one thread; two threads on a busy 2-core machine spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def thumos_points(length=LENGTH):

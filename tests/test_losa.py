@@ -5,7 +5,6 @@ import torch
 from adapt import LoSA, count_trainable_parameters, losa_parameter_count
 from adapt.losa import LongRangeAdapter, ShortRangeAdapter
 from head import ActionFormerHead
-from test_head import single_thread  # noqa: F401  (autouse: one torch thread)
 
 
 DIM, LAYERS, TOKENS, LENGTH, CLASSES = 32, 3, 4, 64, 5

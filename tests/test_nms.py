@@ -7,7 +7,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from head.nms import batched_nms, segment_iou, segment_voting
-from test_head import single_thread  # noqa: F401  (autouse: one torch thread)
 
 
 def reference_iou(a, b):
