@@ -17,7 +17,7 @@ import numpy as np
 
 from losa_tal import input_error
 
-from .files import read_json_object, require_key
+from .files import cyclic_gc_paused, read_json_object, require_key
 
 AMBIGUOUS = "Ambiguous"
 # Segments shorter than this are annotation noise; same-label segments whose start and end are
@@ -151,6 +151,11 @@ def load_annotations(source) -> Annotations:
     """
     if isinstance(source, Annotations):
         return source
+    with cyclic_gc_paused():
+        return _load(source)
+
+
+def _load(source) -> Annotations:
     name, data = read_json_object(source, "annotations")
     database = require_key(name, data, "database")
     videos, cleaning = {}, {}

@@ -1,7 +1,9 @@
 """Reading the JSON inputs and writing outputs without ever leaving half a file behind."""
+import gc
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 
 from losa_tal import input_error
 
@@ -30,6 +32,24 @@ def read_json_object(source, what: str):
     if not isinstance(data, dict):
         raise input_error(name, f"expected a JSON object, found {type(data).__name__}")
     return name, data
+
+
+@contextmanager
+def cyclic_gc_paused():
+    """Pause the cyclic garbage collector while a large JSON file is parsed and converted.
+
+    JSON makes no reference cycles, but its 10^6 new dicts, lists and floats trigger the
+    collector over and over, each time re-scanning the growing tree: a quarter of the CPU time
+    of ``evaluate`` on 200,000 detections. Use it around a function whose parsed tree is freed
+    before the block ends, so that nothing is left for the collector to scan afterwards.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def require_key(name: str, data: dict, key: str, kind=dict):

@@ -15,7 +15,7 @@ import numpy as np
 from losa_tal import input_error
 
 from .annotations import is_finite_number, parse_label, parse_segment
-from .files import read_json_object, require_key
+from .files import cyclic_gc_paused, read_json_object, require_key
 
 _SEGMENT, _LABEL, _SCORE = itemgetter("segment"), itemgetter("label"), itemgetter("score")
 
@@ -53,6 +53,11 @@ def load_predictions(source) -> Predictions:
     """
     if isinstance(source, Predictions):
         return source
+    with cyclic_gc_paused():
+        return _load(source)
+
+
+def _load(source) -> Predictions:
     name, data = read_json_object(source, "predictions")
     results = require_key(name, data, "results")
     try:
