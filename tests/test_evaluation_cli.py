@@ -106,7 +106,7 @@ def test_speed_benchmark_runs_and_agrees_with_the_reference():
                              "--videos", "20", "--repeat", "1"], cwd=ROOT, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr
-    assert "speed ratio reference / cli:" in result.stdout
+    assert "speed ratio reference / whole cli command:" in result.stdout
 
 
 # -- bad input: one line naming the file, exit status 2 ------------------------------------------
