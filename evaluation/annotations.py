@@ -99,18 +99,18 @@ class Annotations:
     def test_subset(self) -> str | None:
         """The split to evaluate on by convention, or None if the names do not say."""
         for name in TEST_SUBSET_NAMES:
-            if self._subset_named(name):
-                return self._subset_named(name)
+            if found := self._subset_named(name):
+                return found
         return self.subsets[0] if len(self.subsets) == 1 else None
 
     @property
     def train_subset(self) -> str | None:
         """The split to train on by convention, or None if the names do not say."""
         for name in TRAIN_SUBSET_NAMES:
-            if self._subset_named(name):
-                return self._subset_named(name)
-        if self._subset_named("test") and self._subset_named("validation"):
-            return self._subset_named("validation")  # ActionFormer's convention
+            if found := self._subset_named(name):
+                return found
+        if self._subset_named("test"):
+            return self._subset_named("validation")  # ActionFormer's convention (or None)
         return None
 
     def _subset_named(self, subset: str) -> str | None:

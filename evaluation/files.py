@@ -69,18 +69,35 @@ def _json_kind(kind) -> str:
 def write_json_atomic(path, data) -> None:
     """Write JSON to ``path`` through a temporary file, so a crash never truncates an old one."""
     path = os.fspath(path)
+    with output_errors(path):
+        folder = make_parent_folder(path)
+        handle, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+        try:
+            with os.fdopen(handle, "w") as file:
+                json.dump(data, file, indent=2)
+                file.write("\n")
+            os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes files only we can read
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+
+def make_parent_folder(path) -> str:
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise input_error(folder, "is a file, expected a folder")
     os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    return folder
+
+
+@contextmanager
+def output_errors(path):
+    """An output that cannot be written (a folder in the way, no permission) is the user's to fix."""
     try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(data, file, indent=2)
-            file.write("\n")
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates files readable by us only
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        yield
+    except OSError as err:
+        raise input_error(path, f"cannot write ({err.strerror or err})") from None
 
 
 def _current_umask() -> int:

@@ -9,6 +9,7 @@ import numpy as np
 
 from losa_tal import InputError
 
+from .files import make_parent_folder, output_errors
 from .metrics import precision_recall
 
 MAX_PR_PANELS = 24
@@ -25,9 +26,9 @@ def new_figure(width: float, height: float):
 
 
 def save_figure(figure, path) -> str:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    with output_errors(path):
+        make_parent_folder(path)
+        figure.savefig(path, dpi=110)
     return os.fspath(path)
 
 

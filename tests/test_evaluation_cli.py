@@ -173,9 +173,9 @@ BAD_GROUND_TRUTH = {
 }
 
 
-def assert_one_line_error(result, name, problem):
+def assert_one_line_error(result, name, problem, table_printed=False):
     assert result.exit_code == 2, result.output
-    assert result.stdout == ""
+    assert result.stdout.startswith("subset ") if table_printed else result.stdout == ""
     message = result.stderr.rstrip("\n")
     assert "\n" not in message and "Traceback" not in message
     assert message.startswith(f"error: {name}: ") and problem in message, message
@@ -219,6 +219,16 @@ def test_missing_file_and_directory(tmp_path):
                           "no such file")
     assert_one_line_error(run_cli("evaluate", "--gt", tmp_path, "--preds", gt), tmp_path,
                           "is a directory")
+
+
+def test_outputs_that_cannot_be_written(files, tmp_path):
+    gt, preds = files
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    result = run_cli("evaluate", "--gt", gt, "--preds", preds, "--json", tmp_path)
+    assert_one_line_error(result, tmp_path, "cannot write (Is a directory)", table_printed=True)
+    result = run_cli("evaluate", "--gt", gt, "--preds", preds, "--plot", a_file)
+    assert_one_line_error(result, a_file, "is a file, expected a folder", table_printed=True)
 
 
 def test_subprocess_error_is_one_line_with_exit_status_2(tmp_path):
