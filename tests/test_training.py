@@ -30,16 +30,8 @@ from training.train import train
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ["Jump", "Run", "Throw"]
 DIM, LAYERS, TOKENS = 16, (1, 2), (1, 1, 2)
-# One thread keeps runs bitwise comparable across processes and fast on a shared 2-core machine.
+# One thread, as in this process (tests/conftest.py): runs stay bitwise comparable across processes.
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,6 +151,33 @@ def test_identical_segments_keep_every_label_and_unknown_labels_are_dropped():
     assert truth.labels.tolist() == [1, 0]
     np.testing.assert_allclose(truth.segments[0], truth.segments[1])
     np.testing.assert_allclose(truth.segments[0], seconds_to_steps([1.0, 2.0], times))
+
+
+def test_real_thumos_ground_truth_reaches_the_head_as_multi_label_targets(tmp_path):
+    """THUMOS-14 marks some dives as both Diving and CliffDiving: one point, two labels."""
+    from head import ActionFormerHead
+
+    thumos = ROOT.parent / "shared" / "data" / "annotations" / "thumos14.json"
+    vid, fps, duration = "video_validation_0000161", 30.0, 61.83
+    num_clips = (round(duration * fps) - 16) // 4 + 1
+    times = (np.arange(num_clips) * 4 + 8) / fps
+    store_path = write_store(tmp_path / "thumos.zarr", {vid: {
+        "times": times, "last": np.random.default_rng(0).normal(size=(num_clips, 8))}}, dim=8)
+    annotations = load_annotations(thumos)
+    config = tiny_config(data={"max_seq_len": 2304})
+    with pytest.warns(UserWarning, match="199 of 200 'Validation' videos in .* not in the store"):
+        dataset = StoreDataset(FeatureStore.open(store_path), store_path, annotations, thumos,
+                               "Validation", annotations.classes, [], config.data, train=True)
+    sample = dataset[0]
+    truth = annotations.videos("Validation")[vid]
+    assert len(sample["segments"]) == len(truth.labels) == 8
+    # 11.3 s is clip centre (11.3 * 30 - 8) / 4 = 82.75 on this video's grid.
+    assert sample["segments"][0, 0].item() == pytest.approx((11.3 * fps - 8) / 4, abs=1e-4)
+    head = ActionFormerHead(8, len(annotations.classes), embed_dim=16, num_heads=2)
+    batch = collate([sample])
+    cls_targets, _ = head.assign(head(batch["last"], batch["mask"]), batch["targets"])
+    both = [annotations.classes.index(c) for c in ("CliffDiving", "Diving")]
+    assert (cls_targets[0][:, both].sum(-1) == 2).any()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,8 +435,9 @@ def wait_for_step(log_path, process, epoch, step, timeout=60.0):
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(dataset_files, tmp_path):
     store_path, annotations_path = dataset_files
-    # Two steps per epoch, long enough (~0.1 s a step) to be caught mid-epoch.
-    config = tiny_config(train={"epochs": 4, "batch_size": 2, "micro_batch": 1},
+    # Four steps per epoch: killed after the first step of epoch 3, the run is still three
+    # steps (~0.2 s) away from its next checkpoint.
+    config = tiny_config(train={"epochs": 4, "batch_size": 1, "micro_batch": 1},
                          eval={"every": 2, "subset": "training"})
     config_path = write_config(tmp_path / "config.json", config)
     train(config, store_path, annotations_path, tmp_path / "straight", progress=False)
@@ -425,7 +445,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(dataset_f
     run = tmp_path / "killed"
     process = subprocess.Popen(cli_train(config_path, store_path, annotations_path, run),
                                env=SUBPROCESS_ENV, stderr=subprocess.PIPE)
-    wait_for_step(run / "log.jsonl", process, epoch=3, step=5)  # first step of epoch 3
+    wait_for_step(run / "log.jsonl", process, epoch=3, step=9)  # first step of epoch 3
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 2

@@ -275,3 +275,8 @@ def _check_values(config: Config, source: str) -> None:
     for key, ok, expected in checks:
         if not ok:
             raise input_error(source, f"{key}: must be {expected}")
+    from training.detector import constructor_problem
+
+    problem = constructor_problem(config.model, config.head)
+    if problem:
+        raise input_error(source, problem)

@@ -239,6 +239,22 @@ def collate(samples) -> dict:
     }
 
 
+def batch_to(batch: dict, device, low_precision: bool = False) -> dict:
+    """The batch on ``device``; with ``low_precision`` the intermediate layers travel in bf16.
+
+    ``inter`` is by far the largest tensor (L x K times the last layer) and autocast would
+    compute with it in bf16 anyway, so casting it first halves its memory on the GPU.
+    """
+    moved = dict(batch)
+    moved["last"] = batch["last"].to(device, non_blocking=True)
+    moved["mask"] = batch["mask"].to(device, non_blocking=True)
+    if batch["inter"] is not None:
+        dtype = torch.bfloat16 if low_precision else batch["inter"].dtype
+        moved["inter"] = batch["inter"].to(device, dtype=dtype, non_blocking=True)
+    moved["targets"] = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
+    return moved
+
+
 # ---------------------------------------------------------------------------------------------
 # Does the store hold what the config needs?
 

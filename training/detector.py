@@ -56,6 +56,28 @@ class Detector(nn.Module):
                                  max_segments=eval_config.pre_nms_topk * len(self.head.strides))
 
 
+def constructor_problem(model_config, head_config) -> str | None:
+    """What LoSA's or the head's constructor says about these config sections, if anything.
+
+    Both are built on the meta device (no memory, no time), so the modules stay the one place
+    that knows their constraints (odd windows, heads dividing widths, ...).
+    """
+    from adapt import LoSA
+    from head import ActionFormerHead
+
+    with torch.device("meta"):
+        try:
+            if model_config.type == "losa":
+                LoSA(dim=8, num_layers=1, num_tokens=1, **dataclasses.asdict(model_config.losa))
+        except (ValueError, TypeError) as err:
+            return f"model.losa: {err}"
+        try:
+            ActionFormerHead(in_dim=8, num_classes=2, **head_arguments(head_config))
+        except (ValueError, TypeError) as err:
+            return f"head: {err}"
+    return None
+
+
 def head_arguments(head_config) -> dict:
     """ActionFormerHead keyword arguments from the ``head`` config section."""
     arguments = dataclasses.asdict(head_config)

@@ -23,7 +23,7 @@ import torch
 from losa_tal import InputError, input_error
 from training import checkpoint as ckpt
 from training.config import Config
-from training.data import StoreDataset, collate, steps_to_seconds, to_video_steps
+from training.data import StoreDataset, batch_to, collate, steps_to_seconds, to_video_steps
 from training.detector import Detector
 from training.inputs import open_annotations, open_store, resolve_subset
 
@@ -91,7 +91,7 @@ def predict(model, dataset: StoreDataset, eval_config, device, classes, amp=True
     use_amp = amp and torch.device(device).type == "cuda"
     for batch in tqdm(loader, desc="inference", unit="piece", disable=not progress):
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=use_amp):
-            outputs = model(_to(batch, device))
+            outputs = model(batch_to(batch, device, use_amp))
         for sample, found in zip(batch["samples"], model.candidates(outputs, eval_config)):
             found["segments"] = torch.from_numpy(
                 to_video_steps(found["segments"].float().cpu().numpy(), sample))
@@ -129,14 +129,6 @@ def _to_entries(segments, scores, labels, dataset, vid, classes) -> list:
     return [{"segment": [round(float(s), 3), round(float(e), 3)], "label": classes[int(c)],
              "score": float(p)}
             for (s, e), p, c in zip(seconds, scores, labels) if e > s]
-
-
-def _to(batch, device):
-    moved = dict(batch)
-    for key in ("last", "inter", "mask"):
-        if moved[key] is not None:
-            moved[key] = moved[key].to(device)
-    return moved
 
 
 def evaluate_predictions(annotations, predictions: dict, dataset: StoreDataset,

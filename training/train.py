@@ -27,7 +27,7 @@ from losa_tal import InputError, input_error
 from training import checkpoint as ckpt
 from training import distributed
 from training.config import Config
-from training.data import StoreDataset, collate, needed_layers
+from training.data import StoreDataset, batch_to, collate, needed_layers
 from training.detector import Detector, parameter_groups, trainable_parameters
 from training.inputs import open_annotations, open_store, resolve_subset
 
@@ -114,7 +114,6 @@ class Trainer:
             self.train_set, batch_sampler=mine.reshape(-1, train.micro_batch).tolist(),
             collate_fn=collate, num_workers=self.config.data.num_workers)
 
-
     # -- the run ------------------------------------------------------------------------------
 
     def run(self) -> dict:
@@ -176,7 +175,7 @@ class Trainer:
             micro_index = self.world.rank * self.accum_steps + k
             # Dropout masks depend on the micro-batch's place in the run, not on the process.
             torch.manual_seed(derived_seed(config.train.seed, epoch, step_in_epoch, micro_index))
-            batch = to_device(batch, self.world.device)
+            batch = batch_to(batch, self.world.device, self._low_precision())
             last_one = k == len(micro_batches) - 1
             no_sync = self.world.size > 1 and not last_one
             with self.parallel.no_sync() if no_sync else contextlib.nullcontext():
@@ -199,9 +198,12 @@ class Trainer:
         self.step += 1
         return loss
 
+    def _low_precision(self) -> bool:
+        return self.config.train.amp and self.world.device.type == "cuda"
+
     def _autocast(self):
-        use = self.config.train.amp and self.world.device.type == "cuda"
-        return torch.autocast(self.world.device.type, dtype=torch.bfloat16, enabled=use)
+        return torch.autocast(self.world.device.type, dtype=torch.bfloat16,
+                              enabled=self._low_precision())
 
     def _warmup_steps(self):
         return round(self.config.optim.warmup_epochs * self.steps_per_epoch)
@@ -309,15 +311,6 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 def derived_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
-
-
-def to_device(batch: dict, device) -> dict:
-    moved = dict(batch)
-    for key in ("last", "inter", "mask"):
-        if moved[key] is not None:
-            moved[key] = moved[key].to(device, non_blocking=True)
-    moved["targets"] = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
-    return moved
 
 
 def config_differences(saved: Config, current: Config) -> list[str]:
