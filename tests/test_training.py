@@ -6,6 +6,7 @@ action's class, so a detector can learn the segments from a handful of videos in
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from click.testing import CliRunner
 from evaluation import evaluate_map, load_annotations
 from losa_tal import InputError
 from store import LAST, FeatureStore
+from training import checkpoint as ckpt
 from training.config import Config
 from training.data import (StoreDataset, collate, seconds_to_steps, steps_to_seconds,
                            to_video_steps, video_truth)
@@ -367,7 +369,7 @@ def test_videos_missing_from_the_store_are_warned_about_once(dataset_files, tmp_
                         "store; skipping them"]
 
 
-def test_wrong_checkpoints_and_stores_are_one_line_errors(dataset_files, tmp_path):
+def test_wrong_checkpoints_and_stores_are_one_line_errors(dataset_files, tmp_path, monkeypatch):
     store_path, annotations_path = dataset_files
     config = tiny_config(train={"epochs": 1})
     train(config, store_path, annotations_path, tmp_path / "run", progress=False)
@@ -395,6 +397,16 @@ def test_wrong_checkpoints_and_stores_are_one_line_errors(dataset_files, tmp_pat
                                 *infer_args[1:]])
         assert code == 2 and output.startswith(f"error: {tmp_path / name}: {problem}"), output
         assert "\n" not in output
+
+    # A full disk while writing a checkpoint: one line, and the previous checkpoint survives.
+    before = checkpoint.read_bytes()
+    monkeypatch.setattr(ckpt, "open", lambda path, mode: open("/dev/full", mode), raising=False)
+    with pytest.raises(InputError, match=re.escape(
+            f"{checkpoint}: cannot write the checkpoint (the previous one is intact): "
+            "no space left on the device")):
+        ckpt.save(checkpoint, {"epoch": 9})
+    monkeypatch.undo()
+    assert checkpoint.read_bytes() == before and not list(checkpoint.parent.glob("*.partial"))
 
     # The run directory is in use; resuming with changed settings is refused.
     config_path = write_config(tmp_path / "config.json", config)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from losa_tal import input_error
+from store.errors import storage_errors
 
 FORMAT = "losa-tal-checkpoint"
 FORMAT_VERSION = 1
@@ -29,13 +30,17 @@ REQUIRED_KEYS = ("epoch", "step", "model", "ema", "optimizer", "scheduler", "con
 
 
 def save(path, checkpoint: dict) -> None:
-    """Write atomically: a crash leaves the previous file intact, never half of a new one."""
+    """Write atomically: a crash or a full disk leaves the previous file intact, never half of a
+    new one; a write failure is a one-line error naming the file."""
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
-    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **checkpoint}, partial)
-    with open(partial, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
+    with storage_errors(path, "cannot write the checkpoint (the previous one is intact)",
+                        on_error=lambda: partial.unlink(missing_ok=True)):
+        with open(partial, "wb") as handle:
+            torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **checkpoint}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
 
 
 def load(path) -> dict:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from losa_tal import InputError, input_error
+from store.errors import storage_errors
 from training import checkpoint as ckpt
 from training import distributed
 from training.config import Config
@@ -62,6 +63,10 @@ class Trainer:
         self.train_set = self._dataset(config.data.train_subset, train=True)
         self.eval_set = self._dataset(config.eval.subset, train=False,
                                       max_videos=config.eval.max_videos)
+        if not any(len(t.segments) for t in self.eval_set.truth.values()):
+            raise input_error(self.annotations_path, f"the '{self.eval_set.subset}' videos the "
+                              "store holds have no ground-truth segments to evaluate against "
+                              "(eval.subset, eval.max_videos)")
         self.steps_per_epoch, self.accum_steps = self._batch_plan()
 
         torch.manual_seed(config.train.seed)
@@ -247,8 +252,10 @@ class Trainer:
             warnings.warn(f"{self.out_dir}: no checkpoint to resume from; starting afresh",
                           stacklevel=2)
         if self.world.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+            with storage_errors(self.out_dir, "cannot write the run directory"):
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                (self.out_dir / "config.json").write_text(
+                    json.dumps(self.config.to_dict(), indent=2))
         distributed.barrier(self.world)
 
     def _restore(self, state, path):
@@ -284,9 +291,10 @@ class Trainer:
 
     def _log(self, record: dict):
         if self.world.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.out_dir / "log.jsonl", "a") as log:
-                log.write(json.dumps({**record, "time": time.time()}) + "\n")
+            with storage_errors(self.out_dir / "log.jsonl", "cannot write the log"):
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                with open(self.out_dir / "log.jsonl", "a") as log:
+                    log.write(json.dumps({**record, "time": time.time()}) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
