@@ -33,7 +33,7 @@ def info(path, as_json):
     """The store's metadata, and per complete video its clips, fps and duration."""
     from .feature_store import FeatureStore
 
-    with FeatureStore.open(path) as fs:
+    with _warnings_as_lines(), FeatureStore.open(path) as fs:
         videos = {vid: _video_summary(fs.video_info(vid)) for vid in fs.videos()}
         summary = {"path": fs.path, "format": fs.format, "meta": fs.meta,
                    "num_videos": len(videos),
@@ -86,7 +86,7 @@ def verify(path):
     from .feature_store import FeatureStore
     from .verify import verify_store
 
-    with FeatureStore.open(path) as fs:
+    with _warnings_as_lines(), FeatureStore.open(path) as fs:
         report = verify_store(fs, progress=True)
     for note in report.notes:
         click.echo(f"note: {note}")
@@ -114,7 +114,7 @@ def export(path, out, layer):
             layer = int(layer)
         except ValueError:
             raise InputError(f"--layer: expected 'last' or a block index, got {layer!r}") from None
-    with FeatureStore.open(path) as fs:
+    with _warnings_as_lines(), FeatureStore.open(path) as fs:
         count = export_features(fs, out, layer, progress=True)
     click.echo(f"wrote {count} file(s) to {out}")
 

@@ -173,23 +173,25 @@ class FeatureStore:
             raise ValueError(f"clip range {start}:{stop} is outside video {video_id!r} "
                              f"({num_clips} clips)")
         features = {}
-        for layer in layers:
-            with self._reading(video_id, array_key(layer)):
-                array = self._checked_array(video_id, record, layer)
-                values = np.asarray(array[start:stop], dtype=np.float32)
+        with self._reading(video_id, "the store"):  # one open file for all layers (HDF5)
+            for layer in layers:
+                with self._reading(video_id, array_key(layer)):
+                    array = self._checked_array(video_id, record, layer)
+                    features[layer] = np.asarray(array[start:stop], dtype=np.float32)
+        for layer, values in features.items():
             if not np.isfinite(values).all():
                 self._refuse(video_id, f"layer {layer} clips {start}:{stop} contain NaN or inf "
                                        "(missing or damaged chunks); run `store verify`")
-            features[layer] = values
         return features
 
     def _check_layer(self, layer):
-        if layer == LAST or (isinstance(layer, int) and layer in self.layers):
+        if isinstance(layer, str) and layer == LAST:
             return
-        if isinstance(layer, (int, np.integer)) and not isinstance(layer, bool):
+        if not isinstance(layer, (int, np.integer)) or isinstance(layer, bool):
+            raise ValueError(f"a layer is {LAST!r} or an intermediate block index, got {layer!r}")
+        if int(layer) not in self.layers:
             raise input_error(self.path, f"holds no layer {layer} (it holds {LAST!r} and "
                               f"intermediate layers {self.layers})")
-        raise ValueError(f"a layer is {LAST!r} or an intermediate block index, got {layer!r}")
 
     def _checked_array(self, video_id, record, layer):
         """The layer's array, refused if its shape or dtype disagrees with the metadata."""
@@ -283,10 +285,6 @@ class FeatureStore:
         """Names (encoded) of video groups without a completion marker; readers ignore them."""
         with storage_errors(self.path, "cannot list the videos"):
             return self._backend.incomplete_videos()
-
-    def interrupted_publish(self):
-        """The video an HDF5 writer was publishing when it died, or None."""
-        return self._backend.interrupted_publish()
 
 
 def _stored_id(name: str, record: dict) -> str:

@@ -4,18 +4,24 @@
 STORE.h5                 root attribute "losa_tal" (JSON string); group /videos
   /videos/<name>         attributes "record" (JSON string), then "complete" = True
   /videos/<name>/last, layer_<i>, times     chunked along T, fletcher32 checksums, NaN fill
-STORE.h5.writers/        staging files, claims, the publish lock (safe to delete when no writer runs)
+STORE.h5.writers/        staging files, claims, the publish lock and journal (safe to delete when
+                         no writer runs and there is no publish.journal)
 ```
 
-HDF5 has no journal: a process killed while it has the file open for writing can leave the file's
-internal index inconsistent. So writers never hold the file open while they compute. Each video
-is written to its own side file in ``STORE.h5.writers/staging``; publishing copies it into the
-main file under an exclusive lock, flushes, and only then sets ``complete`` (the critical
-section is the copy of one video, milliseconds). A crash before the copy leaves the main file
-untouched; a crash after the flush leaves an incomplete group that readers ignore and the next
-writer replaces. Only a crash inside HDF5's own metadata write could damage the file; a writer
-notices that its predecessor died inside the critical section (a marker file) and checks the
-file before it writes, and ``store verify`` reads every byte through the checksums.
+HDF5 has no journal: a process killed while it updates the file's index can leave the index
+pointing past the end of the file, and then no video can be listed (we saw it happen when we
+killed writers at random). So writers never hold the main file open while they compute, and
+appending is made all-or-nothing:
+
+1. each video is written to its own side file in ``STORE.h5.writers/staging``;
+2. publishing takes an exclusive lock and copies the video into the main file through
+   :class:`store.journal.JournaledFile`, which first saves the old content of every byte it
+   overwrites (a few index blocks, about a kilobyte) to ``publish.journal``;
+3. the video is marked complete, the file closed, and the journal deleted: that is the commit.
+
+A writer killed anywhere in step 2 or 3 leaves the journal; whoever opens the file next (writer
+or reader, under the exclusive lock) rolls the file back to the bytes it had before, with a
+warning. Videos already published are never at risk.
 
 Readers open the file for each read under a shared lock, so they see only complete videos while
 writers append, and never a handle that went stale under them (opening costs well under 1 ms).
@@ -26,12 +32,14 @@ import contextlib
 import json
 import os
 import uuid
+import warnings
 
 import numpy as np
 
 from losa_tal import input_error
 
 from . import locks
+from .journal import JournaledFile, roll_back
 
 ROOT_META_KEY = "losa_tal"
 VIDEOS = "videos"
@@ -47,13 +55,12 @@ def _h5py():
 
 class Hdf5Backend:
     format = "hdf5"
-    renames = False
 
     def __init__(self, location, writable: bool):
         self.location = os.path.abspath(str(location))
         self._writers = self.location + ".writers"
         self._publish_lock = os.path.join(self._writers, "publish.lock")
-        self._publishing_marker = os.path.join(self._writers, "publishing")
+        self._journal = os.path.join(self._writers, "publish.journal")
         self._handle = None
         self._complete = {}
         self._staging = None
@@ -72,7 +79,10 @@ class Hdf5Backend:
                 try:
                     os.link(building, path)  # unlike rename, never replaces a racing writer's file
                 except FileExistsError:
-                    pass
+                    pass  # another writer created it first
+                except OSError:  # no hard links on this file system: rename, slightly racier
+                    if not os.path.exists(path):
+                        os.rename(building, path)
             finally:
                 locks.remove_path(building)
         return cls(path, writable=True)
@@ -103,6 +113,14 @@ class Hdf5Backend:
         if self._handle is not None:
             yield
             return
+        if os.path.exists(self._journal):  # a dead writer's, or a live one's about to finish
+            try:
+                with locks.exclusive(self._publish_lock):
+                    self._roll_back_interrupted_publish()
+            except OSError as err:
+                raise input_error(self.location, "a writer died while appending to this file; "
+                                  "it needs one access with write permission to be rolled back "
+                                  f"({err.strerror})") from err
         with locks.shared_if_present(self._publish_lock):
             self._handle = _h5py().File(self.location, "r", locking=False)
             try:
@@ -113,7 +131,7 @@ class Hdf5Backend:
 
     def complete_videos(self) -> dict:
         with self.reading():
-            for name in self._handle[VIDEOS]:
+            for name in self._videos():
                 self._remember_if_complete(name)
         return dict(self._complete)
 
@@ -126,8 +144,8 @@ class Hdf5Backend:
     def _remember_if_complete(self, name):
         if name in self._complete:
             return
-        group = self._handle[VIDEOS].get(name)
-        if group is None or not _is_marked_complete(group):
+        group = self._videos().get(name)
+        if not isinstance(group, _h5py().Group) or not _is_marked_complete(group):
             return
         try:
             record = json.loads(group.attrs["record"])
@@ -135,24 +153,21 @@ class Hdf5Backend:
             record = None
         self._complete[name] = record if isinstance(record, dict) else {"complete": True}
 
+    def _videos(self):
+        """The open file's video groups (none if a damaged or edited file lacks the group)."""
+        group = self._handle.get(VIDEOS)
+        return group if isinstance(group, _h5py().Group) else {}
+
     def array(self, name: str, key: str):
         """The dataset (valid inside ``reading()`` only), or None."""
-        group = self._handle[VIDEOS].get(name)
-        dataset = None if group is None else group.get(key)
+        group = self._videos().get(name)
+        dataset = group.get(key) if isinstance(group, _h5py().Group) else None
         return dataset if isinstance(dataset, _h5py().Dataset) else None
 
     def incomplete_videos(self) -> list[str]:
         with self.reading():
-            names = list(self._handle[VIDEOS])
+            names = list(self._videos())
         return sorted(set(names) - set(self.complete_videos()))
-
-    def interrupted_publish(self):
-        """The video whose publication was cut short by a dead writer, or None."""
-        try:
-            with open(self._publishing_marker, encoding="utf-8") as handle:
-                return handle.read()
-        except FileNotFoundError:
-            return None
 
     # -- writing ---------------------------------------------------------------------------------
     @property
@@ -166,41 +181,41 @@ class Hdf5Backend:
 
     def _publish(self, name: str, staged: str) -> bool:
         with locks.exclusive(self._publish_lock):
-            self._check_after_interrupted_publish()
-            with open(self._publishing_marker, "w", encoding="utf-8") as marker:
-                marker.write(name)
-            with _h5py().File(self.location, "a", locking=False) as main, \
-                    _h5py().File(staged, "r", locking=False) as source:
-                videos = main[VIDEOS]
-                existing = videos.get(name)
-                if existing is not None and _is_marked_complete(existing):
-                    published = False  # another writer was first: keep theirs
-                else:
-                    if existing is not None:
-                        del videos[name]  # left by a writer killed mid-publish
-                    main.copy(source[STAGED_GROUP], videos, name=name)
-                    main.flush()
-                    videos[name].attrs["complete"] = True
-                    published = True
-            os.unlink(self._publishing_marker)
+            self._roll_back_interrupted_publish()
+            main_file = JournaledFile(self.location, self._journal)
+            try:
+                published = self._copy_in(main_file, name, staged)
+            except BaseException:
+                main_file.close()
+                roll_back(self.location, self._journal)  # a failed write leaves no trace either
+                raise
+            main_file.commit()
         locks.remove_path(staged)
         return published
 
-    def _check_after_interrupted_publish(self):
-        """A previous writer died inside the critical section: make sure the file still reads."""
-        name = self.interrupted_publish()
-        if name is None:
-            return
+    @staticmethod
+    def _copy_in(main_file, name: str, staged: str) -> bool:
+        h5py = _h5py()
+        with h5py.File(main_file, "a") as main, h5py.File(staged, "r", locking=False) as source:
+            videos = main.require_group(VIDEOS)
+            existing = videos.get(name)
+            if existing is not None and _is_marked_complete(existing):
+                return False  # another writer was first: keep theirs
+            if existing is not None:
+                del videos[name]  # unmarked: not ours to keep (files from older versions)
+            main.copy(source[STAGED_GROUP], videos, name=name)
+            videos[name].attrs["complete"] = True
+        return True
+
+    def _roll_back_interrupted_publish(self):
+        """Call with the exclusive lock held: undo the append of a writer that died in it."""
         try:
-            with _h5py().File(self.location, "r", locking=False) as handle:
-                for group in handle[VIDEOS].values():
-                    for dataset in group.values():
-                        _ = dataset.shape, dataset.dtype
-        except Exception as err:  # any failure here means the index is damaged
-            raise input_error(self.location, f"a writer died or failed while publishing video "
-                              f"'{name}' and the file's index is damaged ({err}); `store verify` "
-                              "lists what is still readable") from None
-        os.unlink(self._publishing_marker)
+            rolled_back = roll_back(self.location, self._journal)
+        except ValueError as err:
+            raise input_error(self.location, str(err)) from None
+        if rolled_back:
+            warnings.warn(f"{self.location}: rolled back the unfinished append of a writer that "
+                          "died; its video will be written again by the next run", stacklevel=2)
 
     def remove_stale(self) -> int:
         return locks.remove_stale(os.path.join(self._writers, "staging"))

@@ -32,11 +32,6 @@ def encode_video_id(video_id: str) -> str:
     return name
 
 
-def is_hashed(name: str) -> bool:
-    """True for the names of over-long ids, which only the video's attributes can decode."""
-    return HASHED_MARK in name
-
-
 def decode_video_id(name: str) -> str:
     """The id a name was encoded from (or, for any other file name, its %XX escapes decoded)."""
     raw, index = bytearray(), 0

@@ -33,10 +33,6 @@ def verify_store(fs, progress: bool = False) -> VerifyReport:
         report.notes.append(f"{len(incomplete)} incomplete video(s) ignored by readers (a writer "
                             f"died or is still writing; the next run rewrites them): "
                             f"{', '.join(incomplete[:5])}{' ...' if len(incomplete) > 5 else ''}")
-    interrupted = fs.interrupted_publish()
-    if interrupted is not None:
-        report.notes.append(f"a writer died or failed while publishing '{interrupted}' into "
-                            "the HDF5 file; the next writer checks the file before appending")
     return report
 
 

@@ -21,12 +21,15 @@ ignore groups without it, and the next writer of that video replaces them.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import uuid
 
 import numpy as np
+
+from losa_tal import input_error
 
 from . import locks
 
@@ -47,14 +50,16 @@ class ZarrBackend:
         import zarr.storage
 
         self.location = str(location)
-        self._writable = writable
         if is_url(self.location):
             import fsspec
 
             options = {"auto_mkdir": True} if self.location.startswith("file://") else {}
-            self._fs, self._root = fsspec.core.url_to_fs(self.location, **options)
-            self._store = zarr.storage.FsspecStore.from_url(
-                self.location, storage_options=options, read_only=not writable)
+            try:
+                self._fs, self._root = fsspec.core.url_to_fs(self.location, **options)
+                self._store = zarr.storage.FsspecStore.from_url(
+                    self.location, storage_options=options, read_only=not writable)
+            except (ImportError, ValueError) as err:  # unknown protocol, missing driver
+                raise input_error(self.location, f"cannot open this URL: {err}") from None
             # Locks need a POSIX file system; only file:// URLs have one.
             protocols = self._fs.protocol
             protocols = (protocols,) if isinstance(protocols, str) else protocols
@@ -96,11 +101,12 @@ class ZarrBackend:
         return _has_file(str(location), METADATA_FILE)
 
     def read_meta(self):
-        """The raw root metadata (None if this is a Zarr group but not a feature store)."""
+        """The raw root metadata (None for a Zarr group that is not a feature store)."""
         document = self._read_json(METADATA_FILE)
         if document is None:
-            raise FileNotFoundError(errno.ENOENT, "no zarr.json: not a Zarr store")
-        return document.get("attributes", {}).get(ROOT_META_KEY)
+            raise input_error(self.location, "no such feature store (no readable zarr.json)")
+        attributes = document.get("attributes")
+        return attributes.get(ROOT_META_KEY) if isinstance(attributes, dict) else None
 
     # -- reading ---------------------------------------------------------------------------------
     def complete_videos(self) -> dict:
@@ -136,7 +142,7 @@ class ZarrBackend:
         return self._arrays[name, key]
 
     def reading(self):
-        return _NO_LOCK
+        return contextlib.nullcontext()  # a published video never changes: nothing to guard
 
     def _list_video_names(self) -> list[str]:
         try:
@@ -211,9 +217,6 @@ class ZarrBackend:
         """Names under videos/ without a completion marker (only marker mode leaves them)."""
         return sorted(set(self._list_video_names()) - set(self.complete_videos()))
 
-    def interrupted_publish(self):
-        return None  # publication is one rename (or one marker write): never half done
-
     def close(self):
         if self._staging is not None:
             self._staging.close()
@@ -248,16 +251,6 @@ class ZarrStaging:
     def discard(self):
         self._discard()
 
-
-class _NoLock:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NO_LOCK = _NoLock()
 
 
 def _create_local_root(root: str, meta: dict):

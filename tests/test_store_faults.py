@@ -4,6 +4,7 @@ and read-only storage, several writers and a reader on one store at once.
 Writers run as real child processes (``run_plan`` below) that print one line per step, so a kill
 lands at a known point.
 """
+import contextlib
 import errno
 import json
 import os
@@ -31,7 +32,7 @@ def run_plan(location, plan, pause=0.0, use_claims=True):
     are done or claimed by another writer; one line on stdout per step."""
     fs = FeatureStore.create(location, make_meta())
     for video_id, seed, num_clips in plan:
-        with (fs.claim(video_id) if use_claims else _always_mine()) as mine:
+        with (fs.claim(video_id) if use_claims else contextlib.nullcontext(True)) as mine:
             if not mine or video_id in fs:
                 continue
             features = video_features(seed, num_clips)
@@ -44,14 +45,6 @@ def run_plan(location, plan, pause=0.0, use_claims=True):
                 published = writer.commit(clip_times(num_clips))
             print(f"published {video_id} {published}", flush=True)
     fs.close()
-
-
-class _always_mine:
-    def __enter__(self):
-        return True
-
-    def __exit__(self, *exc):
-        return False
 
 
 CHILD = """
@@ -127,35 +120,128 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(location, lines):
     assert staging_entries(location) == []  # the dead writer's temporary was removed
 
 
+def test_sigkill_in_marker_mode_leaves_an_ignored_group_that_the_resume_replaces(tmp_path):
+    """A store opened by URL cannot rename: the video is written in place, marked complete last."""
+    location = (tmp_path / "s.zarr").as_uri()
+    kill_after(start_writer(location, pause=0.02), 6)  # inside v1
+    fs = FeatureStore.open(location)
+    assert fs.videos() == ["v0"] and fs.incomplete_videos() == ["v1"]
+    report = verify_store(fs)
+    assert report.bad == {} and "1 incomplete video(s)" in report.notes[0]
+    run_plan(location, PLAN)
+    assert assert_plan_complete(location).notes == []
+
+
 HDF5_CRASH_IN_PUBLISH = """
-import os, signal, h5py
-_copy = h5py.Group.copy
-def copy_then_die(self, source, dest, name=None, **kw):
-    _copy(self, source, dest, name=name, **kw)
-    if name == "v1":
-        {before_death}
-        os.kill(os.getpid(), signal.SIGKILL)
-h5py.Group.copy = copy_then_die
+import os, signal, store.journal
+journaled = store.journal.JournaledFile
+_init, _method = journaled.__init__, getattr(journaled, {method!r})
+publications, calls = [], []
+def counting_init(self, *args):
+    publications.append(self)
+    _init(self, *args)
+def then_die(self, *args):
+    result = _method(self, *args)
+    if len(publications) == 2:  # while publishing v1
+        calls.append(1)
+        if len(calls) == {call}:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return result
+journaled.__init__ = counting_init
+setattr(journaled, {method!r}, then_die)
 """
 
 
-@pytest.mark.parametrize("before_death", ["pass", "self.file.flush()"])
-def test_hdf5_writer_killed_inside_the_critical_section(tmp_path, before_death):
+# Publishing v1 into the file makes 23 writes; the 5th-7th and the last two overwrite existing
+# bytes (the index and the superblock). Kill right after a write, or after its journal record
+# and before the write itself.
+@pytest.mark.parametrize("method, call", [("write", 6), ("_save", 22)])
+def test_hdf5_writer_killed_while_appending_is_rolled_back(tmp_path, method, call):
     location = str(tmp_path / "s.h5")
-    prelude = HDF5_CRASH_IN_PUBLISH.format(before_death=before_death)
-    writer = start_writer(location, prelude=prelude)
+    plan = PLAN[:2]
+    writer = start_writer(location, plan, prelude=HDF5_CRASH_IN_PUBLISH.format(
+        method=method, call=call))
     writer.wait()
     assert writer.returncode == -signal.SIGKILL
+    assert os.path.exists(location + ".writers/publish.journal")
 
-    fs = FeatureStore.open(location)
-    assert fs.videos() == ["v0"]  # v1 was copied (maybe even flushed) but never marked complete
+    with pytest.warns(UserWarning, match="rolled back the unfinished append"):
+        fs = FeatureStore.open(location)
+        assert fs.videos() == ["v0"]
+    assert fs.incomplete_videos() == []  # v1 left no trace
     assert_video_equals(fs, "v0", video_features(0, 30))
-    report = verify_store(fs)
-    assert report.bad == {} and "while publishing 'v1'" in " ".join(report.notes)
+    run_plan(location, plan)
+    assert assert_plan_complete(location, plan).notes == []
 
-    run_plan(location, PLAN)
-    report = assert_plan_complete(location)
-    assert report.notes == []
+
+def _publish_and_die_at_write(location, k: int) -> bool:
+    """Publish one more video in a forked child that dies (like SIGKILL: no cleanup) right after
+    the k-th write into the store file; True if it died, False if the append finished first."""
+    import store.journal
+
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            write_count = []
+            original_write = store.journal.JournaledFile.write
+
+            def write_then_maybe_die(self, data):
+                written = original_write(self, data)
+                write_count.append(1)
+                if len(write_count) == k:
+                    os._exit(9)
+                return written
+
+            store.journal.JournaledFile.write = write_then_maybe_die
+            write_video(FeatureStore.create(location, make_meta()), "new", 99, 20)
+        finally:
+            os._exit(0)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 9
+
+
+def test_hdf5_append_killed_after_any_write_is_rolled_back_byte_for_byte(tmp_path):
+    """With 8 videos in the file, appending a 9th rewrites the group index in place; killed after
+    its 5th write or any later one, plain HDF5 is left unreadable ("addr overflow", found by
+    discarding the journal). Every kill point must leave the exact bytes we had before."""
+    location = str(tmp_path / "s.h5")
+    fs = FeatureStore.create(location, make_meta())
+    kept = {f"v{i}": write_video(fs, f"v{i}", i, 5) for i in range(8)}
+    fs.close()
+    before = open(location, "rb").read()
+    k = 0
+    while True:
+        k += 1
+        if not _publish_and_die_at_write(location, k):
+            break
+        with pytest.warns(UserWarning, match="rolled back"):
+            assert FeatureStore.open(location).videos() == sorted(kept)
+        assert open(location, "rb").read() == before, f"killed after write {k}"
+    assert k > 20  # the scan went through the whole append, which then completed
+    reader = FeatureStore.open(location)
+    assert reader.videos() == sorted([*kept, "new"])
+    for vid, features in kept.items():
+        assert_video_equals(reader, vid, features)
+
+
+def test_journal_roll_back_restores_the_exact_bytes(tmp_path):
+    from store.journal import JournaledFile, roll_back
+
+    path, journal = str(tmp_path / "f"), str(tmp_path / "f.journal")
+    original = np.random.default_rng(0).bytes(5000)
+    (tmp_path / "f").write_bytes(original)
+    handle = JournaledFile(path, journal)
+    for offset, size in [(100, 50), (4990, 30), (120, 10), (0, 8), (6000, 100), (100, 50)]:
+        handle.seek(offset)
+        handle.write(b"x" * size)
+    handle.truncate(3000)
+    handle.seek(4000)
+    handle.write(b"y" * 10)
+    handle.close()
+    with open(journal, "ab") as cut:
+        cut.write(b"\0" * 20)  # a record cut short by the kill: ignored
+    assert roll_back(path, journal) and not os.path.exists(journal)
+    assert (tmp_path / "f").read_bytes() == original
+    assert not roll_back(path, journal)
 
 
 # -- disk full, read-only ---------------------------------------------------------------------
@@ -220,10 +306,12 @@ def test_hdf5_write_failure_is_one_clear_error_and_damages_nothing(tmp_path, mon
         raise OSError(errno.ENOSPC, "No space left on device")
 
     target = (h5py.Dataset, "__setitem__") if where == "staging" else (h5py.Group, "copy")
+    before = open(location, "rb").read()
     monkeypatch.setattr(*target, disk_full)
     with pytest.raises(InputError, match="cannot write video 'new'.*no space left on the device"):
         write_video(fs, "new", 1, 20)
     monkeypatch.undo()
+    assert open(location, "rb").read() == before  # a failed append is rolled back
     assert staging_entries(location) == []
     write_video(fs, "new", 1, 20)
     reader = FeatureStore.open(location)
@@ -276,6 +364,27 @@ def test_read_only_store_reads_and_refuses_writes_clearly(tmp_path, location):
     assert FeatureStore.open(location).videos() == ["kept"]
 
 
+def test_read_only_hdf5_store_with_a_leftover_journal_says_what_it_needs(tmp_path):
+    from store.journal import HEADER, MAGIC
+
+    location = str(tmp_path / "s.h5")
+    write_video(FeatureStore.create(location, make_meta()), "kept", 0, 12)
+    with open(location + ".writers/publish.journal", "wb") as journal:
+        journal.write(HEADER.pack(MAGIC, os.path.getsize(location)))  # nothing to undo
+    _chmod_tree(location + ".writers", writable=False)
+    os.chmod(location, 0o444)
+    try:
+        if not _permissions_enforced(location + ".writers"):
+            pytest.skip("permissions are not enforced for this user (root)")
+        with pytest.raises(InputError, match="needs one access with write permission"):
+            FeatureStore.open(location).videos()
+    finally:
+        _chmod_tree(location + ".writers", writable=True)
+        os.chmod(location, 0o644)
+    with pytest.warns(UserWarning, match="rolled back"):
+        assert FeatureStore.open(location).videos() == ["kept"]
+
+
 # -- concurrency ------------------------------------------------------------------------------
 
 def test_three_writers_and_a_reader_on_one_new_store(location):
@@ -283,15 +392,15 @@ def test_three_writers_and_a_reader_on_one_new_store(location):
     reader keeps listing and reading, and must only ever see complete, correct videos."""
     writers = [start_writer(location, pause=0.005) for _ in range(3)]
     expected = {vid: video_features(seed, num_clips) for vid, seed, num_clips in PLAN}
-    seen, reads = set(), 0
+    while not (os.path.isfile(location) or os.path.isfile(os.path.join(location, "zarr.json"))):
+        time.sleep(0.01)  # the store appears whole (built aside, then renamed or linked)
+    reader = FeatureStore.open(location)  # one reader for the whole run, as training would
+    seen = set()
     while True:
         finished = all(writer.poll() is not None for writer in writers)
-        if os.path.isfile(location) or os.path.isfile(os.path.join(location, "zarr.json")):
-            fs = FeatureStore.open(location)
-            for video_id in fs.videos():
-                assert_video_equals(fs, video_id, expected[video_id])
-                seen.add(video_id)
-                reads += 1
+        for video_id in reader.videos():
+            assert_video_equals(reader, video_id, expected[video_id])
+            seen.add(video_id)
         if finished:
             break
         time.sleep(0.02)
