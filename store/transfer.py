@@ -6,6 +6,7 @@ export never writes outside its directory and an import of an export gives back 
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -79,27 +80,30 @@ def import_features(source_dir: str, store_path: str, *, fps=None, clip_len=16, 
     protocol = SamplingProtocol(clip_len=clip_len, clip_stride=clip_stride,
                                 frame_interval=frame_interval)
     annotated = _annotated_videos(annotations) if annotations else {}
-    first = _load_features(files[0], None)
+    # Every video's fps is settled before anything is written: a bad input stops the import
+    # before it starts, not halfway.
+    videos = []
+    for path in files:
+        video_id = decode_video_id(os.path.basename(path)[:-len(NPY_SUFFIX)])
+        videos.append((path, video_id, _video_info(path, video_id, annotated.get(video_id),
+                                                   fps, annotations)))
     meta = {"backbone": {"preset": backbone, "kwargs": {}, "checkpoint": None,
                          "random_init_seed": None},
             "protocol": protocol.to_dict(), "layers": [], "tokens": None,
-            "feature_dim": int(first.shape[1]), "dtype": dtype,
+            "feature_dim": int(_load_features(files[0], None).shape[1]), "dtype": dtype,
             "imported_from": os.path.abspath(source_dir)}
     imported = skipped = 0
     off_grid = []
     with FeatureStore.create(store_path, meta, format=format) as fs, \
-            tqdm(files, desc="import", unit="video", disable=not progress) as bar:
-        for path in bar:
-            video_id = decode_video_id(os.path.basename(path)[:-len(NPY_SUFFIX)])
+            tqdm(videos, desc="import", unit="video", disable=not progress) as bar:
+        for path, video_id, info in bar:
             if video_id in fs:
                 skipped += 1
                 continue
             features = _load_features(path, fs.feature_dim)
-            info = _video_info(path, video_id, annotated.get(video_id), fps)
             times = protocol.feature_times(_frames_for_clips(protocol, len(features)),
                                            info["fps"])
-            if info["num_frames"] and abs(protocol.num_clips(info["num_frames"], info["fps"])
-                                          - len(features)) > 1:
+            if not _on_grid(protocol, info["num_frames"], len(features)):
                 off_grid.append(video_id)
             fs.write_video(video_id, {LAST: features}, times, info)
             imported += 1
@@ -150,22 +154,33 @@ def _annotated_videos(path: str) -> dict:
             for vid, video in annotations.videos(subset).items()}
 
 
-def _video_info(path, video_id, annotation, default_fps) -> dict:
-    fps = default_fps
+def _video_info(path, video_id, annotation, default_fps, annotations_path) -> dict:
+    fps, source = default_fps, "--fps"
     duration = num_frames = None
     if annotation is not None:
         duration, num_frames = annotation.duration, annotation.num_frames
         if annotation.fps:
-            fps = annotation.fps
+            fps, source = annotation.fps, annotations_path
         elif num_frames and duration:
-            fps = num_frames / duration
+            fps, source = num_frames / duration, annotations_path
     if fps is None:
         raise input_error(path, f"no frame rate for video {video_id!r}: give --fps, or "
                           "--annotations with its fps (or frame count and duration)")
-    if num_frames is None and duration:
+    if not (math.isfinite(fps) and fps > 0):
+        raise input_error(source, f"video {video_id!r}: frame rate {fps} is not a positive number")
+    if num_frames is None and duration and math.isfinite(duration * fps):
         num_frames = round(duration * fps)
     return {"fps": float(fps), "num_frames": num_frames, "duration": duration,
             "source_file": os.path.basename(path)}
+
+
+def _on_grid(protocol, num_frames, num_clips: int) -> bool:
+    """Does the protocol give about ``num_clips`` clips for the annotated frame count?"""
+    if not num_frames:
+        return True  # nothing to compare with
+    if num_frames > protocol.span + 2 * protocol.clip_stride * num_clips:
+        return False  # far too many frames (and too many to lay out clips for)
+    return abs(protocol.num_clips(num_frames, 1.0) - num_clips) <= 1
 
 
 def _frames_for_clips(protocol, num_clips: int) -> int:
