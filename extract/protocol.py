@@ -1,0 +1,137 @@
+"""Which native frames make each clip, how they are scaled, and when each feature step happens.
+
+The defaults reproduce the official VideoMAEv2 TAL extraction (``extract_tad_feature.py`` in
+OpenGVLab/VideoMAEv2): 16 consecutive native frames, a clip starting every 4 frames
+(``range(0, num_frames - 15, 4)``, so clips that would run past the last frame are dropped),
+frames scaled to [0, 1] and resized straight to 224x224 (bilinear, ``align_corners=False``, no
+antialiasing, no crop) and no mean/std. Where the official script would crash (a video shorter
+than one clip) we emit one clip padded by repeating the last frame.
+
+Two timelines exist: the *native* one (the decoded frames) and the *sampling* one (native, or
+resampled to ``fps``). Clips are laid out on the sampling timeline; :meth:`native_indices` maps
+them back to decoded frames. The time of feature step ``t`` is the clip centre,
+``(first_t + clip_len * frame_interval / 2) / fps`` seconds (ActionFormer's convention).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from losa_tal import InputError
+
+RESIZE_MODES = ("direct", "short_side_crop")
+NORMALISATIONS = ("none", "imagenet")
+TAIL_POLICIES = ("drop", "pad")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Recorded so that a reader of the store knows how feature times were derived.
+TIME_CONVENTION = "clip_centre: (first_frame + clip_len * frame_interval / 2) / fps"
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingProtocol:
+    """The complete recipe from decoded frames to backbone input, recorded in every store.
+
+    clip_len: frames per clip (the backbone's ``all_frames``).
+    clip_stride: frames between the first frames of consecutive clips (sampling timeline).
+    frame_interval: step between the frames inside one clip (1 = consecutive).
+    fps: ``None`` keeps the native frame rate; a number resamples the timeline to that rate.
+    img_size: side of the square backbone input.
+    resize: ``"direct"`` (straight to img_size x img_size, the official protocol) or
+        ``"short_side_crop"`` (short side to img_size, then a centre crop).
+    normalise: ``"none"`` (official: values in [0, 1]) or ``"imagenet"`` mean/std.
+    tail: ``"drop"`` clips that would run past the last frame (official), or ``"pad"`` one
+        more clip so the end of the video is covered, repeating the last frame.
+    """
+
+    clip_len: int = 16
+    clip_stride: int = 4
+    frame_interval: int = 1
+    fps: float | None = None
+    img_size: int = 224
+    resize: str = "direct"
+    normalise: str = "none"
+    tail: str = "drop"
+
+    def __post_init__(self):
+        for name in ("clip_len", "clip_stride", "frame_interval", "img_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"protocol {name}: must be a positive integer, got {value!r}")
+        if self.fps is not None and not (isinstance(self.fps, (int, float))
+                                         and math.isfinite(self.fps) and self.fps > 0):
+            raise InputError(f"protocol fps: must be a positive number or null, got {self.fps!r}")
+        for name, allowed in (("resize", RESIZE_MODES), ("normalise", NORMALISATIONS),
+                              ("tail", TAIL_POLICIES)):
+            if getattr(self, name) not in allowed:
+                raise InputError(f"protocol {name}: must be one of {', '.join(allowed)}, "
+                                 f"got {getattr(self, name)!r}")
+
+    # -- record -----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "time_convention": TIME_CONVENTION}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "SamplingProtocol":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(record) - fields - {"time_convention"}
+        if unknown:
+            raise InputError(f"protocol: unknown keys {sorted(unknown)}")
+        if record.get("time_convention", TIME_CONVENTION) != TIME_CONVENTION:
+            raise InputError(f"protocol: unsupported time convention {record['time_convention']!r}")
+        return cls(**{k: v for k, v in record.items() if k in fields})
+
+    # -- the sampling timeline --------------------------------------------------------------
+    @property
+    def span(self) -> int:
+        """Sampling-timeline frames covered by one clip, first to last inclusive."""
+        return (self.clip_len - 1) * self.frame_interval + 1
+
+    def sampling_fps(self, native_fps: float) -> float:
+        return float(self.fps) if self.fps is not None else float(native_fps)
+
+    def num_sampled_frames(self, num_frames: int, native_fps: float) -> int:
+        """Frames on the sampling timeline: those whose instant k / fps falls inside the video."""
+        if self.fps is None:
+            return num_frames
+        # ceil with a tolerance, so 30 -> 15 fps of 31 frames gives 16 (k = 0..15), not 17.
+        return max(1, math.ceil(num_frames * self.fps / native_fps - 1e-9)) if num_frames else 0
+
+    def clip_starts(self, num_sampled: int) -> np.ndarray:
+        """First sampling-timeline frame of each clip; at least one clip for any non-empty video."""
+        if num_sampled <= 0:
+            return np.zeros(0, dtype=np.int64)
+        room = num_sampled - self.span  # how far the first frame may move with a full clip
+        if room < 0:
+            count = 1  # shorter than one clip: one clip, padded
+        elif self.tail == "drop":
+            count = room // self.clip_stride + 1
+        else:
+            count = -(-room // self.clip_stride) + 1  # ceil: the last clip reaches the end
+        return np.arange(count, dtype=np.int64) * self.clip_stride
+
+    def native_indices(self, num_frames: int, native_fps: float) -> np.ndarray:
+        """Native frame index of every clip frame, int64 [num_clips, clip_len].
+
+        Frames past the end (padding) repeat the last frame.
+        """
+        num_sampled = self.num_sampled_frames(num_frames, native_fps)
+        starts = self.clip_starts(num_sampled)
+        offsets = np.arange(self.clip_len, dtype=np.int64) * self.frame_interval
+        sampled = np.minimum(starts[:, None] + offsets[None, :], num_sampled - 1)
+        if self.fps is not None:
+            # Resampled frame k shows the native frame on screen at instant k / fps.
+            ratio = native_fps / self.fps
+            sampled = np.floor(sampled * ratio + 1e-6).astype(np.int64)
+        return np.minimum(sampled, num_frames - 1)
+
+    def feature_times(self, num_frames: int, native_fps: float) -> np.ndarray:
+        """Clip-centre time in seconds of every feature step, float64 [num_clips]."""
+        starts = self.clip_starts(self.num_sampled_frames(num_frames, native_fps))
+        centre = starts.astype(np.float64) + self.clip_len * self.frame_interval / 2
+        return centre / self.sampling_fps(native_fps)
+
+    def num_clips(self, num_frames: int, native_fps: float) -> int:
+        return len(self.clip_starts(self.num_sampled_frames(num_frames, native_fps)))
