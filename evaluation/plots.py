@@ -26,8 +26,19 @@ def new_figure(width: float, height: float):
 
 
 def save_figure(figure, path) -> str:
-    with output_errors(path):
+    """Render and write ``figure``, drawing every text literally.
+
+    Class names, subsets and video ids come from user files: matplotlib would parse one with two
+    ``$`` as mathtext and fail on it (``$\\frac{a$``). Tick labels are made while drawing, hence
+    the rc setting as well as the flag on the texts that already exist.
+    """
+    from matplotlib import rc_context
+    from matplotlib.text import Text
+
+    with output_errors(path), rc_context({"text.parse_math": False}):
         make_parent_folder(path)
+        for text in figure.findobj(Text):
+            text.set_parse_math(False)
         figure.savefig(path, dpi=110)
     return os.fspath(path)
 
