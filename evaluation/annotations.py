@@ -24,6 +24,9 @@ AMBIGUOUS = "Ambiguous"
 # both this close to an already kept one are duplicates (THUMOS-14 has some).
 MIN_SEGMENT_SECONDS = 1e-3
 DUPLICATE_TOLERANCE_SECONDS = 1e-3
+# No video lasts 31 years; near the float limit the tIoU sums overflow (inf - inf), so a perfect
+# detection of a segment like [0, 1e308] would silently score 0.
+MAX_SECONDS = 1e9
 
 # Subset naming conventions, lower case, most specific first. ActionFormer calls its training
 # split "Validation" and its test split "Test"; OpenTAD and ActivityNet evaluate on "validation"
@@ -243,6 +246,9 @@ def parse_segment(name, where, item) -> tuple:
             and all(is_finite_number(x) for x in segment)):
         raise input_error(name, f"{where}: segment must be two finite numbers, got {segment!r}")
     start, end = float(segment[0]), float(segment[1])
+    if max(abs(start), abs(end)) > MAX_SECONDS:
+        raise input_error(name, f"{where}: segment times must lie within +-{MAX_SECONDS:g} "
+                          f"seconds, got {segment!r}")
     if end < start:
         raise input_error(name, f"{where}: segment ends before it starts ({start} > {end})")
     return start, end

@@ -14,7 +14,7 @@ import numpy as np
 
 from losa_tal import input_error
 
-from .annotations import is_finite_number, parse_label, parse_segment
+from .annotations import MAX_SECONDS, is_finite_number, parse_label, parse_segment
 from .files import cyclic_gc_paused, read_json_object, require_key
 
 _SEGMENT, _LABEL, _SCORE = itemgetter("segment"), itemgetter("label"), itemgetter("score")
@@ -80,7 +80,8 @@ def _parse_columns(name, results) -> Predictions:
         scores += map(_SCORE, items)
     segment_array = _numeric_array(segments, shape=(len(segments), 2))
     score_array = _numeric_array(scores, shape=(len(scores),))
-    if np.any(segment_array[:, 1] < segment_array[:, 0]):
+    if np.any(segment_array[:, 1] < segment_array[:, 0]) \
+            or np.any(np.abs(segment_array) > MAX_SECONDS):
         raise ValueError
     label_names = list(dict.fromkeys(labels))  # TypeError for unhashable labels
     if not all(isinstance(x, str) for x in label_names):
