@@ -180,6 +180,13 @@ class LoSA(nn.Module):
         checkpoint_layers: bool = False,
     ):
         super().__init__()
+        # Values come from user configs: refuse them by name rather than crash inside torch.
+        for name, value in (("dim", dim), ("num_layers", num_layers), ("num_tokens", num_tokens),
+                            ("bottleneck", bottleneck), ("num_heads", num_heads)):
+            if value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}")
+        if not 0 <= dropout < 1:  # False for NaN
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         for name, window in (("short_window", short_window), ("long_window", long_window)):
             if window is not None and (window < 1 or window % 2 == 0):
                 raise ValueError(f"{name} must be a positive odd number of clips, got {window}")

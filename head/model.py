@@ -40,6 +40,47 @@ class Tower(nn.Module):
         return self.predict(x, mask)[0]
 
 
+def check_head_arguments(args: dict) -> None:
+    """ValueError naming the first constructor argument outside its range.
+
+    Configs reach the constructor from user files: a zero head count, a negative width or a NaN
+    rate must be refused here by name, not crash inside torch or train to ``nan``. The range
+    tests are written so that NaN fails them.
+    """
+    finite = math.isfinite
+    checks = [
+        *((name, args[name] >= 1, "a positive integer") for name in (
+            "in_dim", "num_classes", "embed_dim", "num_levels", "num_heads", "max_seq_len",
+            "num_embed_convs")),
+        *((name, args[name] >= 0, "zero or more") for name in ("num_stem_blocks", "tower_depth")),
+        ("window", args["window"] >= 1 and args["window"] % 2 == 1, "odd and positive"),
+        ("mlp_ratio", finite(args["mlp_ratio"]) and args["embed_dim"] * args["mlp_ratio"] >= 1,
+         "a finite ratio giving at least one hidden unit"),
+        *((name, 0 <= args[name] < 1, "in [0, 1)") for name in (
+            "dropout", "drop_path", "label_smoothing")),
+        ("cls_prior_prob", 0 < args["cls_prior_prob"] < 1, "in (0, 1)"),
+        ("focal_alpha", args["focal_alpha"] <= 1 and finite(args["focal_alpha"]),
+         "at most 1 (negative disables it)"),
+        *((name, 0 <= args[name] and finite(args[name]), "finite and zero or more") for name in (
+            "focal_gamma", "reg_loss_weight")),
+        ("loss_norm_init", 0 < args["loss_norm_init"] and finite(args["loss_norm_init"]),
+         "finite and positive"),
+        ("loss_norm_momentum", 0 <= args["loss_norm_momentum"] <= 1, "in [0, 1]"),
+        ("center_sample_radius", args["center_sample_radius"] is None
+         or (0 < args["center_sample_radius"] and finite(args["center_sample_radius"])),
+         "finite and positive, or None"),
+    ]
+    for name, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"{name} must be {expected}, got {args[name]!r}")
+    ranges = args["regression_ranges"]
+    if len(ranges) != args["num_levels"]:
+        raise ValueError(f"{len(ranges)} regression_ranges for {args['num_levels']} levels")
+    if not all(0 <= low <= high for low, high in ranges):  # False for NaN bounds
+        raise ValueError(f"regression_ranges must be (low, high) pairs with 0 <= low <= high, "
+                         f"got {list(ranges)}")
+
+
 class ActionFormerHead(nn.Module):
     """ActionFormer-style detection head; see the module docstring.
 
@@ -97,10 +138,7 @@ class ActionFormerHead(nn.Module):
         loss_norm_momentum: float = 0.9,
     ):
         super().__init__()
-        if len(regression_ranges) != num_levels:
-            raise ValueError(f"{len(regression_ranges)} regression_ranges for {num_levels} levels")
-        if window % 2 == 0:
-            raise ValueError(f"window must be odd, got {window}")
+        check_head_arguments(locals())
         self.num_classes = num_classes
         self.strides = [2 ** level for level in range(num_levels)]
         self.regression_ranges = [(float(low), float(high)) for low, high in regression_ranges]
