@@ -1,0 +1,198 @@
+"""Reliability campaign, concurrency across stages (see docs/reliability.md).
+
+Stage-two commands read a store while writer processes keep appending videos to it, two
+importers fill one store at once, and two training runs are pointed at one run directory. Readers
+must only ever see complete videos; no video may be lost or published twice; no run may silently
+overwrite another.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from store import LAST, FeatureStore
+
+TESTS_DIR = Path(__file__).resolve().parent
+ROOT = TESTS_DIR.parent
+CHUNK, CHUNKS = 8, 4  # clips per write, writes per appended video
+LATE_IDS = [f"late_{index:03d}" for index in range(8)]
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def late_features(video_id: str, layers, num_tokens: int, dim: int) -> dict:
+    """The features an appending writer publishes for ``video_id``, reproducible from its id."""
+    rng = np.random.default_rng(list(video_id.encode()))
+    num_clips = CHUNK * CHUNKS
+    features = {LAST: rng.normal(size=(num_clips, dim)).astype(np.float32)}
+    for layer in layers:
+        features[layer] = rng.normal(size=(num_clips, num_tokens, dim)).astype(np.float32)
+    return features
+
+
+def append_videos(location, video_ids, pause: float):
+    """Writer process: append each video CHUNK clips at a time, skipping those claimed or done;
+    prints ``published <id> <True|False>`` per video it wrote."""
+    meta = FeatureStore.open(location).meta
+    fs = FeatureStore.create(location, {key: meta[key] for key in (
+        "backbone", "protocol", "layers", "tokens", "feature_dim", "dtype")})
+    for video_id in video_ids:
+        with fs.claim(video_id) as mine:
+            if not mine or video_id in fs:
+                continue
+            features = late_features(video_id, fs.layers, fs.num_tokens, fs.feature_dim)
+            num_clips = len(features[LAST])
+            times = (np.arange(num_clips) * 4 + 8) / 30.0
+            info = {"fps": 30.0, "duration": float(times[-1] + 0.3)}
+            with fs.video_writer(video_id, num_clips, info) as writer:
+                for start in range(0, num_clips, CHUNK):
+                    writer.write(start, {key: values[start:start + CHUNK]
+                                         for key, values in features.items()})
+                    time.sleep(pause)
+                published = writer.commit(times)
+            print(f"published {video_id} {published}", flush=True)
+
+
+WRITER = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from test_reliability_concurrency import append_videos
+append_videos(sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3]))
+"""
+
+
+def start_writer(location, video_ids, pause):
+    return subprocess.Popen(
+        [sys.executable, "-c", WRITER.format(tests=str(TESTS_DIR)), str(location),
+         json.dumps(video_ids), str(pause)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CHILD_ENV)
+
+
+def check_complete_videos(location, snapshot: dict) -> list:
+    """Open the store as a new reader and read every listed video whole: appended ones must equal
+    what their writer published, the others must be unchanged. Returns the listed ids."""
+    fs = FeatureStore.open(location)
+    listed = fs.videos()
+    for video_id in listed:
+        read = fs.read(video_id, [LAST, *fs.layers])
+        expected = snapshot.get(video_id) or late_features(video_id, fs.layers, fs.num_tokens,
+                                                           fs.feature_dim)
+        assert sorted(read, key=str) == sorted(expected, key=str), video_id
+        for layer, values in expected.items():
+            np.testing.assert_array_equal(read[layer], values, err_msg=f"{video_id} {layer}")
+        assert len(fs.feature_times(video_id)) == len(expected[LAST])
+    return listed
+
+
+def finish(writers) -> list:
+    """Wait for the writers; the (video id, published) pairs they printed."""
+    published = []
+    for writer in writers:
+        out, err = writer.communicate(timeout=120)
+        assert writer.returncode == 0, err[-2000:]
+        published += [tuple(line.split()[1:]) for line in out.splitlines()
+                      if line.startswith("published")]
+    return published
+
+
+def test_training_and_inference_read_a_store_while_writers_append(tmp_path):
+    from click.testing import CliRunner
+
+    import cli
+    from store.verify import verify_store
+    from test_training import (synthetic_videos, tiny_config, write_annotations, write_config,
+                               write_store)
+
+    videos = {**synthetic_videos(4, "training"), **synthetic_videos(2, "validation", first=4)}
+    store = write_store(tmp_path / "store.zarr", videos)
+    late = {vid: {"subset": "training", "times": (np.arange(CHUNK * CHUNKS) * 4 + 8) / 30.0,
+                  "annotations": [{"segment": [1.0, 2.5], "label": "Jump"}]} for vid in LATE_IDS}
+    annotations = write_annotations(tmp_path / "gt.json", {**videos, **late})
+    config = write_config(tmp_path / "config.json", tiny_config(train={"epochs": 1}))
+    first = FeatureStore.open(store)
+    snapshot = {vid: first.read(vid, [LAST, *first.layers]) for vid in first.videos()}
+
+    writers = [start_writer(store, LATE_IDS, pause=0.1) for _ in range(2)]
+    while not any(vid in FeatureStore.open(store) for vid in LATE_IDS):
+        assert all(writer.poll() is None for writer in writers), finish(writers)
+        time.sleep(0.05)
+    before = check_complete_videos(store, snapshot)
+    runner = CliRunner()
+    trained = runner.invoke(cli.main, ["train", "--config", config, "--store", store,
+                                       "--annotations", annotations, "--out", tmp_path / "run",
+                                       "--quiet"])
+    assert trained.exit_code == 0, trained.output
+    inferred = runner.invoke(cli.main, ["infer", "--run", tmp_path / "run", "--store", store,
+                                        "--annotations", annotations, "--subset", "training",
+                                        "--out", tmp_path / "preds.json", "--quiet"])
+    assert inferred.exit_code == 0, inferred.output
+    during = check_complete_videos(store, snapshot)
+    assert len(before) < len(during) or any(w.poll() is None for w in writers), \
+        "the writers finished before training started: nothing was tested"
+    predicted = set(json.loads((tmp_path / "preds.json").read_text())["results"])
+    assert set(videos) & predicted == {vid for vid in videos if videos[vid]["subset"] == "training"}
+    assert predicted <= set(during)  # inference saw only published, complete videos
+
+    while any(writer.poll() is None for writer in writers):
+        check_complete_videos(store, snapshot)
+        time.sleep(0.05)
+    published = finish(writers)
+    assert sorted(vid for vid, _ in published) == LATE_IDS  # each written by one writer, once
+    assert all(ok == "True" for _, ok in published)
+    assert check_complete_videos(store, snapshot) == sorted([*videos, *LATE_IDS])
+    assert verify_store(FeatureStore.open(store)).bad == {}
+
+
+def test_two_importers_fill_one_store_at_once(tmp_path):
+    source = tmp_path / "features"
+    source.mkdir()
+    expected = {}
+    for index in range(12):
+        vid = f"video_{index:03d}"
+        expected[vid] = np.random.default_rng(index).normal(size=(20 + index, 8)).astype(
+            np.float32)
+        np.save(source / f"{vid}.npy", expected[vid])
+    store = tmp_path / "store.zarr"
+    command = [sys.executable, str(ROOT / "cli.py"), "store", "import", str(source), "--out",
+               str(store), "--fps", "30"]
+    importers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=CHILD_ENV) for _ in range(2)]
+    outputs = [importer.communicate(timeout=120) for importer in importers]
+    assert [importer.returncode for importer in importers] == [0, 0], outputs
+    fs = FeatureStore.open(store)
+    assert fs.videos() == sorted(expected)
+    for vid, values in expected.items():
+        np.testing.assert_array_equal(fs.read(vid)[LAST], values)
+    from store.verify import verify_store
+
+    assert verify_store(fs).bad == {}
+
+
+def test_two_trainings_into_one_run_directory_do_not_both_write_it(tmp_path):
+    """Two runs started on one --out at once would interleave log.jsonl and overwrite each
+    other's checkpoints: one must refuse with a one-line error naming the directory."""
+    from test_training import (synthetic_videos, tiny_config, write_annotations, write_config,
+                               write_store)
+
+    videos = {**synthetic_videos(4, "training"), **synthetic_videos(1, "validation", first=4)}
+    store = write_store(tmp_path / "store.zarr", videos)
+    annotations = write_annotations(tmp_path / "gt.json", videos)
+    config = write_config(tmp_path / "config.json", tiny_config(train={"epochs": 2}))
+    run = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "cli.py"), "train", "--config", str(config),
+               "--store", str(store), "--annotations", str(annotations), "--out", str(run),
+               "--quiet"]
+    trainings = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=CHILD_ENV) for _ in range(2)]
+    outputs = [training.communicate(timeout=300) for training in trainings]
+    codes = sorted(training.returncode for training in trainings)
+    assert codes == [0, 2], outputs
+    refused = [err for (_, err), training in zip(outputs, trainings) if training.returncode == 2]
+    lines = [line for line in refused[0].splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {run}"), refused[0][-2000:]
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if r["event"] == "epoch"] == [1, 2]  # one run's records
