@@ -8,6 +8,7 @@ when it is run or listed, and those modules import torch and friends inside thei
 import importlib
 import os
 import sys
+import warnings
 
 import click
 
@@ -28,6 +29,11 @@ COMMANDS = {
 }
 
 
+def show_warning_line(message, category, filename, lineno, file=None, line=None):
+    """Library warnings reach the user as one ``warning:`` line on stderr, without source lines."""
+    click.echo(f"warning: {message}", err=True)
+
+
 class LazyGroup(click.Group):
     """A click group whose subcommands are imported on first use."""
 
@@ -42,7 +48,10 @@ class LazyGroup(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.simplefilter("default")
+                warnings.showwarning = show_warning_line
+                return super().invoke(ctx)
         except InputError as err:
             # Bad input is the user's to fix: one line naming the file, never a traceback.
             click.echo(f"error: {err}", err=True)

@@ -1,20 +1,5 @@
 """``evaluate`` and ``visualize``: click commands (heavy imports happen inside the functions)."""
-import warnings
-from contextlib import contextmanager
-
 import click
-
-
-@contextmanager
-def _warnings_to_stderr():
-    """Show library warnings as one ``warning:`` line each, without source lines."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            yield
-        finally:
-            for warning in caught:
-                click.echo(f"warning: {warning.message}", err=True)
 
 
 preds_option = click.option("--preds", "preds_path", required=True, metavar="PRED.json",
@@ -50,10 +35,9 @@ def evaluate(preds_path, gt_path, subset, tiou, dataset, json_path, per_class, p
     from .thresholds import parse_tiou
 
     thresholds = parse_tiou(tiou, dataset)
-    with _warnings_to_stderr():
-        annotations = load_annotations(gt_path)
-        predictions = load_predictions(preds_path)
-        evaluation = evaluate_detections(annotations, predictions, subset, thresholds)
+    annotations = load_annotations(gt_path)
+    predictions = load_predictions(preds_path)
+    evaluation = evaluate_detections(annotations, predictions, subset, thresholds)
     report = evaluation.report()
     click.echo(format_report(report, per_class=per_class))
     if json_path:
@@ -88,7 +72,6 @@ def visualize(preds_path, gt_path, video_id, video_file, out_path, tiou_threshol
     """Draw one video's timeline: ground truth against detections, TP/FP coloured."""
     from .timeline import plot_timeline
 
-    with _warnings_to_stderr():
-        path = plot_timeline(gt_path, preds_path, video_id, out_path, video_file=video_file,
-                             tiou_threshold=tiou_threshold, top=top)
+    path = plot_timeline(gt_path, preds_path, video_id, out_path, video_file=video_file,
+                         tiou_threshold=tiou_threshold, top=top)
     _echo_written([path])

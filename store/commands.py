@@ -1,24 +1,10 @@
 """``store info | verify | export | import``: click commands (heavy imports inside the functions)."""
-import contextlib
 import json
 import math
-import warnings
 
 import click
 
 LAYER_HELP = "'last' (default), or an intermediate block index, averaged over its K tokens."
-
-
-@contextlib.contextmanager
-def _warnings_as_lines():
-    """Library warnings as one ``warning:`` line each on stderr, without source lines."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            yield
-        finally:
-            for warning in caught:
-                click.echo(f"warning: {warning.message}", err=True)
 
 
 @click.group()
@@ -33,7 +19,7 @@ def info(path, as_json):
     """The store's metadata, and per complete video its clips, fps and duration."""
     from .feature_store import FeatureStore
 
-    with _warnings_as_lines(), FeatureStore.open(path) as fs:
+    with FeatureStore.open(path) as fs:
         videos = {vid: _video_summary(fs.video_info(vid)) for vid in fs.videos()}
         summary = {"path": fs.path, "format": fs.format, "meta": fs.meta,
                    "num_videos": len(videos),
@@ -86,7 +72,7 @@ def verify(path):
     from .feature_store import FeatureStore
     from .verify import verify_store
 
-    with _warnings_as_lines(), FeatureStore.open(path) as fs:
+    with FeatureStore.open(path) as fs:
         report = verify_store(fs, progress=True)
     for note in report.notes:
         click.echo(f"note: {note}")
@@ -114,7 +100,7 @@ def export(path, out, layer):
             layer = int(layer)
         except ValueError:
             raise InputError(f"--layer: expected 'last' or a block index, got {layer!r}") from None
-    with _warnings_as_lines(), FeatureStore.open(path) as fs:
+    with FeatureStore.open(path) as fs:
         count = export_features(fs, out, layer, progress=True)
     click.echo(f"wrote {count} file(s) to {out}")
 
@@ -145,9 +131,8 @@ def import_(directory, out, fps, clip_len, clip_stride, frame_interval, annotati
 
     if fps is not None and not (math.isfinite(fps) and fps > 0):
         raise InputError(f"--fps: must be a positive number, got {fps}")
-    with _warnings_as_lines():
-        imported, skipped = import_features(
-            directory, out, fps=fps, clip_len=clip_len, clip_stride=clip_stride,
-            frame_interval=frame_interval, annotations=annotations, format=store_format,
-            dtype=dtype, backbone=backbone, progress=True)
+    imported, skipped = import_features(
+        directory, out, fps=fps, clip_len=clip_len, clip_stride=clip_stride,
+        frame_interval=frame_interval, annotations=annotations, format=store_format,
+        dtype=dtype, backbone=backbone, progress=True)
     click.echo(f"imported {imported} video(s) into {out}; {skipped} already there")
