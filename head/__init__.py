@@ -1,6 +1,6 @@
 """The anchor-free ActionFormer-style detection head: model, targets, losses, NMS, post-processing."""
 from head.model import THUMOS_REGRESSION_RANGES, ActionFormerHead
-from head.nms import batched_nms, segment_iou
+from head.nms import batched_nms, segment_iou, suppress
 from head.postprocess import postprocess
 from head.targets import Points, assign_targets, make_points
 

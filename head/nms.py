@@ -40,6 +40,26 @@ def suppression_weight(iou, method: str, iou_threshold: float, sigma: float):
     raise ValueError(f"unknown NMS method {method!r}; choose one of {METHODS}")
 
 
+def suppress(segments, scores, labels, method: str = "soft", iou_threshold: float = 0.5,
+             sigma: float = 0.5, min_score: float = 0.001, max_segments: int | None = None,
+             voting_iou: float | None = None):
+    """One video's final detections: per-class NMS (or ``method="none"``: rank only), then
+    optional score-weighted boundary voting among the candidates overlapping each kept segment
+    by ``voting_iou``. Returns (segments, scores, labels), best first.
+    """
+    if method == "none":
+        order = scores.argsort(descending=True, stable=True)[:max_segments]
+        kept = segments[order], scores[order], labels[order]
+    else:
+        kept = batched_nms(segments, scores, labels, method, iou_threshold, sigma, min_score,
+                           max_segments)
+    kept_segments, kept_scores, kept_labels = kept
+    if voting_iou is not None and kept_segments.shape[0]:
+        kept_segments = segment_voting(kept_segments, kept_labels, segments, scores, labels,
+                                       voting_iou)
+    return kept_segments, kept_scores, kept_labels
+
+
 def batched_nms(segments, scores, labels, method: str = "soft", iou_threshold: float = 0.5,
                 sigma: float = 0.5, min_score: float = 0.001, max_segments: int | None = None):
     """Per-class NMS of one video's detections.

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from head.nms import batched_nms, segment_voting
+from head.nms import suppress
 
 
 def decode_level(cls_logits, offsets, mask, stride: int, score_threshold: float, top_k: int,
@@ -50,16 +50,9 @@ def postprocess(out: dict, strides, score_threshold: float = 0.001, pre_nms_top_
                                               strides)
         ]
         segments, scores, labels = (torch.cat(parts) for parts in zip(*levels))
-        if nms_method == "none":
-            order = scores.argsort(descending=True, stable=True)[:max_segments]
-            kept = segments[order], scores[order], labels[order]
-        else:
-            kept = batched_nms(segments, scores, labels, nms_method, iou_threshold, sigma,
-                               min_score, max_segments)
-        kept_segments, kept_scores, kept_labels = kept
-        if voting_iou is not None and kept_segments.shape[0]:
-            kept_segments = segment_voting(kept_segments, kept_labels, segments, scores, labels,
-                                           voting_iou)
+        kept_segments, kept_scores, kept_labels = suppress(
+            segments, scores, labels, nms_method, iou_threshold, sigma, min_score, max_segments,
+            voting_iou)
         detections.append({"segments": kept_segments, "scores": kept_scores,
                            "labels": kept_labels})
     return detections

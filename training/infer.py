@@ -106,18 +106,15 @@ def predict(model, dataset: StoreDataset, eval_config, device, classes, amp=True
 
 def _suppress(parts, eval_config):
     """Per-class NMS over the candidates of all pieces of one video, then boundary voting."""
-    from head.nms import batched_nms, segment_voting
+    from head.nms import suppress
 
     segments = torch.cat([p["segments"].double() for p in parts])
     scores = torch.cat([p["scores"].float().cpu() for p in parts]).double()
     labels = torch.cat([p["labels"].cpu() for p in parts])
-    kept = batched_nms(segments, scores, labels, eval_config.nms, eval_config.iou_threshold,
-                       eval_config.nms_sigma, eval_config.score_threshold,
-                       eval_config.max_segments)
-    kept_segments, kept_scores, kept_labels = kept
-    if eval_config.voting_iou is not None and len(kept_scores):
-        kept_segments = segment_voting(kept_segments, kept_labels, segments, scores, labels,
-                                       eval_config.voting_iou)
+    kept_segments, kept_scores, kept_labels = suppress(
+        segments, scores, labels, eval_config.nms, eval_config.iou_threshold,
+        eval_config.nms_sigma, eval_config.score_threshold, eval_config.max_segments,
+        eval_config.voting_iou)
     return kept_segments.numpy(), kept_scores.numpy(), kept_labels.numpy()
 
 
