@@ -5,4 +5,4 @@ from head.postprocess import postprocess
 from head.targets import Points, assign_targets, make_points
 
 __all__ = ["ActionFormerHead", "THUMOS_REGRESSION_RANGES", "Points", "assign_targets",
-           "batched_nms", "make_points", "postprocess", "segment_iou"]
+           "batched_nms", "make_points", "postprocess", "segment_iou", "suppress"]
