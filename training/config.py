@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -242,6 +243,10 @@ def _describe(hint) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[hint]
 
 
+def _finite_and_at_least(value: float, low: float) -> bool:
+    return math.isfinite(value) and value >= low
+
+
 def _check_values(config: Config, source: str) -> None:
     """Range and choice checks that types alone cannot express."""
     checks = [
@@ -265,12 +270,25 @@ def _check_values(config: Config, source: str) -> None:
          and config.train.batch_size % config.train.micro_batch == 0,
          "positive and a divisor of train.batch_size"),
         ("optim.ema_decay", 0 <= config.optim.ema_decay < 1, "in [0, 1)"),
-        ("optim.clip_grad", config.optim.clip_grad >= 0, "zero or more"),
-        ("optim.warmup_epochs", config.optim.warmup_epochs >= 0, "zero or more"),
+        *((f"optim.{name}", _finite_and_at_least(getattr(config.optim, name), 0),
+           "finite and zero or more")
+          for name in ("lr_head", "lr_adapter", "weight_decay", "warmup_epochs", "clip_grad")),
         ("eval.every", config.eval.every >= 0, "zero or more"),
+        ("eval.max_videos", config.eval.max_videos is None or config.eval.max_videos > 0,
+         "positive or null"),
+        ("eval.pre_nms_topk", config.eval.pre_nms_topk > 0, "positive"),
+        ("eval.max_segments", config.eval.max_segments > 0, "positive"),
         ("eval.nms", config.eval.nms in ("soft", "linear", "hard"), "soft, linear or hard"),
         ("eval.tiou_thresholds", bool(config.eval.tiou_thresholds)
          and all(0 < t < 1 for t in config.eval.tiou_thresholds), "a non-empty list in (0, 1)"),
+        ("eval.score_threshold", 0 <= config.eval.score_threshold <= 1, "in [0, 1]"),
+        ("eval.min_duration", _finite_and_at_least(config.eval.min_duration, 0),
+         "finite and zero or more"),
+        ("eval.nms_sigma", _finite_and_at_least(config.eval.nms_sigma, 0)
+         and config.eval.nms_sigma > 0, "finite and positive"),
+        ("eval.iou_threshold", 0 <= config.eval.iou_threshold <= 1, "in [0, 1]"),
+        ("eval.voting_iou", config.eval.voting_iou is None or 0 <= config.eval.voting_iou <= 1,
+         "in [0, 1] or null"),
     ]
     for key, ok, expected in checks:
         if not ok:

@@ -56,6 +56,12 @@ class Detector(nn.Module):
                                  max_segments=eval_config.pre_nms_topk * len(self.head.strides))
 
 
+# Config sizes beyond these are refused before anything is built: a billion blocks would take
+# hours to construct even on the meta device, and a billion-wide layer cannot be allocated.
+MAX_REPEATED_LAYERS = 64  # per head.num_levels, num_embed_convs, num_stem_blocks, tower_depth
+MAX_ELEMENTS = 2 ** 31  # parameters and buffers at the placeholder widths below (8 GiB fp32)
+
+
 def constructor_problem(model_config, head_config) -> str | None:
     """What LoSA's or the head's constructor says about these config sections, if anything.
 
@@ -65,16 +71,25 @@ def constructor_problem(model_config, head_config) -> str | None:
     from adapt import LoSA
     from head import ActionFormerHead
 
-    with torch.device("meta"):
-        try:
-            if model_config.type == "losa":
-                LoSA(dim=8, num_layers=1, num_tokens=1, **dataclasses.asdict(model_config.losa))
-        except (ValueError, TypeError) as err:
-            return f"model.losa: {err}"
-        try:
-            ActionFormerHead(in_dim=8, num_classes=2, **head_arguments(head_config))
-        except (ValueError, TypeError) as err:
-            return f"head: {err}"
+    for name in ("num_levels", "num_embed_convs", "num_stem_blocks", "tower_depth"):
+        if getattr(head_config, name) > MAX_REPEATED_LAYERS:
+            return f"head.{name}: must be at most {MAX_REPEATED_LAYERS}"
+    builders = [("head", lambda: ActionFormerHead(in_dim=8, num_classes=2,
+                                                  **head_arguments(head_config)))]
+    if model_config.type == "losa":
+        builders.insert(0, ("model.losa", lambda: LoSA(
+            dim=8, num_layers=1, num_tokens=1, **dataclasses.asdict(model_config.losa))))
+    for section, build in builders:
+        with torch.device("meta"):
+            try:
+                module = build()
+            except (ValueError, TypeError) as err:
+                return f"{section}: {err}"
+            except RuntimeError:  # torch: "Storage size calculation overflowed"
+                return f"{section}: too large to build"
+        elements = sum(t.numel() for t in (*module.parameters(), *module.buffers()))
+        if elements > MAX_ELEMENTS:
+            return f"{section}: {elements:.3g} weights, more than the {MAX_ELEMENTS:.3g} allowed"
     return None
 
 
