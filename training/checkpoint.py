@@ -62,7 +62,73 @@ def load(path) -> dict:
     missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
     if missing:
         raise input_error(path, f"checkpoint lacks {', '.join(missing)}")
+    problem = field_problem(checkpoint)
+    if problem:
+        raise input_error(path, f"checkpoint {problem}")
     return checkpoint
+
+
+def field_problem(checkpoint: dict) -> str | None:
+    """What is wrong with the type of a checkpoint field, if anything.
+
+    The file may have been edited or come from elsewhere: a field of the wrong type must be
+    refused here, by name, rather than surface as a TypeError deep inside torch.
+    """
+    def count(value):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    def state_dict(value):
+        return isinstance(value, dict) and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+
+    signature = checkpoint["store"]
+    best = checkpoint.get("best")
+    checks = [
+        ("epoch", count(checkpoint["epoch"]), "a count"),
+        ("step", count(checkpoint["step"]), "a count"),
+        ("model", state_dict(checkpoint["model"]), "a state dict of tensors"),
+        ("ema", state_dict(checkpoint["ema"]), "a state dict of tensors"),
+        ("optimizer", isinstance(checkpoint["optimizer"], dict)
+         and isinstance(checkpoint["optimizer"].get("state"), dict)
+         and isinstance(checkpoint["optimizer"].get("param_groups"), list),
+         "an optimizer state dict"),
+        ("config", isinstance(checkpoint["config"], dict), "an object"),
+        ("classes", isinstance(checkpoint["classes"], list) and checkpoint["classes"]
+         and all(isinstance(c, str) for c in checkpoint["classes"]), "a list of class names"),
+        ("store", isinstance(signature, dict) and isinstance(signature.get("layers"), list)
+         and all(count(layer) for layer in signature["layers"]),
+         "a store signature with a list of layers"),
+        ("best", best is None or (isinstance(best, dict) and count(best.get("epoch"))
+                                  and isinstance(best.get("average_map"), float)),
+         "null or {epoch, average_map}"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            return f"field '{key}' is not {expected}"
+    return None
+
+
+def load_into(target, state: dict, path, field: str) -> None:
+    """``target.load_state_dict(state)`` for a module or an optimizer; a checkpoint whose
+    weights do not fit (missing keys, other shapes, other parameter groups) is one line."""
+    try:
+        target.load_state_dict(state)
+        if isinstance(target, torch.optim.Optimizer):
+            _check_optimizer_shapes(target)
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        problem = " ".join(str(err).split())
+        raise input_error(path, f"weights do not fit the model its config describes "
+                          f"({field}: {problem[:300]})") from None
+
+
+def _check_optimizer_shapes(optimizer) -> None:
+    """load_state_dict checks group sizes only; a moment of another shape would fail mid-step."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.ndim and value.shape != param.shape:
+                    raise ValueError(f"state '{name}' of shape {list(value.shape)} for a "
+                                     f"parameter of shape {list(param.shape)}")
 
 
 def store_signature(store, layers) -> dict:

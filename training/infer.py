@@ -68,12 +68,7 @@ def build_trained_detector(state: dict, store, path) -> Detector:
     config = Config.from_dict(state["config"], f"{path} (config)")
     model = Detector(store.feature_dim, len(state["classes"]), len(state["store"]["layers"]),
                      store.num_tokens, config.model, config.head)
-    try:
-        model.load_state_dict(state["ema"])
-    except RuntimeError as err:
-        problem = " ".join(str(err).split())
-        raise input_error(path, f"weights do not fit the model its config describes: "
-                          f"{problem[:300]}") from None
+    ckpt.load_into(model, state["ema"], path, "ema")
     return model.eval()
 
 
