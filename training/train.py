@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from losa_tal import InputError, input_error
+from store import locks
 from store.errors import storage_errors
 from training import checkpoint as ckpt
 from training import distributed
@@ -41,10 +42,38 @@ def train(config: Config, store_path=None, annotations_path=None, out_dir="runs/
     """Train a detector; returns the final log record (epoch, step, best mAP, run directory)."""
     world = distributed.start(prefer_cuda=True)
     try:
-        return Trainer(world, config, store_path, annotations_path, out_dir, resume,
-                       progress).run()
+        with exclusive_run_directory(Path(out_dir), world):
+            return Trainer(world, config, store_path, annotations_path, out_dir, resume,
+                           progress).run()
     finally:
         distributed.stop(world)
+
+
+RUN_LOCK = "run.lock"
+
+
+@contextlib.contextmanager
+def exclusive_run_directory(out_dir: Path, world):
+    """Hold the run directory for one run: two runs on one --out would interleave log.jsonl
+    and overwrite each other's checkpoints. The main process holds an flock, which the kernel
+    drops however the process ends, so a killed run never blocks its --resume."""
+    if not world.is_main:
+        yield
+        return
+    created = not out_dir.exists()
+    with storage_errors(out_dir, "cannot write the run directory"):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = locks.acquire(str(out_dir / RUN_LOCK))
+    if lock is None:
+        raise input_error(out_dir, "another training run is writing to it right now; wait for "
+                          "it to end, or choose another --out")
+    try:
+        yield
+    finally:
+        locks.release(lock, remove_path=str(out_dir / RUN_LOCK))
+        if created:
+            with contextlib.suppress(OSError):  # only if empty: refused before writing anything
+                out_dir.rmdir()
 
 
 class Trainer:
@@ -266,10 +295,13 @@ class Trainer:
         if state["classes"] != self.classes:
             raise input_error(self.annotations_path, f"its classes differ from those {path} was "
                               "trained on")
+        if state["epoch"] > self.config.train.epochs:
+            raise input_error(path, f"is at epoch {state['epoch']}, beyond the run's "
+                              f"train.epochs {self.config.train.epochs}")
         ckpt.check_store_matches(state["store"], self.store, self.store_path, path)
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        ckpt.load_into(self.model, state["model"], path, "model")
+        ckpt.load_into(self.ema, state["ema"], path, "ema")
+        ckpt.load_into(self.optimizer, state["optimizer"], path, "optimizer")
         self.epoch, self.step, self.best = state["epoch"], state["step"], state.get("best")
         self._log({"event": "resume", "epoch": self.epoch, "step": self.step})
 
