@@ -394,6 +394,13 @@ HOSTILE_CHECKPOINTS = {  # name -> builder(trained fixture, marker path) -> byte
     "config with a NaN": lambda t, m: _config_with(t["state"], "eval.score_threshold",
                                                    float("nan")),
     "config with an unknown key": lambda t, m: _config_with(t["state"], "head.bogus", 1),
+    "a NaN weight": lambda t, m: _with(t["state"], ema={
+        **t["state"]["ema"], "head.cls_tower.predict.conv.bias": torch.full_like(
+            t["state"]["ema"]["head.cls_tower.predict.conv.bias"], float("nan"))}),
+    "a weight of another shape": lambda t, m: _with(t["state"], ema={
+        **t["state"]["ema"], "head.cls_tower.predict.conv.weight": torch.zeros(1)}),
+    "a weight missing": lambda t, m: _with(t["state"], ema={
+        k: v for k, v in t["state"]["ema"].items() if k != "losa.gates"}),
     "more classes than weights": lambda t, m: _with(t["state"], classes=["A", "B", "C", "D"]),
     "classes that are not names": lambda t, m: _with(
         t["state"], classes=list(range(len(t["state"]["classes"])))),
@@ -409,6 +416,14 @@ RESUME_ONLY = {
         key, value) for key in ("epoch", "step", "model", "optimizer", "best")
        for value in (None, "x", [], {"a": 1}, -3) if (key, value) != ("best", None)},
     "epoch beyond the run": lambda t, m: _with(t["state"], epoch=99),
+    "a training weight of another shape": lambda t, m: _with(t["state"], model={
+        **t["state"]["model"], "losa.gates": torch.zeros(7)}),
+    "an optimizer moment of another shape": lambda t, m: _with(t["state"], optimizer={
+        **t["state"]["optimizer"], "state": {
+            index: {**moments, "exp_avg": torch.zeros(3)}
+            for index, moments in t["state"]["optimizer"]["state"].items()}}),
+    "an optimizer missing its parameter groups": lambda t, m: _with(t["state"], optimizer={
+        "state": {}, "param_groups": []}),
 }
 
 

@@ -105,6 +105,11 @@ def field_problem(checkpoint: dict) -> str | None:
     for key, ok, expected in checks:
         if not ok:
             return f"field '{key}' is not {expected}"
+    for key in ("model", "ema"):  # NaN weights would predict NaN scores without a word
+        broken = [name for name, value in checkpoint[key].items()
+                  if value.is_floating_point() and not torch.isfinite(value).all()]
+        if broken:
+            return f"field '{key}' holds NaN or infinite weights ({', '.join(broken[:3])})"
     return None
 
 
