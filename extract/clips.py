@@ -13,6 +13,8 @@ the next video.
 from __future__ import annotations
 
 import os
+import re
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,22 @@ VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".m
 MAX_DECODE_BYTES = 128 * 2**20
 
 
+# Crash-test hook (tests/test_extract_faults.py): with LOSA_TAL_KILL_AT="decode:3" set, the
+# process SIGKILLs itself the third time it passes the point named "decode" (points: decode here;
+# write, commit and published in pipeline.py). Unset, a point costs one environment lookup.
+KILL_AT_ENV = "LOSA_TAL_KILL_AT"
+_points_passed: dict = {}
+
+
+def fault_point(name: str) -> None:
+    target = os.environ.get(KILL_AT_ENV)
+    if not target or target.partition(":")[0] != name:
+        return
+    _points_passed[name] = _points_passed.get(name, 0) + 1
+    if _points_passed[name] == int(target.partition(":")[2] or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class VideoError(Exception):
     """A video that cannot be decoded (corrupt, truncated, empty, not a video)."""
 
@@ -37,20 +55,31 @@ class VideoError(Exception):
 # one that computes every output value on its own, or (for outputs with H + W <= 128, or
 # C == 3 on one thread, as in DataLoader workers) a channels-last one that vectorises across
 # planes and treats leftover planes differently in the last bit. We interpolate [3, F, H, W]
-# frames at once; padding F to a multiple of 16 where the channels-last path could apply makes
-# every plane take the same path, with the same arithmetic, as in the official call.
+# frames at once, taking the official call's path: for real sizes the generic one (F == 3 is
+# split as 2 + 1 to stay off the channels-last path); for tiny outputs (smoke tests) the
+# channels-last one, with F padded to a multiple of 16 so that no plane is a leftover. That
+# padding costs up to 16 input frames of float32, so huge frames at a tiny size use a lot of
+# transient memory (2.3 GB at 4000x3000); the 224 protocol never pads.
 PLANE_GROUP = 16
+SMALL_OUTPUT = 128  # H + W at or below which PyTorch always takes the channels-last path
 
 
 def _bilinear(planes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """[3, F, H, W] -> [3, F, *size]: bilinear, align_corners=False, no antialias."""
     count = planes.shape[1]
-    padding = -count % PLANE_GROUP if (sum(size) <= 128 or count == 3) else 0
+    if sum(size) > SMALL_OUTPUT:
+        if count == 3:
+            return torch.cat([_interpolate(planes[:, :2], size), _interpolate(planes[:, 2:], size)],
+                             dim=1)
+        return _interpolate(planes, size)
+    padding = -count % PLANE_GROUP
     if padding:
         planes = torch.cat([planes, planes.new_zeros(3, padding, *planes.shape[2:])], dim=1)
-    resized = F.interpolate(planes, size=size, mode="bilinear", align_corners=False,
-                            antialias=False)
-    return resized[:, :count]
+    return _interpolate(planes, size)[:, :count]
+
+
+def _interpolate(planes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(planes, size=size, mode="bilinear", align_corners=False, antialias=False)
 
 
 def scale_frames(frames: torch.Tensor, protocol: SamplingProtocol) -> torch.Tensor:
@@ -98,6 +127,14 @@ def open_video(path: str | os.PathLike, num_threads: int = 1) -> VideoSource:
     """Open a video with decord; any problem becomes a VideoError with a short reason."""
     import decord
 
+    # FFmpeg's own log lines (``moov atom not found``...) would interleave with the progress
+    # bar; the reason still reaches the user through the exception and the run's summary.
+    decord.logging.set_level(decord.logging.QUIET)
+    try:
+        if os.path.getsize(path) == 0:
+            raise VideoError("empty file")
+    except OSError as err:
+        raise VideoError(f"cannot read: {err.strerror}") from None
     try:
         reader = decord.VideoReader(str(path), num_threads=num_threads)
         num_frames = len(reader)
@@ -112,9 +149,15 @@ def open_video(path: str | os.PathLike, num_threads: int = 1) -> VideoSource:
     return VideoSource(reader, num_frames, fps, int(height), int(width))
 
 
+# decord's C++ messages start "[10:31:29] /src/video/video_reader.cc:151: Check failed: ..."
+_DECORD_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (?:Check failed: .*?ERROR )?")
+
+
 def _first_line(err: Exception) -> str:
+    """The gist of a decoder exception: its first line, without decord's source location."""
     text = str(err).strip().splitlines()
-    return text[0][:200] if text else type(err).__name__
+    line = _DECORD_PREFIX.sub("", text[0]) if text else ""
+    return line[:200] or type(err).__name__
 
 
 def decode_frames(source: VideoSource, indices: np.ndarray,
@@ -132,6 +175,7 @@ def decode_frames(source: VideoSource, indices: np.ndarray,
                              f"{_first_line(err)}") from None
         if raw.shape[0] != len(wanted):
             raise VideoError(f"decoded {raw.shape[0]} frames, expected {len(wanted)}")
+        fault_point("decode")
         scaled.append(scale_frames(torch.from_numpy(raw), protocol))
     return torch.cat(scaled)
 
@@ -170,29 +214,33 @@ def gather_clips(frames: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 class ClipChunks(torch.utils.data.IterableDataset):
-    """The chunks of many videos, sharded over DataLoader workers.
+    """The chunks of many videos, decoded in DataLoader workers.
 
-    ``videos`` is a list of ``(video_id, path)``; worker w of n takes items w, w+n, ... so that
-    each video is decoded by exactly one worker, in clip order. ``wanted(video_id)`` is asked
-    just before a video is opened (to skip videos finished or taken by another extractor
-    meanwhile); a skipped video yields a ``skipped`` item.
+    ``videos`` yields ``(video_id, path)``: a list is split between the workers (worker w of n
+    takes items w, w+n, ...); any other iterable (a queue that the main process fills with
+    claimed videos) is read as it is, by whichever worker is free. Either way each video is
+    decoded by exactly one worker, in clip order. A video that cannot be decoded yields one
+    ``failed`` item, possibly after some of its chunks. A ``None`` from the iterable (nothing to
+    do yet) is passed on as an ``idle`` item, so the main process hears that a worker waits.
     """
 
     def __init__(self, videos, protocol: SamplingProtocol, clips_per_chunk: int,
-                 wanted=None, decode_threads: int = 1):
-        self.videos = list(videos)
+                 decode_threads: int = 1):
+        self.videos = videos
         self.protocol = protocol
         self.clips_per_chunk = clips_per_chunk
-        self.wanted = wanted
         self.decode_threads = decode_threads
 
     def __iter__(self):
         worker = torch.utils.data.get_worker_info()
-        share = self.videos if worker is None else self.videos[worker.id::worker.num_workers]
-        for video, path in share:
-            if self.wanted is not None and not self.wanted(video):
-                yield {"kind": "skipped", "video": video}
+        videos = self.videos
+        if isinstance(videos, (list, tuple)) and worker is not None:
+            videos = videos[worker.id::worker.num_workers]
+        for entry in videos:
+            if entry is None:
+                yield {"kind": "idle"}
                 continue
+            video, path = entry
             try:
                 yield from iter_chunks(video, path, self.protocol, self.clips_per_chunk,
                                        self.decode_threads)
@@ -204,9 +252,15 @@ def make_loader(dataset: ClipChunks, num_workers: int, pin_memory: bool):
     """A DataLoader that decodes ahead of the backbone in ``num_workers`` processes.
 
     Workers start by forkserver, not fork: a fork copies whatever locks the parent's decoder
-    and thread pools hold at that instant (and a CUDA context), which can hang the child.
+    and thread pools hold at that instant (and a CUDA context), which can hang the child. The
+    fork server imports this module (and so torch and decord) once, before anything else runs
+    in it, and each worker is a fork of it that starts at once.
     """
+    context = None
+    if num_workers:
+        context = torch.multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-        multiprocessing_context="forkserver" if num_workers else None,
+        multiprocessing_context=context,
         prefetch_factor=4 if num_workers else None, persistent_workers=False)

@@ -1,0 +1,459 @@
+"""Run extraction into a feature store: claim videos, decode them ahead, encode, publish.
+
+One process (one torchrun rank) works like this:
+
+    claim a video in the store --> DataLoader workers decode it into chunks (clips.py)
+      --> clips of several videos fill a batch --> backbone.forward_taps (bf16 on a GPU)
+      --> last-layer vector + each chosen layer pooled to K tokens (pooling.py)
+      --> the video's store writer; commit once all its clips are written --> release it
+
+The main process claims each video (an ``flock`` held until the video is published), so two
+extractors on one store, or torchrun ranks, never do the same video, and a killed run's videos
+are free again for the resume. Workers receive claimed videos through a queue: a worker that
+finishes a long video takes the next one, whatever its length. Videos already complete in the
+store are skipped; a video that cannot be decoded is recorded as failed, and the others go on.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import queue as queue_module
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from extract.backbone import backbone_config, build_backbone, load_checkpoint
+from extract.clips import (VIDEO_EXTENSIONS, ClipChunks, fault_point, gather_clips,
+                           make_loader)
+from extract.pooling import check_grid, pool_tokens
+from extract.protocol import SamplingProtocol
+from losa_tal import input_error
+from store import LAST, FeatureStore
+
+
+@dataclass
+class ExtractionSettings:
+    """Everything one extraction needs; ``commands.extract`` builds it from the command line."""
+
+    videos: list  # [(video_id, path)], this run's candidates (all ranks)
+    store: str
+    backbone: str | dict  # preset name or constructor kwargs
+    protocol: SamplingProtocol = field(default_factory=SamplingProtocol)
+    layers: list = field(default_factory=list)  # block indices (negative counts from the end)
+    tokens: tuple = (1, 1, 1)
+    checkpoint: str | None = None  # None: random weights from ``seed``
+    seed: int = 0
+    batch_size: int = 32
+    num_workers: int = 4
+    device: str = "auto"
+    format: str | None = None  # zarr, hdf5, or None (by the store path)
+    compile: bool = False
+    backbone_source: str = "--backbone"  # where the backbone spec came from, for messages
+
+
+@dataclass
+class ExtractionSummary:
+    done: list = field(default_factory=list)  # video ids encoded and published by this process
+    already: list = field(default_factory=list)  # complete in the store before we got to them
+    taken: list = field(default_factory=list)  # claimed by another extractor at the time
+    failed: dict = field(default_factory=dict)  # {video_id: reason}
+    clips: int = 0
+    seconds: float = 0.0
+    compute_seconds: float = 0.0  # time inside the backbone (synchronised), for the benchmark
+
+    @property
+    def clips_per_second(self) -> float:
+        return self.clips / self.seconds if self.seconds > 0 else 0.0
+
+
+# -- choosing videos ----------------------------------------------------------------------------
+def find_videos(folder, ids=None) -> tuple[list, list]:
+    """``([(video_id, path)], missing_ids)`` for the video files directly in ``folder``.
+
+    Without ``ids`` every file with a video extension is taken, its id the file name without the
+    extension. With ``ids`` (from an annotation file) only those, matched by file name or by
+    ``v_<id>`` (ActivityNet's file names); ids without a file are returned as missing.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise input_error(folder, "video folder not found")
+    by_stem = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() in VIDEO_EXTENSIONS and path.is_file():
+            if path.stem in by_stem:
+                raise input_error(folder, f"two files for video {path.stem!r}: "
+                                  f"{by_stem[path.stem].name} and {path.name}; keep one")
+            by_stem[path.stem] = path
+    if ids is None:
+        if not by_stem:
+            raise input_error(folder, f"no video files ({', '.join(VIDEO_EXTENSIONS)})")
+        return sorted(by_stem.items()), []
+    found, missing = [], []
+    for video_id in ids:
+        path = by_stem.get(video_id) or by_stem.get(f"v_{video_id}")
+        (found.append((video_id, path)) if path else missing.append(video_id))
+    if not found:
+        raise input_error(folder, f"none of the {len(missing)} annotated videos is here "
+                          f"(e.g. {missing[0]!r})" if missing else "no annotated videos")
+    return sorted(found), missing
+
+
+def annotated_ids(path, subset=None) -> list[str]:
+    """Video ids of an annotation file (ActivityNet layout), all subsets unless one is named."""
+    from evaluation import load_annotations
+
+    annotations = load_annotations(path)
+    if subset is not None:
+        return list(annotations.videos(subset))
+    if not annotations.subsets:
+        return list(annotations.videos())
+    return list(dict.fromkeys(vid for name in annotations.subsets
+                              for vid in annotations.videos(name)))
+
+
+def rank_share(videos: list) -> list:
+    """This torchrun rank's videos (every WORLD_SIZE-th); all of them outside torchrun."""
+    rank, world = distributed_rank()
+    return videos[rank::world]
+
+
+def distributed_rank() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+# -- the model ----------------------------------------------------------------------------------
+class Encoder:
+    """The frozen backbone and what is kept of it per clip: the last-layer vector and K pooled
+    tokens of each chosen block."""
+
+    def __init__(self, settings: ExtractionSettings, device: torch.device):
+        protocol = settings.protocol
+        # The clip geometry is the protocol's; record it in the backbone's own arguments too.
+        self.config = backbone_config(settings.backbone, source=settings.backbone_source,
+                                      img_size=protocol.img_size, all_frames=protocol.clip_len)
+        torch.manual_seed(settings.seed)  # random-init weights: the same in every process
+        model = build_backbone(self.config, source=settings.backbone_source)
+        self.sha256 = load_checkpoint(model, settings.checkpoint) if settings.checkpoint else None
+        self.layers = model.block_indices(settings.layers)
+        if len(set(self.layers)) != len(self.layers):
+            raise input_error("--layers", f"a block is listed twice: {settings.layers}")
+        self.grid = model.token_grid_for(protocol.clip_len, protocol.img_size, protocol.img_size)
+        self.tokens = tuple(settings.tokens)
+        if self.layers:
+            check_grid(self.tokens, self.grid)
+        self.feature_dim = model.embed_dim
+        self.device = device
+        self.model = model.eval().requires_grad_(False).to(device)
+        self._taps = torch.compile(self.model.forward_taps) if settings.compile \
+            else self.model.forward_taps
+
+    def backbone_record(self, settings: ExtractionSettings) -> dict:
+        preset = settings.backbone if isinstance(settings.backbone, str) else \
+            settings.backbone.get("preset")
+        checkpoint = None if settings.checkpoint is None else \
+            {"file": Path(settings.checkpoint).name, "sha256": self.sha256}
+        return {"preset": preset, "kwargs": self.config, "checkpoint": checkpoint,
+                "random_init_seed": None if settings.checkpoint else settings.seed}
+
+    @torch.inference_mode()
+    def __call__(self, clips: torch.Tensor) -> dict:
+        """Clips [B, 3, T, S, S] -> {LAST: float32 [B, D], block: float32 [B, K, D]} (numpy)."""
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" \
+            else contextlib.nullcontext()
+        with autocast:
+            pooled, taps = self._taps(clips, self.layers)
+            features = {LAST: pooled.float()}
+            for layer, tokens in zip(self.layers, taps):
+                features[layer] = pool_tokens(tokens, self.grid, self.tokens)
+        return {layer: values.cpu().numpy() for layer, values in features.items()}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise input_error("--device", f"unknown device {name!r} (auto, cpu, cuda, cuda:N)") \
+            from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise input_error("--device", f"{name} requested but no CUDA device is available")
+    return device
+
+
+def store_meta(encoder: Encoder, settings: ExtractionSettings) -> dict:
+    return {"backbone": encoder.backbone_record(settings),
+            "protocol": settings.protocol.to_dict(),
+            "layers": encoder.layers,
+            "tokens": list(encoder.tokens) if encoder.layers else None,
+            "feature_dim": encoder.feature_dim,
+            "dtype": "float16"}
+
+
+# -- claiming and writing videos ----------------------------------------------------------------
+class Claims:
+    """Hands out videos claimed in the store, one at a time, and holds each claim until the video
+    is finished (published or failed)."""
+
+    def __init__(self, store: FeatureStore, videos: list, summary: ExtractionSummary):
+        self.store, self.summary = store, summary
+        self._pending = iter(videos)
+        self._held = {}  # video_id -> ExitStack holding its claim
+        self.exhausted = False
+
+    def next(self):
+        """The next video this process now owns, as ``(video_id, path)``; None when none is left."""
+        for video_id, path in self._pending:
+            stack = contextlib.ExitStack()
+            if not stack.enter_context(self.store.claim(video_id)):
+                stack.close()
+                self.summary.taken.append(video_id)
+            elif video_id in self.store:
+                stack.close()
+                self.summary.already.append(video_id)
+            else:
+                self._held[video_id] = stack
+                return video_id, str(path)
+        self.exhausted = True
+        return None
+
+    def __iter__(self):  # the in-process feed (no DataLoader workers): claim as decoding needs
+        while (item := self.next()) is not None:
+            yield item
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def release(self, video_id):
+        self._held.pop(video_id).close()
+
+    def release_all(self):
+        for video_id in list(self._held):
+            self.release(video_id)
+
+
+class QueueFeed:
+    """Videos for DataLoader workers, read from a queue the main process fills with claimed videos.
+
+    A worker never blocks on an empty queue: the DataLoader returns items in worker order, so the
+    main process may be waiting for exactly this worker and would never refill the queue. After
+    ``IDLE_SECONDS`` without a video it yields None (an ``idle`` item), and the main process
+    claims one more video. A ``STOP`` ends the worker.
+    """
+
+    STOP = "stop"
+    IDLE_SECONDS = 0.05
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def __iter__(self):
+        while True:
+            try:
+                item = self.queue.get(timeout=self.IDLE_SECONDS)
+            except queue_module.Empty:
+                yield None
+                continue
+            if item == self.STOP:
+                return
+            yield item
+
+
+class OpenVideo:
+    """A video being written: its store writer and how many of its clips are written."""
+
+    def __init__(self, store, chunk, protocol):
+        info = chunk["info"]
+        self.num_clips = chunk["num_clips"]
+        self.times = protocol.feature_times(info["num_frames"], info["fps"])
+        self.writer = store.video_writer(chunk["video"], self.num_clips, info)
+        self.written = 0
+
+    def write(self, start, features) -> bool:
+        """Write clips; True once the whole video is written."""
+        self.writer.write(start, features)
+        self.written += len(features[LAST])
+        fault_point("write")
+        return self.written == self.num_clips
+
+
+# -- the run ------------------------------------------------------------------------------------
+class Extraction:
+    """One process's extraction run; see the module docstring."""
+
+    def __init__(self, settings: ExtractionSettings, store: FeatureStore, encoder: Encoder,
+                 summary: ExtractionSummary, progress):
+        self.settings, self.store, self.encoder = settings, store, encoder
+        self.summary, self.progress = summary, progress
+        self.started = time.perf_counter()
+        self.open = {}  # video_id -> OpenVideo
+        self.batch = []  # [(video_id, first_clip, clips)] waiting for the backbone
+        self.batch_clips = 0
+
+    def run(self, claims: Claims):
+        settings = self.settings
+        workers = settings.num_workers
+        pin = self.encoder.device.type == "cuda"
+        if workers:
+            feed = torch.multiprocessing.get_context("forkserver").Queue()
+            dataset = ClipChunks(QueueFeed(feed), settings.protocol, settings.batch_size)
+            # Two claimed videos per worker, so a worker that finishes one finds the next waiting;
+            # each video finished (published or failed) is replaced, and an idle worker gets one.
+            self._feed = lambda: self._refill(claims, feed, 2 * workers)
+            self._feed()
+        else:
+            dataset = ClipChunks(claims, settings.protocol, settings.batch_size)
+            self._feed = lambda: None
+        for item in make_loader(dataset, workers, pin):
+            if item["kind"] == "idle":  # only with workers: one more video for the idle one
+                self._refill(claims, feed, claims.held + 1)
+            elif item["kind"] == "failed":
+                self._fail(item["video"], item["error"], claims)
+            else:
+                self._add_chunk(item, claims)
+        self._encode_batch(claims)  # the tail
+        if self.open:  # cannot happen unless a worker lost a chunk; never publish a partial video
+            raise RuntimeError(f"videos left incomplete: {sorted(self.open)}")
+
+    def _refill(self, claims, feed, depth):
+        """Claim videos for the workers until ``depth`` are held; STOP them when none is left."""
+        while not claims.exhausted and claims.held < depth:
+            video = claims.next()
+            if video is not None:
+                feed.put(video)
+                continue
+            for _ in range(self.settings.num_workers):
+                feed.put(QueueFeed.STOP)
+        self._tick()
+
+    def _add_chunk(self, chunk, claims):
+        video = chunk["video"]
+        if video not in self.open:
+            self.open[video] = OpenVideo(self.store, chunk, self.settings.protocol)
+        clips = gather_clips(chunk["frames"].to(self.encoder.device, non_blocking=True),
+                             chunk["index"].to(self.encoder.device, non_blocking=True))
+        self.batch.append((video, chunk["first_clip"], clips))
+        self.batch_clips += len(clips)
+        while self.batch_clips >= self.settings.batch_size:
+            self._encode_batch(claims)
+
+    def _encode_batch(self, claims):
+        """Encode up to batch_size waiting clips and hand each video its features."""
+        size = self.settings.batch_size
+        parts, taken = [], 0
+        while self.batch and taken < size:
+            video, first, clips = self.batch.pop(0)
+            if taken + len(clips) > size:  # split: the rest waits for the next batch
+                cut = size - taken
+                self.batch.insert(0, (video, first + cut, clips[cut:]))
+                clips = clips[:cut]
+            parts.append((video, first, clips))
+            taken += len(clips)
+        self.batch_clips -= taken
+        if not parts:
+            return
+        started = time.perf_counter()
+        features = self.encoder(torch.cat([clips for _, _, clips in parts]))
+        self.summary.compute_seconds += time.perf_counter() - started
+        self.summary.clips += taken
+        offset = 0
+        for video, first, clips in parts:
+            count = len(clips)
+            own = {layer: values[offset:offset + count] for layer, values in features.items()}
+            offset += count
+            if self.open[video].write(first, own):
+                self._publish(video, claims)
+        self._tick()
+
+    def _publish(self, video, claims):
+        opened = self.open.pop(video)
+        fault_point("commit")
+        if opened.writer.commit(opened.times):
+            self.summary.done.append(video)
+        else:  # another writer published it first (possible only without claims)
+            self.summary.already.append(video)
+        fault_point("published")
+        claims.release(video)
+        self._feed()
+
+    def _fail(self, video, reason, claims):
+        opened = self.open.pop(video, None)
+        if opened is not None:  # decoding broke mid-video: drop what was written
+            opened.writer.discard()
+        self.batch = [part for part in self.batch if part[0] != video]
+        self.batch_clips = sum(len(part[2]) for part in self.batch)
+        self.summary.failed[video] = reason
+        tqdm.write(f"skipped video {video!r}: {reason}", file=sys.stderr)
+        claims.release(video)
+        self._feed()
+
+    def abandon(self):
+        """After an error: drop the unfinished videos (nothing partial is ever published)."""
+        for opened in self.open.values():
+            opened.writer.discard()
+        self.open.clear()
+
+    def _tick(self):
+        if self.progress is None:
+            return
+        summary = self.summary
+        finished = len(summary.done) + len(summary.already) + len(summary.taken) + \
+            len(summary.failed)
+        elapsed = time.perf_counter() - self.started
+        self.progress.set_postfix(clips_s=f"{summary.clips / max(elapsed, 1e-9):.1f}",
+                                  failed=len(summary.failed), refresh=False)
+        self.progress.update(finished - self.progress.n)
+
+
+def run_extraction(settings: ExtractionSettings, show_progress: bool = True,
+                   store_ready=None) -> ExtractionSummary:
+    """Extract ``settings.videos`` (this rank's share) into the store; returns what happened.
+
+    ``store_ready(store)`` is called once the store is created or opened (tests use it).
+    """
+    if settings.batch_size < 1 or settings.num_workers < 0:
+        raise input_error("--batch-size" if settings.batch_size < 1 else "--num-workers",
+                          "must be positive")
+    device = pick_device(settings.device)
+    encoder = Encoder(settings, device)
+    videos = rank_share(settings.videos)
+    summary = ExtractionSummary()
+    started = time.perf_counter()
+    with FeatureStore.create(settings.store, store_meta(encoder, settings),
+                             format=settings.format) as store:
+        if store_ready is not None:
+            store_ready(store)
+        rank, world = distributed_rank()
+        progress = tqdm(total=len(videos), unit="video", disable=not show_progress,
+                        desc="extract" if world == 1 else f"extract rank {rank}")
+        extraction = Extraction(settings, store, encoder, summary, progress)
+        claims = Claims(store, videos, summary)
+        try:
+            extraction.run(claims)
+        finally:
+            extraction.abandon()
+            claims.release_all()
+            progress.close()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def format_summary(summary: ExtractionSummary, missing=()) -> str:
+    """The lines printed at the end of a run."""
+    lines = [f"extracted {len(summary.done)} videos ({summary.clips} clips, "
+             f"{summary.clips_per_second:.1f} clips/s); {len(summary.already)} already in the "
+             f"store; {len(summary.taken)} taken by another extractor; "
+             f"{len(summary.failed)} failed"]
+    lines += [f"  failed: {reason}" for _, reason in sorted(summary.failed.items())]
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        lines.append(f"  {len(missing)} annotated videos have no file in the folder: {shown}")
+    return "\n".join(lines)
+
