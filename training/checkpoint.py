@@ -15,6 +15,8 @@ resumed from the end of epoch n draws exactly what an uninterrupted run would.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from pathlib import Path
 
@@ -34,13 +36,23 @@ def save(path, checkpoint: dict) -> None:
     new one; a write failure is a one-line error naming the file."""
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
+    # Serialised in memory first: torch.save's zip writer turns a failed write (a full disk)
+    # into a RuntimeError without the errno; a plain file write keeps it.
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **checkpoint}, buffer)
     with storage_errors(path, "cannot write the checkpoint (the previous one is intact)",
-                        on_error=lambda: partial.unlink(missing_ok=True)):
+                        on_error=lambda: discard(partial)):
         with open(partial, "wb") as handle:
-            torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **checkpoint}, handle)
+            handle.write(buffer.getbuffer())
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(partial, path)
+
+
+def discard(path: Path) -> None:
+    """Remove a partial file if the file system lets us (a read-only one does not)."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
 
 
 def load(path) -> dict:

@@ -13,6 +13,7 @@ feature times the store recorded for that video.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -149,4 +150,6 @@ def write_predictions(path, predictions: dict) -> None:
         partial.write_text(json.dumps(predictions))
         os.replace(partial, path)
     except OSError as err:
+        with contextlib.suppress(OSError):  # a half-written file would only hold on to space
+            partial.unlink(missing_ok=True)
         raise InputError(f"{path}: cannot write predictions ({err.strerror or err})") from None
