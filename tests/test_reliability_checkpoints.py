@@ -8,6 +8,7 @@ file and leave the model untouched: never another exception, never code executio
 """
 import pickle
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -39,7 +40,8 @@ odd_value = st.sampled_from([None, 3, "weights", [1.0, 2.0], {"a": 1}, 1.5])
 # Each key edit takes the flat state dict and returns the edited one.
 key_edits = st.one_of(
     key.map(lambda k: lambda s: {n: v for n, v in s.items() if n != k}),  # missing
-    st.tuples(key, st.sampled_from(["x.", "encoder.", "decoder.", "blocks.9.", "module."])).map(
+    # ("encoder." + a key that is also there plain: see test_a_weight_given_twice_is_refused)
+    st.tuples(key, st.sampled_from(["x.", "decoder.", "blocks.9.", "module."])).map(
         lambda kp: lambda s: {**s, kp[1] + kp[0]: GOOD[kp[0]]}),  # extra
     st.tuples(key, st.lists(st.integers(0, 5), max_size=3)).map(  # another shape
         lambda ks: lambda s: {**s, ks[0]: torch.zeros(ks[1])}),
@@ -143,3 +145,15 @@ def test_pickled_payloads_never_run(tmp_path):
         assert message is not None, name
         assert_refused_cleanly(message, after, path)
     assert not marker.exists()
+
+
+@pytest.mark.xfail(strict=True, reason="extract/backbone.py loads the plain key and ignores its "
+                   "encoder.* twin silently; reported to the extraction engineer")
+def test_a_weight_given_twice_is_refused(tmp_path):
+    """A file holding ``x`` and ``encoder.x`` with different values is ambiguous."""
+    name = KEYS[0]
+    path = tmp_path / "twice.pth"
+    torch.save({**GOOD, name: GOOD[name] + 1, f"encoder.{name}": GOOD[name]}, path)
+    message, after = load_outcome(path)
+    assert message is not None, "one of two different values was chosen silently"
+    assert_refused_cleanly(message, after, path)
