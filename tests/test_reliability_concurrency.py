@@ -172,6 +172,7 @@ def test_two_importers_fill_one_store_at_once(tmp_path):
     assert verify_store(fs).bad == {}
 
 
+@pytest.mark.slow
 def test_two_trainings_into_one_run_directory_do_not_both_write_it(tmp_path):
     """Two runs started on one --out at once would interleave log.jsonl and overwrite each
     other's checkpoints: one must refuse with a one-line error naming the directory."""
