@@ -131,20 +131,27 @@ def test_files_cut_short_are_refused_by_name(tmp_path, cut, flip):
     assert_refused_cleanly(message, after, path)
 
 
+PICKLED = {
+    "torch.save of an object": lambda p, marker: torch.save(
+        {**GOOD, "x": CodeExecution(marker)}, p),
+    "plain pickle": lambda p, marker: p.write_bytes(
+        pickle.dumps({"model": CodeExecution(marker)})),
+    "pickle protocol 0": lambda p, marker: p.write_bytes(pickle.dumps(CodeExecution(marker), 0)),
+}
+
+
 def test_pickled_payloads_never_run(tmp_path):
     marker = tmp_path / "code_ran"
-    payloads = {
-        "torch.save of an object": lambda p: torch.save({**GOOD, "x": CodeExecution(marker)}, p),
-        "plain pickle": lambda p: p.write_bytes(pickle.dumps({"model": CodeExecution(marker)})),
-        "pickle protocol 0": lambda p: p.write_bytes(pickle.dumps(CodeExecution(marker), 0)),
-    }
-    for name, write in payloads.items():
+    for name, write in PICKLED.items():
         path = tmp_path / f"{name}.pth"
-        write(path)
+        write(path, marker)
         message, after = load_outcome(path)
         assert message is not None, name
         assert_refused_cleanly(message, after, path)
     assert not marker.exists()
+
+
+test_pickled_payloads_never_run.reliability_cases = len(PICKLED)
 
 
 @pytest.mark.xfail(strict=True, reason="extract/backbone.py loads the plain key and ignores its "

@@ -336,6 +336,9 @@ def test_hostile_config_values_are_refused_naming_the_config(tmp_path):
     assert_nothing_outside(tmp_path, *(config for config, _, _ in cases))
 
 
+test_hostile_config_values_are_refused_naming_the_config.reliability_cases = len(CONFIG_CASES)
+
+
 # ---------------------------------------------------------------------------------------------
 # infer --checkpoint / train --resume: hostile checkpoints
 
