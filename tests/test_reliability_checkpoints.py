@@ -10,11 +10,12 @@ import pickle
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from extract.backbone import VideoMAEv2, load_checkpoint
 from losa_tal import InputError
+from test_reliability_inputs import CodeExecution, fuzz
 
 TINY = dict(img_size=32, patch_size=8, in_chans=3, num_classes=0, embed_dim=32, depth=2,
             num_heads=4, mlp_ratio=2.0, qkv_bias=True, init_values=0.0, all_frames=4,
@@ -23,16 +24,6 @@ MODEL = VideoMAEv2(**TINY).eval()
 GOOD = {name: torch.randn(value.shape, generator=torch.Generator().manual_seed(index)) * 0.05
         for index, (name, value) in enumerate(MODEL.state_dict().items())}
 KEYS = sorted(GOOD)
-
-
-class CodeExecution:
-    """Unpickling this would create the marker file."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 key = st.sampled_from(KEYS)
@@ -72,12 +63,6 @@ def unwrapped(saved) -> dict:
         return {}
     inner = saved.get("model", saved.get("module", saved))
     return {n.removeprefix("encoder."): v for n, v in inner.items()}
-
-
-def fuzz(examples):
-    return settings(max_examples=examples, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                           HealthCheck.too_slow])
 
 
 def load_outcome(path):
