@@ -380,7 +380,7 @@ def load_checkpoint(model: VideoMAEv2, path: str | Path) -> str:
         raise input_error(path, "checkpoint file not found")
     digest = _sha256(path)
     state = _unwrap_state_dict(_torch_load(path), path)
-    state = _drop_fixed_position_table(_encoder_of(state), model, path)
+    state = _drop_fixed_position_table(_encoder_of(state, path), model, path)
     if model.num_classes == 0:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
     _check_keys(state, model, path)
@@ -431,7 +431,7 @@ def _unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def _encoder_of(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _encoder_of(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
     """A pretraining checkpoint's encoder under the model's key names; others left as they are."""
     if not any(k.startswith("encoder.") for k in state):
         return state
@@ -439,6 +439,10 @@ def _encoder_of(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # Anything neither encoder nor decoder stays, so that the key check reports it.
     leftovers = {k: v for k, v in state.items()
                  if not k.startswith("encoder.") and not k.startswith(_DECODER_KEYS)}
+    twice = sorted(encoder.keys() & leftovers.keys())
+    if twice:  # which of the two copies is meant cannot be known
+        raise input_error(path, f"weights given twice, plain and under 'encoder.': "
+                          f"{', '.join(twice[:5])}")
     return {**encoder, **leftovers}
 
 

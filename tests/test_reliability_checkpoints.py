@@ -139,8 +139,6 @@ def test_pickled_payloads_never_run(tmp_path):
 test_pickled_payloads_never_run.reliability_cases = len(PICKLED)
 
 
-@pytest.mark.xfail(strict=True, reason="extract/backbone.py loads the plain key and ignores its "
-                   "encoder.* twin silently; reported to the extraction engineer")
 def test_a_weight_given_twice_is_refused(tmp_path):
     """A file holding ``x`` and ``encoder.x`` with different values is ambiguous."""
     name = KEYS[0]
