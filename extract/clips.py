@@ -12,6 +12,7 @@ the next video.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import signal
@@ -251,16 +252,26 @@ class ClipChunks(torch.utils.data.IterableDataset):
 def make_loader(dataset: ClipChunks, num_workers: int, pin_memory: bool):
     """A DataLoader that decodes ahead of the backbone in ``num_workers`` processes.
 
-    Workers start by forkserver, not fork: a fork copies whatever locks the parent's decoder
-    and thread pools hold at that instant (and a CUDA context), which can hang the child. The
-    fork server imports this module (and so torch and decord) once, before anything else runs
-    in it, and each worker is a fork of it that starts at once.
+    Workers start by spawn: not fork, because a fork copies whatever locks the parent's decoder
+    and thread pools hold at that instant (and a CUDA context), which can hang the child; not
+    forkserver, because its workers are children of the fork server, so nothing notices when the
+    main process dies, and a killed extraction would leave its workers (and the fork server they
+    keep alive) running.
     """
-    context = None
-    if num_workers:
-        context = torch.multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([__name__])
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-        multiprocessing_context=context,
+        multiprocessing_context="spawn" if num_workers else None,
+        worker_init_fn=_die_with_parent if num_workers else None,
         prefetch_factor=4 if num_workers else None, persistent_workers=False)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(_worker_id):
+    """On Linux the kernel kills a worker the moment its main process dies, however it dies;
+    elsewhere PyTorch's watchdog ends it within a few seconds."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass

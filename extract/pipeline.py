@@ -231,6 +231,9 @@ class Claims:
     def held(self) -> int:
         return len(self._held)
 
+    def held_ids(self) -> list:
+        return sorted(self._held)
+
     def release(self, video_id):
         self._held.pop(video_id).close()
 
@@ -302,7 +305,7 @@ class Extraction:
         workers = settings.num_workers
         pin = self.encoder.device.type == "cuda"
         if workers:
-            feed = torch.multiprocessing.get_context("forkserver").Queue()
+            feed = torch.multiprocessing.get_context("spawn").Queue()
             dataset = ClipChunks(QueueFeed(feed), settings.protocol, settings.batch_size)
             # Two claimed videos per worker, so a worker that finishes one finds the next waiting;
             # each video finished (published or failed) is replaced, and an idle worker gets one.
@@ -311,7 +314,7 @@ class Extraction:
         else:
             dataset = ClipChunks(claims, settings.protocol, settings.batch_size)
             self._feed = lambda: None
-        for item in make_loader(dataset, workers, pin):
+        for item in self._items(make_loader(dataset, workers, pin), claims):
             if item["kind"] == "idle":  # only with workers: one more video for the idle one
                 self._refill(claims, feed, claims.held + 1)
             elif item["kind"] == "failed":
@@ -321,6 +324,25 @@ class Extraction:
         self._encode_batch(claims)  # the tail
         if self.open:  # cannot happen unless a worker lost a chunk; never publish a partial video
             raise RuntimeError(f"videos left incomplete: {sorted(self.open)}")
+
+    @staticmethod
+    def _items(loader, claims):
+        """The loader's items; a worker that died (killed, out of memory, or crashed inside the
+        decoder) becomes one clear error instead of the DataLoader's traceback."""
+        items = iter(loader)
+        while True:
+            try:
+                yield next(items)
+            except StopIteration:
+                return
+            except RuntimeError as err:
+                if "DataLoader worker" not in str(err):
+                    raise
+                raise input_error("--num-workers", "a decoding worker died (killed, out of "
+                                  "memory, or crashed in the decoder) while decoding one of: "
+                                  f"{', '.join(claims.held_ids())}; nothing partial was kept, "
+                                  "run again to resume (with --num-workers 0 to see whether "
+                                  "one video crashes the decoder)") from None
 
     def _refill(self, claims, feed, depth):
         """Claim videos for the workers until ``depth`` are held; STOP them when none is left."""
