@@ -61,7 +61,7 @@ def extract(ctx, preset, videos_dir, store_path, backbone, checkpoint, random_in
     torchrun ranks) may share one store. A video that cannot be decoded is reported and
     skipped; the exit status is then 1.
     """
-    from extract.pipeline import (ExtractionSettings, annotated_ids, find_videos,
+    from extract.pipeline import (ExtractionSettings, annotated_durations, find_videos,
                                   format_summary, run_extraction)
     from extract.pooling import parse_tokens
     from extract.protocol import SamplingProtocol
@@ -94,9 +94,10 @@ def extract(ctx, preset, videos_dir, store_path, backbone, checkpoint, random_in
         raise input_error(config["annotations"], "annotation file not found; " + hints.get(
             "annotations", "check the path given to --annotations"))
 
-    ids = annotated_ids(config["annotations"], config["subset"]) if config.get("annotations") \
-        else None
-    videos, missing = find_videos(config["videos"], ids)
+    durations = annotated_durations(config["annotations"], config["subset"]) \
+        if config.get("annotations") else {}
+    videos, missing = find_videos(config["videos"],
+                                  list(durations) if config.get("annotations") else None)
     settings = ExtractionSettings(
         videos=videos, store=config["store"],
         backbone=_backbone_spec(config["backbone"]), backbone_source=str(config["backbone"]),
@@ -104,7 +105,8 @@ def extract(ctx, preset, videos_dir, store_path, backbone, checkpoint, random_in
         layers=_parse_layers(config["layers"]), tokens=parse_tokens(config["tokens"]),
         checkpoint=config.get("checkpoint"), seed=config["seed"],
         batch_size=config["batch_size"], num_workers=config["num_workers"],
-        device=config["device"], format=config["format"], compile=compile_model)
+        device=config["device"], format=config["format"], compile=compile_model,
+        expected_durations={vid: d for vid, d in durations.items() if d})
     with _rank_group() as total_failures:
         summary = run_extraction(settings, show_progress=not no_progress)
         failures = total_failures(len(summary.failed))

@@ -53,6 +53,9 @@ class ExtractionSettings:
     format: str | None = None  # zarr, hdf5, or None (by the store path)
     compile: bool = False
     backbone_source: str = "--backbone"  # where the backbone spec came from, for messages
+    # {video_id: seconds} from the annotations: a video that decodes much shorter is reported
+    # (a download cut short in a container without an index decodes up to the cut, silently).
+    expected_durations: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -61,6 +64,7 @@ class ExtractionSummary:
     already: list = field(default_factory=list)  # complete in the store before we got to them
     taken: list = field(default_factory=list)  # claimed by another extractor at the time
     failed: dict = field(default_factory=dict)  # {video_id: reason}
+    warnings: dict = field(default_factory=dict)  # {video_id: problem}, extracted all the same
     clips: int = 0
     seconds: float = 0.0
     compute_seconds: float = 0.0  # time inside the backbone (synchronised), for the benchmark
@@ -102,17 +106,15 @@ def find_videos(folder, ids=None) -> tuple[list, list]:
     return sorted(found), missing
 
 
-def annotated_ids(path, subset=None) -> list[str]:
-    """Video ids of an annotation file (ActivityNet layout), all subsets unless one is named."""
+def annotated_durations(path, subset=None) -> dict:
+    """``{video_id: duration in seconds or None}`` of an annotation file (ActivityNet layout),
+    all subsets unless one is named."""
     from evaluation import load_annotations
 
     annotations = load_annotations(path)
-    if subset is not None:
-        return list(annotations.videos(subset))
-    if not annotations.subsets:
-        return list(annotations.videos())
-    return list(dict.fromkeys(vid for name in annotations.subsets
-                              for vid in annotations.videos(name)))
+    names = [subset] if subset is not None or not annotations.subsets else annotations.subsets
+    return {vid: video.duration for name in names
+            for vid, video in annotations.videos(name).items()}
 
 
 def rank_share(videos: list) -> list:
@@ -287,6 +289,11 @@ class OpenVideo:
         return self.written == self.num_clips
 
 
+# A decoded video this much shorter than annotated is reported: seconds, and fraction of it.
+SHORT_TOLERANCE_S = 1.0
+SHORT_TOLERANCE = 0.02
+
+
 # -- the run ------------------------------------------------------------------------------------
 class Extraction:
     """One process's extraction run; see the module docstring."""
@@ -359,6 +366,7 @@ class Extraction:
         video = chunk["video"]
         if video not in self.open:
             self.open[video] = OpenVideo(self.store, chunk, self.settings.protocol)
+            self._check_duration(video, chunk["info"]["duration"])
         clips = gather_clips(chunk["frames"].to(self.encoder.device, non_blocking=True),
                              chunk["index"].to(self.encoder.device, non_blocking=True))
         self.batch.append((video, chunk["first_clip"], clips))
@@ -415,6 +423,14 @@ class Extraction:
         tqdm.write(f"skipped video {video!r}: {reason}", file=sys.stderr)
         claims.release(video)
         self._feed()
+
+    def _check_duration(self, video, decoded):
+        expected = self.settings.expected_durations.get(video)
+        if expected and decoded < expected - max(SHORT_TOLERANCE_S, SHORT_TOLERANCE * expected):
+            problem = (f"decodes to {decoded:.2f} s but the annotations say {expected:.2f} s "
+                       "(a truncated file?); extracted as decoded")
+            self.summary.warnings[video] = problem
+            tqdm.write(f"warning: video {video!r} {problem}", file=sys.stderr)
 
     def abandon(self):
         """After an error: drop the unfinished videos (nothing partial is ever published)."""
@@ -474,6 +490,8 @@ def format_summary(summary: ExtractionSummary, missing=()) -> str:
              f"store; {len(summary.taken)} taken by another extractor; "
              f"{len(summary.failed)} failed"]
     lines += [f"  failed: {reason}" for _, reason in sorted(summary.failed.items())]
+    lines += [f"  warning: video {vid!r} {problem}" for vid, problem in
+              sorted(summary.warnings.items())]
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         lines.append(f"  {len(missing)} annotated videos have no file in the folder: {shown}")

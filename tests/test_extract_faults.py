@@ -8,9 +8,10 @@ Cases per category, for the reliability totals (this file):
   disk/permissions 1   ENOSPC in the middle of a video, then the rerun
   concurrency 3    three extractors at once; two workers fed many short videos and a long one;
                    an extractor resuming while another holds a claim
-  hostile inputs 10    empty, truncated MP4, truncated MKV, random bytes, zero frames, one frame,
-                   4000x3000, variable frame rate, wrong extension (each on its own), and all of
-                   them at once through the command line with decoding workers
+  hostile inputs 11    empty, truncated MP4, truncated MKV, random bytes, zero frames, one frame,
+                   4000x3000, variable frame rate, wrong extension (each on its own), all of
+                   them at once through the command line with decoding workers, and a file
+                   that decodes shorter than annotated (reported)
   determinism 1    torchrun with 2 processes equals 1 process
 """
 import contextlib
@@ -334,6 +335,19 @@ def test_a_hostile_video_is_skipped_with_one_line_or_extracted(kind, tmp_path):
         reason = summary.failed[stem]
         assert reason.startswith(f"{name}: {HOSTILE[kind]}") and "\n" not in reason, reason
         assert len(reason) < 300 and stem not in fs
+
+
+def test_a_video_decoding_shorter_than_annotated_is_reported(tmp_path):
+    folder = tmp_path / "videos"
+    videos = write_videos(folder, {"good.mkv": (20, 30)})
+    name = hostile("truncated_mkv", folder)  # 90 frames, 3 s, cut in half
+    videos.append((Path(name).stem, str(folder / name)))
+    settings = settings_for(videos, tmp_path / "s.zarr",
+                            expected_durations={"good": 20 / 30, "cut_mkv": 3.0})
+    summary = run_extraction(settings, show_progress=False)
+    assert sorted(summary.done) == ["cut_mkv", "good"] and list(summary.warnings) == ["cut_mkv"]
+    assert summary.warnings["cut_mkv"].endswith("the annotations say 3.00 s (a truncated "
+                                                "file?); extracted as decoded")
 
 
 @pytest.mark.slow

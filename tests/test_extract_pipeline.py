@@ -11,6 +11,7 @@ determinism 2 (Zarr equals HDF5; the CLI with 2 workers equals the in-process ru
 crashes 0, disk/permissions 0, concurrency 0.
 """
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -260,6 +261,9 @@ def test_cli_annotations_choose_the_videos_and_name_the_missing_ones(tmp_path):
     assert "extracted 1 videos" in result.stdout
     assert "211 annotated videos have no file in the folder: video_test_0000006, " \
         in result.stdout
+    # Our stand-in is 20 frames long; the real video is not: reported, like a truncated file.
+    assert re.search(r"warning: video 'video_test_0000004' decodes to 0.67 s but the "
+                     r"annotations say \d+\.\d\d s \(a truncated file\?\)", result.stdout)
     assert FeatureStore.open(store).videos() == ["video_test_0000004"]
     result = run_cli(*args, "--subset", "testing")  # no such subset: refused, not empty
     assert result.exit_code == 2 and "testing" in result.stderr and "Test" in result.stderr
