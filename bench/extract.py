@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""How fast is stage one, and does decoding hide behind the backbone?
+
+Writes a few synthetic videos (H.264, 320x180 like most THUMOS-14 files; PyAV, a test
+dependency), then extracts them three ways in one run, with the same random-init backbone
+(default ViT-S), protocol (16-frame clips every 4 frames, 224x224) and layout:
+
+  pipeline      ``run_extraction``: decoding workers, each frame decoded and resized once,
+                clips batched across videos, writes into a feature store;
+  naive loop    one video at a time in the main process: decode every frame, resize each clip
+                as the official TAL script does (each frame four times), encode, write;
+  compute only  the backbone alone on as many clips, already in memory.
+
+Each is run ``--repeats`` times, interleaved, and the fastest run counts (the machine may be
+shared). It prints clips/s for each, the pipeline's speed-up over the naive loop, and the ratio
+of pipeline time to compute-only time (1.0 = decoding and writing fully hidden; the goal is
+<= 1.15). The pipeline's time includes starting its decoding workers (seconds, once per run). With CUDA it also times ViT-g in bf16 (clips/s, peak GPU memory, model-FLOP
+utilisation against the device's dense bf16 peak); without, it says those figures were skipped.
+
+    python bench/extract.py [--backbone vit_s] [--videos 2] [--frames 48] [--batch-size 8]
+                            [--num-workers 1] [--layers 3,7] [--tokens 2x2x2] [--repeats 3]
+                            [--gpu-clips 256]
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from extract.backbone import build_backbone, count_parameters  # noqa: E402
+from extract.pipeline import (Encoder, ExtractionSettings, pick_device,  # noqa: E402
+                              run_extraction, store_meta)
+from extract.pooling import parse_tokens  # noqa: E402
+from extract.protocol import SamplingProtocol  # noqa: E402
+from store import FeatureStore  # noqa: E402
+from tests.videos import write_video  # noqa: E402
+
+# Dense bf16 tensor-core peaks (FLOP/s) for the model-FLOP utilisation figure.
+BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backbone", default="vit_s")
+    parser.add_argument("--videos", type=int, default=2)
+    parser.add_argument("--frames", type=int, default=48, help="frames per video")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--layers", default="3,7")
+    parser.add_argument("--tokens", default="2x2x2")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gpu-clips", type=int, default=256, help="ViT-g clips timed on CUDA")
+    return parser.parse_args()
+
+
+def write_videos(folder, count, frames) -> list:
+    videos = []
+    for index in range(count):
+        path = os.path.join(folder, f"video_{index}.mp4")
+        write_video(path, frames, height=180, width=320, seed=index)
+        videos.append((f"video_{index}", path))
+    return videos
+
+
+def run_pipeline(settings):
+    summary = run_extraction(settings, show_progress=False)
+    return summary.clips, summary.seconds
+
+
+def run_naive(settings, encoder):
+    """Decode-then-encode, one video at a time, no workers: the plain script."""
+    import decord
+
+    protocol, clips_done = settings.protocol, 0
+    started = time.perf_counter()
+    with FeatureStore.create(settings.store, store_meta(encoder, settings)) as store:
+        for video_id, path in settings.videos:
+            reader = decord.VideoReader(path, num_threads=1)
+            frames = torch.from_numpy(reader.get_batch(list(range(len(reader)))).asnumpy())
+            fps = float(reader.get_avg_fps())
+            starts = range(0, len(frames) - protocol.clip_len + 1, protocol.clip_stride)
+            features = []
+            for first in range(0, len(starts), settings.batch_size):
+                clips = torch.stack([official_clip(frames, s, protocol.img_size)
+                                     for s in starts[first:first + settings.batch_size]])
+                features.append(encoder(clips))
+            layers = {layer: torch.cat([torch.from_numpy(f[layer]) for f in features]).numpy()
+                      for layer in features[0]}
+            info = {"fps": fps, "num_frames": len(frames), "duration": len(frames) / fps}
+            store.write_video(video_id, layers, protocol.feature_times(len(frames), fps), info)
+            clips_done += len(starts)
+    return clips_done, time.perf_counter() - started
+
+
+def official_clip(frames, start, size):
+    """The official TAL transform of one clip: [T, H, W, C] uint8 -> [C, T, S, S] in [0, 1]."""
+    clip = frames[start:start + 16].permute(3, 0, 1, 2).float() / 255
+    return F.interpolate(clip, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def run_compute_only(settings, encoder, num_clips):
+    size, length = settings.protocol.img_size, settings.protocol.clip_len
+    clips = torch.rand(settings.batch_size, 3, length, size, size)
+    started = time.perf_counter()
+    for first in range(0, num_clips, settings.batch_size):
+        encoder(clips[:min(settings.batch_size, num_clips - first)])
+    return num_clips, time.perf_counter() - started
+
+
+def gpu_vit_g(num_clips, batch_size=32):
+    """ViT-g bf16 on the first CUDA device: clips/s, peak memory, model-FLOP utilisation."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = build_backbone("vit_g").eval().requires_grad_(False).to(device)
+    clips = torch.rand(batch_size, 3, 16, 224, 224, device=device)
+    name = torch.cuda.get_device_name(device)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        model.forward_taps(clips, [7, 15, 23, 31])  # warm-up: kernel choice, allocator
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        done = 0
+        while done < num_clips:
+            model.forward_taps(clips, [7, 15, 23, 31])
+            done += batch_size
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+    rate = done / seconds
+    tokens = 8 * 16 * 16
+    dim, depth = model.embed_dim, model.depth
+    # Per clip: 2 FLOPs per multiply-add over the parameters for every token, plus attention.
+    flops = 2 * tokens * count_parameters(model) + 4 * depth * tokens * tokens * dim
+    peak = next((value for key, value in BF16_PEAK.items() if key in name), None)
+    mfu = f"{100 * rate * flops / peak:.0f}%" if peak else "unknown peak"
+    print(f"{name}: ViT-g bf16 {rate:.1f} clips/s (batch {batch_size}), peak memory "
+          f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB, MFU {mfu}")
+
+
+def main():
+    args = parse_args()
+    cpu = pick_device("cpu")
+    with tempfile.TemporaryDirectory() as folder:
+        videos = write_videos(folder, args.videos, args.frames)
+
+        def settings(store):
+            return ExtractionSettings(
+                videos=videos, store=os.path.join(folder, store), backbone=args.backbone,
+                protocol=SamplingProtocol(), layers=[int(x) for x in args.layers.split(",")],
+                tokens=parse_tokens(args.tokens), batch_size=args.batch_size,
+                num_workers=args.num_workers, device="cpu", backbone_source="--backbone")
+
+        encoder = Encoder(settings("naive.zarr"), cpu)
+        print(f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads): "
+              f"{args.backbone} random weights ({count_parameters(encoder.model) / 1e6:.0f} M "
+              f"parameters), {args.videos} videos x {args.frames} frames 320x180, 224x224 "
+              f"clips, batch {args.batch_size}, layers {args.layers}, tokens {args.tokens}, "
+              f"best of {args.repeats}")
+        results = {}
+        for repeat in range(args.repeats):
+            runs = {"pipeline": run_pipeline(settings(f"pipeline{repeat}.zarr")),
+                    "naive loop": run_naive(settings(f"naive{repeat}.zarr"), encoder)}
+            runs["compute only"] = run_compute_only(settings(""), encoder, runs["pipeline"][0])
+            for name, (clips, seconds) in runs.items():
+                results[name] = min(results.get(name, (clips, seconds)), (clips, seconds),
+                                    key=lambda run: run[1])
+    for name, (clips, seconds) in results.items():
+        print(f"  {name:<13} {clips} clips in {seconds:6.1f} s = {clips / seconds:6.2f} clips/s")
+    pipeline, naive, compute = (results[k][1] / results[k][0] for k in results)
+    print(f"  pipeline speed-up over the naive loop: {naive / pipeline:.2f}x")
+    print(f"  pipeline time / compute-only time: {pipeline / compute:.2f} (goal <= 1.15; "
+          f"{args.num_workers} decoding worker(s) share the CPU with the backbone here)")
+    if torch.cuda.is_available():
+        gpu_vit_g(args.gpu_clips)
+    else:
+        print("GPU figures (ViT-g bf16 clips/s, peak memory, MFU) skipped: no CUDA device")
+
+
+if __name__ == "__main__":
+    main()
