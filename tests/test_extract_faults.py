@@ -43,6 +43,11 @@ from tests.videos import write_empty, write_random_bytes, write_truncated, write
 FAULT_VIDEOS = {"v0.mkv": (108, 30), "v1.mp4": (68, 25), "v2.avi": (52, 30), "v3.mkv": (28, 30)}
 
 
+def extract(videos, path, **hooks):
+    """The faults' extraction in this process: batches of 3 clips, no workers."""
+    return run_extraction(settings_for(videos, path, batch_size=3), show_progress=False, **hooks)
+
+
 @pytest.fixture(scope="module")
 def fault_videos(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fault_videos")
@@ -53,7 +58,7 @@ def fault_videos(tmp_path_factory):
 def reference(fault_videos, tmp_path_factory):
     """What every run below must end with: one uninterrupted in-process run."""
     path = tmp_path_factory.mktemp("reference") / "reference.zarr"
-    run_extraction(settings_for(fault_videos[1], path, batch_size=3), show_progress=False)
+    extract(fault_videos[1], path)
     return store_contents(path)
 
 
@@ -174,16 +179,15 @@ def test_disk_full_mid_video_is_one_error_and_the_rerun_completes(
         return await original_set(self, key, value)
 
     monkeypatch.setattr(zarr.storage.LocalStore, "set", counting_set)
-    settings = settings_for(videos, tmp_path / "dry.zarr", batch_size=3)
-    run_extraction(settings, show_progress=False)
+    extract(videos, tmp_path / "dry.zarr")
     full_after[0], writes[:] = len(writes) // 2, []  # the disk fills up halfway through
     path = tmp_path / "s.zarr"
     with pytest.raises(InputError, match="no space left on the device"):
-        run_extraction(settings_for(videos, path, batch_size=3), show_progress=False)
+        extract(videos, path)
     monkeypatch.undo()
     verify(path)
     assert 0 < len(assert_complete_videos_are_right(path, reference)) < len(reference)
-    summary = run_extraction(settings_for(videos, path, batch_size=3), show_progress=False)
+    summary = extract(videos, path)
     assert summary.already and summary.done and not summary.failed
     assert_same_contents(store_contents(path), reference)
 
@@ -245,11 +249,10 @@ def test_a_video_claimed_by_another_extractor_is_left_to_it(fault_videos, refere
         other = FeatureStore.create(path, store.meta)
         assert seen["claim"].enter_context(other.claim("v1"))
 
-    summary = run_extraction(settings_for(videos, path, batch_size=3), show_progress=False,
-                             store_ready=hold_v1)
+    summary = extract(videos, path, store_ready=hold_v1)
     assert summary.taken == ["v1"] and sorted(summary.done) == ["v0", "v2", "v3"]
     seen["claim"].close()
-    summary = run_extraction(settings_for(videos, path, batch_size=3), show_progress=False)
+    summary = extract(videos, path)
     assert summary.done == ["v1"]
     assert_same_contents(store_contents(path), reference)
 
