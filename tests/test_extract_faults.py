@@ -3,7 +3,7 @@ ranks, and hostile video files. Every store is compared bit for bit with an unin
 single-process run of the same extraction (``reference`` below).
 
 Cases per category, for the reliability totals (this file):
-  crashes 6        SIGKILL while decoding, mid-write and between videos (Zarr), mid-write and
+  crashes 7        SIGKILL while decoding, mid-write and between videos (Zarr), mid-write and
                    before the commit (HDF5), the main process with decoding workers, a worker
   disk/permissions 1   ENOSPC in the middle of a video, then the rerun
   concurrency 3    three extractors at once; two workers fed many short videos and a long one;
