@@ -17,13 +17,17 @@ CATEGORIES = [  # (category, file, test-name regex); the first match wins
     ("crashes", "test_store_faults.py", r"test_(sigkill|hdf5_writer_killed|hdf5_append_killed|"
                                         r"journal_roll_back)"),
     ("crashes", "test_training.py", r"test_sigkill"),
+    ("crashes", "test_extract_faults.py", r"test_(sigkill|killed)"),
     ("disk full and permissions", "test_reliability_storage.py", r""),
     ("disk full and permissions", "test_store_faults.py", r"test_(zarr_write_failure|"
                                                           r"zarr_publish_failure|"
                                                           r"hdf5_write_failure|read_only)"),
     ("disk full and permissions", "test_evaluation_cli.py", r"test_(outputs_that_cannot|"
                                                             r"existing_report_survives)"),
+    ("disk full and permissions", "test_extract_faults.py", r"test_disk_full"),
     ("concurrency", "test_reliability_concurrency.py", r""),
+    ("concurrency", "test_extract_faults.py", r"test_(three_extractors|two_workers|"
+                                              r"a_video_claimed)"),
     ("concurrency", "test_store_faults.py", r"test_(three_writers|racing_writers|"
                                             r"a_live_writers)"),
     ("concurrency", "test_store.py", r"test_claims_are_exclusive"),
@@ -42,9 +46,14 @@ CATEGORIES = [  # (category, file, test-name regex); the first match wins
     ("hostile inputs", "test_config.py", r"test_(bad_keys|unreadable_files|bad_overrides)"),
     ("hostile inputs", "test_training.py", r"test_(wrong_checkpoints|missing_store|"
                                            r"store_lacking)"),
+    ("hostile inputs", "test_extract_faults.py", r"test_(a_hostile_video|a_video_decoding|"
+                                                 r"all_hostile)"),
+    ("hostile inputs", "test_extract_pipeline.py", r"test_(cli_bad_options|append_with_another|"
+                                                   r"cli_with_workers_skips)"),
     ("determinism", "test_reliability_determinism.py", r""),
+    ("determinism", "test_extract_faults.py", r"test_torchrun"),
+    ("determinism", "test_extract_pipeline.py", r"test_(hdf5_store_holds|cli_with_workers)"),
     ("determinism", "test_training.py", r"test_(same_seed|two_processes)"),
-    ("extraction (tests/test_extract_faults.py)", "test_extract_faults.py", r""),
 ]
 
 
