@@ -1,0 +1,1 @@
+"""The synthetic untrimmed-video benchmark (generator.py) and the demo that runs the whole pipeline on it (demo.py); see docs/synth.md."""

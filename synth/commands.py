@@ -70,7 +70,7 @@ def demo(out, checkpoint, epochs, no_progress, **values):
     config = _synth_config(**values)
     if epochs is not None and epochs < 1:
         raise input_error("--epochs", f"must be at least 1, got {epochs}")
-    settings = DemoSettings(out=out, seed=config.seed, checkpoint=checkpoint, synth=config,
+    settings = DemoSettings(out=out, checkpoint=checkpoint, synth=config,
                             train_overrides=[] if epochs is None else [f"train.epochs={epochs}"],
                             progress=not no_progress)
     report = run_demo(settings)

@@ -11,7 +11,7 @@ from losa_tal import input_error
 class SynthConfig:
     """What to generate; every field is a command-line option of ``cli.py synth``."""
 
-    videos: int = 32
+    videos: int = 40
     seed: int = 0
     size: int = 64                 # frames are size x size pixels
     fps: int = 15

@@ -1,0 +1,249 @@
+"""The demo: the whole pipeline on the synthetic benchmark, LoSA against head-only, in minutes.
+
+    generate videos --> extract a small random-weight VideoMAEv2 into one store
+      --> train LoSA and head-only from that store (same head, schedule and seed)
+      --> infer on the test split --> mAP, diagnosis and a timeline per model --> report
+
+Both models read the same store with the same config except ``model.type``, so the only
+difference between them is the adapters. Everything lands in one output folder; a rerun
+replaces a previous demo's output, and refuses a folder that holds anything else.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from losa_tal import input_error
+from synth.generator import ANNOTATION_FILE, VIDEO_DIR, SynthConfig, generate
+
+TRAIN_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo" / "train.json"
+MODELS = ("losa", "head_only")
+# A small VideoMAEv2 for 64-pixel videos: 4 blocks of width 128 on 8x4x4 tokens per clip.
+DEMO_BACKBONE = {"preset": "vit_s", "img_size": 64, "depth": 4, "embed_dim": 128, "num_heads": 4}
+DEMO_LAYERS = [1, 2]          # the intermediate blocks LoSA adapts
+DEMO_TOKENS = (2, 2, 2)       # each clip keeps early/late x 2x2 quadrants of those blocks
+# Centred pixels: with random weights the ViT is nearly linear, and on raw [0, 1] pixels its
+# features are dominated by a constant (mean grey and the position table) that hides the ball.
+DEMO_PROTOCOL = dict(img_size=DEMO_BACKBONE["img_size"], normalise="imagenet")
+REPORT_FILE = "report.json"
+BENCHMARK_DIR = "benchmark"
+STORE_DIR = "features.zarr"
+
+
+@dataclass
+class DemoSettings:
+    out: str = "demo_out"
+    checkpoint: str | None = None
+    synth: SynthConfig = field(default_factory=SynthConfig)  # its seed also seeds the random
+    # backbone weights and both trainings
+    train_overrides: list = field(default_factory=list)  # "key.sub=value", for both models
+    progress: bool = True
+
+
+def run_demo(settings: DemoSettings) -> dict:
+    """Run the demo into ``settings.out``; returns the report (also written as report.json)."""
+    import torch
+
+    out = Path(settings.out)
+    settings.synth.check()
+    if settings.checkpoint is not None:
+        check_checkpoint(settings.checkpoint)
+    _claim_output(out)
+    # One thread: the demo's tensors are small, and on a busy 2-core machine two torch threads
+    # spin-wait for each other (training took 10x longer with two, measured).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_stages(settings, out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_stages(settings: DemoSettings, out: Path) -> dict:
+    seconds = {}
+    with _timed(seconds, "synth"):
+        benchmark = out / BENCHMARK_DIR
+        generate(str(benchmark), settings.synth, progress=settings.progress)
+        annotations = benchmark / ANNOTATION_FILE
+    with _timed(seconds, "extract"):
+        store = out / STORE_DIR
+        extract_benchmark(benchmark, store, settings)
+    with _timed(seconds, "train"):
+        for model in MODELS:
+            train_model(model, store, annotations, out / "runs" / model, settings)
+    with _timed(seconds, "evaluate"):
+        results = {model: evaluate_model(model, store, annotations, out, settings)
+                   for model in MODELS}
+    report = {"seed": settings.synth.seed,
+              **{model: {"mAP": r["mAP"], "average_mAP": r["average_mAP"],
+                         "tiou_thresholds": r["tiou_thresholds"]}
+                 for model, r in results.items()},
+              "seconds": {k: round(v, 1) for k, v in seconds.items()},
+              "backbone": DEMO_BACKBONE, "layers": DEMO_LAYERS, "tokens": list(DEMO_TOKENS),
+              "checkpoint": settings.checkpoint, "synth": vars(settings.synth)}
+    _write_text(out / REPORT_FILE, json.dumps(report, indent=1))
+    _write_text(out / "report.md", report_markdown(report, results))
+    return report
+
+
+# -- the stages ----------------------------------------------------------------------------------
+
+
+def check_checkpoint(path) -> None:
+    """Refuse, before anything runs, a checkpoint that does not fit the demo backbone."""
+    from extract.backbone import build_backbone, load_checkpoint
+
+    if not Path(path).is_file():
+        raise input_error(path, "checkpoint file not found")
+    load_checkpoint(build_backbone(DEMO_BACKBONE, source="demo backbone"), path)
+
+
+def extract_benchmark(benchmark: Path, store: Path, settings: DemoSettings):
+    from extract.pipeline import ExtractionSettings, run_extraction
+    from extract.protocol import SamplingProtocol
+
+    database = json.loads((benchmark / ANNOTATION_FILE).read_text())["database"]
+    videos = [(vid, str(benchmark / VIDEO_DIR / f"{vid}.mp4")) for vid in sorted(database)]
+    extraction = ExtractionSettings(
+        videos=videos, store=str(store), backbone=DEMO_BACKBONE, backbone_source="demo backbone",
+        protocol=SamplingProtocol(**DEMO_PROTOCOL), layers=DEMO_LAYERS,
+        tokens=DEMO_TOKENS, checkpoint=settings.checkpoint, seed=settings.synth.seed,
+        batch_size=64, num_workers=0, device="cpu")
+    summary = run_extraction(extraction, show_progress=settings.progress)
+    if summary.failed:
+        video, reason = next(iter(summary.failed.items()))
+        raise input_error(benchmark / VIDEO_DIR / f"{video}.mp4", f"could not extract: {reason}")
+    return summary
+
+
+def train_model(model: str, store: Path, annotations: Path, run_dir: Path,
+                settings: DemoSettings):
+    from training.config import load_config
+    from training.train import train
+
+    # One config for both: the model type is the only difference between the two runs.
+    overrides = [f"model.type={model}", f"train.seed={settings.synth.seed}",
+                 *settings.train_overrides]
+    config = load_config(TRAIN_CONFIG, overrides)
+    if settings.progress:
+        print(f"training {model}", flush=True)
+    return train(config, str(store), str(annotations), str(run_dir), progress=settings.progress)
+
+
+def evaluate_model(model: str, store: Path, annotations: Path, out: Path,
+                   settings: DemoSettings) -> dict:
+    """Predict the test split, score it, and draw the diagnosis and one timeline."""
+    from evaluation import (diagnose, evaluate_detections, load_annotations, plot_timeline,
+                            write_diagnosis)
+    from training.infer import infer
+
+    model_dir = out / model
+    predictions_path = model_dir / "predictions.json"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    predictions = infer(str(out / "runs" / model), str(store), str(annotations), subset="test",
+                        out_path=str(predictions_path), device="cpu",
+                        progress=settings.progress)
+    ground_truth = load_annotations(str(annotations))
+    evaluation = evaluate_detections(ground_truth, predictions, subset="test")
+    write_diagnosis(diagnose(evaluation), model_dir / "diagnosis")
+    video = timeline_video(ground_truth)
+    plot_timeline(ground_truth, predictions, video, model_dir / "timeline.png",
+                  video_file=out / BENCHMARK_DIR / VIDEO_DIR / f"{video}.mp4")
+    return evaluation.report()
+
+
+def timeline_video(ground_truth) -> str:
+    """The test video with the most actions: the busiest timeline to look at."""
+    videos = ground_truth.videos("test")
+    return max(sorted(videos), key=lambda vid: len(videos[vid].labels))
+
+
+# -- the report ----------------------------------------------------------------------------------
+
+
+def comparison_table(report: dict) -> str:
+    """Plain-text side-by-side table: mAP (%) per tIoU and average, one row per model."""
+    thresholds = report["losa"]["tiou_thresholds"]
+    header = "model".ljust(11) + "".join(f"{t:>8.2g}" for t in thresholds) + f"{'average':>9}"
+    rows = [header]
+    for model in MODELS:
+        values = report[model]["mAP"]
+        rows.append(model.ljust(11) + "".join(f"{100 * v:8.2f}" for v in values)
+                    + f"{100 * report[model]['average_mAP']:9.2f}")
+    return "\n".join(rows)
+
+
+def report_markdown(report: dict, results: dict) -> str:
+    thresholds = report["losa"]["tiou_thresholds"]
+    lines = [f"# LoSA-TAL demo (seed {report['seed']})", "",
+             "mAP (%) on the synthetic benchmark's test split.", "",
+             "| model | " + " | ".join(f"tIoU {t:.2g}" for t in thresholds) + " | average |",
+             "|---" * (len(thresholds) + 2) + "|"]
+    for model in MODELS:
+        cells = [f"{100 * v:.2f}" for v in report[model]["mAP"]]
+        lines.append(f"| {model} | " + " | ".join(cells)
+                     + f" | {100 * report[model]['average_mAP']:.2f} |")
+    classes = list(results["losa"]["per_class_AP"])
+    lines += ["", "AP (%) per class, averaged over tIoU:", "",
+              "| class | " + " | ".join(MODELS) + " |", "|---|---|---|"]
+    for label in classes:
+        cells = [f"{100 * sum(ap) / len(ap):.2f}"
+                 for ap in (results[m]["per_class_AP"][label] for m in MODELS)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Seconds: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()), ""]
+    for model in MODELS:
+        lines += [f"## {model}", "", f"![timeline]({model}/timeline.png)",
+                  f"![false positives]({model}/diagnosis/false_positives.png)",
+                  f"![sensitivity]({model}/diagnosis/sensitivity.png)", ""]
+    return "\n".join(lines)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+class _timed:
+    """Adds the seconds spent inside the ``with`` block to ``seconds[name]``."""
+
+    def __init__(self, seconds: dict, name: str):
+        self.seconds, self.name = seconds, name
+
+    def __enter__(self):
+        self.started = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.seconds[self.name] = self.seconds.get(self.name, 0.0) + \
+            time.perf_counter() - self.started
+        return False
+
+
+def _claim_output(out: Path) -> None:
+    """Start from an empty folder: a previous demo's output is replaced; anything else is
+    refused, so the demo never deletes files it did not write."""
+    if out.exists() and not out.is_dir():
+        raise input_error(out, "exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not _is_demo_output(out):
+            raise input_error(out, "folder is not empty and holds no demo output; choose "
+                              "another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(out / ".losa-demo", "written by `cli.py demo`; rerunning the demo replaces "
+                "this folder\n")
+
+
+def _is_demo_output(out: Path) -> bool:
+    return (out / ".losa-demo").is_file()
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write through a temporary file, so an interrupted run never leaves half a report."""
+    try:
+        with open(f"{path}.part", "w") as f:
+            f.write(text)
+        os.replace(f"{path}.part", path)
+    except OSError as err:
+        raise input_error(path, f"cannot write ({err.strerror or err})") from None
