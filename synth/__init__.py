@@ -1,1 +1,2 @@
-"""The synthetic untrimmed-video benchmark (generator.py) and the demo that runs the whole pipeline on it (demo.py); see docs/synth.md."""
+"""The synthetic untrimmed-video benchmark (generator.py) and the demo that runs the whole
+pipeline on it (demo.py); docs/synth.md describes both."""

@@ -43,7 +43,7 @@ LEAD_MOTIONS = {"orbit": 0.4, "bounce": 0.4, "dash": 0.2}
 SIGNAL_WINDOW_S = 8.0          # a flash this many seconds before a dash makes it signalled
 SIGNAL_ON_S = 0.5              # how long the border stays white
 CAMERA_DRIFT = 0.06           # camera drift amplitude, as a fraction of the frame side
-BALL_HUE = 0.0                 # every ball is red-orange (hue jitters a little): only motion differs
+BALL_HUE = 0.0                 # every ball is red-orange (hue jitters a little)
 ANNOTATION_FILE = "annotations.json"
 VIDEO_DIR = "videos"
 
@@ -311,7 +311,8 @@ def camera_shift(plan: VideoPlan, frames: np.ndarray) -> np.ndarray:
 
 def _light(plan: VideoPlan, frames: np.ndarray) -> np.ndarray:
     period, phase = plan.camera["light"]
-    return (1.0 + 0.06 * np.sin(2 * math.pi * frames / plan.fps / period + phase)).astype(np.float32)
+    light = 1.0 + 0.06 * np.sin(2 * math.pi * frames / plan.fps / period + phase)
+    return light.astype(np.float32)
 
 
 def _crop(texture: np.ndarray, corner: np.ndarray, size: int) -> np.ndarray:
@@ -341,7 +342,8 @@ def _draw(image, active, plan: VideoPlan, segment: Segment, frames, grid_x, grid
         image[active] = lit
         return
     centre = ball_centres(plan, segment, frames).astype(np.float32)
-    dist = np.hypot(grid_x[None] - centre[:, 0, None, None], grid_y[None] - centre[:, 1, None, None])
+    dist = np.hypot(grid_x[None] - centre[:, 0, None, None],
+                    grid_y[None] - centre[:, 1, None, None])
     alpha = np.clip(segment.radius - dist + 0.5, 0.0, 1.0)[..., None]
     shade = (0.75 + 0.25 * np.clip(1 - dist / segment.radius, 0, 1))[..., None]
     colour = np.array(colorsys.hsv_to_rgb(segment.hue, 0.85, 0.95), np.float32)
@@ -352,21 +354,21 @@ def _draw(image, active, plan: VideoPlan, segment: Segment, frames, grid_x, grid
 
 
 def write_video(path: str, frame_chunks, fps: int, size: int) -> None:
-    """Encode H.264 (yuv420p, single-threaded so the bytes are reproducible) via PyAV."""
+    """Encode H.264 (yuv420p) via PyAV, reproducibly: the same frames give the same bytes."""
     import av
 
     with av.open(path, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps,
-                                      options={"crf": "20", "preset": "veryfast", "threads": "1"})
+        # x264's macroblock-tree rate control (lookahead) gave other bytes for the same frames
+        # now and then, even on one thread; without it the output is reproducible.
+        options = {"crf": "20", "preset": "veryfast", "threads": "1",
+                   "x264-params": "mbtree=0:rc-lookahead=0"}
+        stream = container.add_stream("libx264", rate=fps, options=options)
         stream.width = stream.height = size
         stream.pix_fmt = "yuv420p"
         stream.thread_count = 1
         for chunk in frame_chunks:
             for frame in chunk:
-                # Convert to YUV ourselves: the encoder's own conversion of these frames gave
-                # different bytes from run to run (measured with PyAV 18).
-                yuv = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")
-                for packet in stream.encode(yuv):
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                     container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
@@ -382,7 +384,7 @@ def generate(out_dir: str, config: SynthConfig, progress: bool = True) -> dict:
     config.check()
     os.makedirs(os.path.join(out_dir, VIDEO_DIR), exist_ok=True)
     database = {}
-    for index in tqdm(range(config.videos), desc="synth videos", unit="video", disable=not progress):
+    for index in tqdm(range(config.videos), desc="synth", unit="video", disable=not progress):
         plan = plan_video(config, index)
         path = os.path.join(out_dir, VIDEO_DIR, plan.video_id + ".mp4")
         write_video(path + ".part", render_video(plan), plan.fps, plan.size)
