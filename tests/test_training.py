@@ -291,6 +291,76 @@ def test_losa_overfits_a_few_videos_and_infer_writes_what_evaluate_reads(dataset
     assert report["average_mAP"] == pytest.approx(summary["best"]["average_map"], abs=1e-9)
 
 
+def test_standardise_centres_features_and_travels_in_the_checkpoint_to_infer(tmp_path):
+    """data.standardise on features that are a large constant plus a small variation (as a
+    random-weight ViT gives): zero mean, unit std on the training videos; the statistics are
+    checkpoint buffers that infer uses; LoSA at initialisation feeds the head what head-only
+    does."""
+    from training.data import channel_statistics
+    from training.detector import Detector
+    from training.infer import build_trained_detector, predict
+
+    videos = {**synthetic_videos(4, "training"), **synthetic_videos(2, "validation", first=4)}
+    offset = np.random.default_rng(5).normal(size=DIM) * 100.0
+    for video in videos.values():
+        video["last"] = (video["last"] * 0.05 + offset).astype(np.float32)
+    store_path = write_store(tmp_path / "offset.zarr", videos)
+    annotations_path = write_annotations(tmp_path / "gt.json", videos)
+    config = tiny_config(data={"standardise": True}, train={"epochs": 2})
+    train(config, store_path, annotations_path, tmp_path / "run", progress=False)
+
+    # The training videos, standardised by the trained model's buffers.
+    state = ckpt.load(tmp_path / "run" / "last.pt")  # weights_only=True inside
+    store = FeatureStore.open(store_path)
+    model = build_trained_detector(state, store, "last.pt")
+    training_set = StoreDataset(store, store_path, load_annotations(annotations_path),
+                                annotations_path, "training", CLASSES, list(LAYERS), config.data,
+                                train=False)
+    batch = collate([training_set[i] for i in range(len(training_set))])
+    last, inter = model.standardised_inputs(batch)
+    valid = batch["mask"]
+    assert last[valid].mean(0).abs().max() < 1e-3
+    assert (last[valid].std(0, unbiased=False) - 1).abs().max() < 1e-3
+    for layer in range(len(LAYERS)):
+        tokens = inter[:, layer][valid].reshape(-1, DIM)
+        assert tokens.mean(0).abs().max() < 1e-3
+        assert (tokens.std(0, unbiased=False) - 1).abs().max() < 1e-3
+    raw_std = batch["last"][valid].std(0)
+    assert raw_std.max() < 0.2 and batch["last"][valid].mean(0).abs().max() > 50  # it mattered
+
+    # The buffers are the training videos' statistics, and infer (from the checkpoint) predicts
+    # what an in-memory model with freshly computed statistics and the same weights predicts.
+    fresh = Detector(DIM, len(CLASSES), len(LAYERS), int(np.prod(TOKENS)), config.model,
+                     config.head, standardise=True)
+    fresh.set_standardisation(**channel_statistics(store, training_set.videos, list(LAYERS)))
+    for name in ("last_mean", "last_std", "inter_mean", "inter_std"):
+        assert torch.allclose(state["ema"][name], getattr(fresh, name), rtol=1e-5), name
+    weights = {k: v for k, v in state["ema"].items() if not k.endswith(("_mean", "_std"))}
+    fresh.load_state_dict(weights, strict=False)
+    validation = StoreDataset(store, store_path, load_annotations(annotations_path),
+                              annotations_path, "validation", CLASSES, list(LAYERS), config.data,
+                              train=False)
+    in_memory = predict(fresh, validation, config.eval, "cpu", CLASSES)
+    from_checkpoint = infer(tmp_path / "run", store_path, annotations_path, subset="validation")
+    assert from_checkpoint["results"] == in_memory["results"]
+    assert sum(map(len, in_memory["results"].values())) > 0
+
+    # LoSA with zero gates hands the head exactly the head-only model's standardised input.
+    head_inputs = {}
+    for kind in ("losa", "head_only"):
+        kind_config = tiny_config(data={"standardise": True}, model={"type": kind})
+        detector = Detector(DIM, len(CLASSES), len(LAYERS) if kind == "losa" else 0,
+                            int(np.prod(TOKENS)), kind_config.model, kind_config.head,
+                            standardise=True).eval()
+        detector.set_standardisation(**channel_statistics(store, training_set.videos,
+                                                          list(LAYERS) if kind == "losa" else []))
+        detector.head.register_forward_hook(
+            lambda module, args, output, kind=kind: head_inputs.setdefault(kind, args[0]))
+        detector({**batch, "inter": batch["inter"] if kind == "losa" else None})
+    assert torch.equal(head_inputs["losa"], head_inputs["head_only"])
+    assert head_inputs["losa"][valid].abs().mean() > 0.5  # standardised, not the raw constant
+
+
 def test_same_seed_same_weights_other_seed_other_weights(dataset_files, tmp_path):
     store_path, annotations_path = dataset_files
     runs = {}

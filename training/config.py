@@ -38,6 +38,10 @@ class DataConfig:
     infer_window: int | None = None  # window mode: None runs each video whole at inference
     infer_overlap: float = 0.25  # fraction shared by consecutive inference windows
     num_workers: int = 0  # DataLoader worker processes
+    # Standardise every feature channel (last layer and each intermediate layer) with the mean
+    # and std of the training videos, kept in the checkpoint. For backbones whose features are
+    # a large constant plus a small variation (random or unfamiliar weights).
+    standardise: bool = False
 
 
 @dataclass

@@ -212,6 +212,47 @@ def to_video_steps(steps, sample) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
+# Per-channel statistics for ``data.standardise``.
+
+STD_FLOOR = 1e-6  # a constant channel is centred but not blown up
+
+
+def channel_statistics(store, videos, layers) -> dict:
+    """Mean and std per channel over every clip and token of ``videos``, in float64.
+
+    Returns ``last_mean``/``last_std`` [D] and ``inter_mean``/``inter_std`` [L, D] (``layers``
+    order). Videos are merged with Chan's pairwise update rather than summing squares: these
+    features can be a large constant plus a small variation, which sums of squares would cancel.
+    """
+    from store import LAST
+
+    moments = {key: None for key in (LAST, *layers)}
+    for vid in videos:
+        read = store.read(vid, layers=(LAST, *layers))
+        for key in moments:
+            values = np.asarray(read[key], np.float64).reshape(-1, read[key].shape[-1])
+            moments[key] = _merge_moments(moments[key], (len(values), values.mean(0),
+                                                         values.var(0) * len(values)))
+    std = {key: np.maximum(np.sqrt(m2 / count), STD_FLOOR)
+           for key, (count, _, m2) in moments.items()}
+    dim = store.feature_dim
+    per_layer = lambda values, empty: np.stack(values) if layers else empty  # noqa: E731
+    return {"last_mean": moments[LAST][1], "last_std": std[LAST],
+            "inter_mean": per_layer([moments[i][1] for i in layers], np.zeros((0, dim))),
+            "inter_std": per_layer([std[i] for i in layers], np.ones((0, dim)))}
+
+
+def _merge_moments(a, b):
+    """(count, mean, sum of squared deviations) of two parts combined."""
+    if a is None:
+        return b
+    (na, mean_a, m2_a), (nb, mean_b, m2_b) = a, b
+    count = na + nb
+    delta = mean_b - mean_a
+    return count, mean_a + delta * nb / count, m2_a + m2_b + delta ** 2 * na * nb / count
+
+
+# ---------------------------------------------------------------------------------------------
 # Batching.
 
 def collate(samples) -> dict:

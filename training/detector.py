@@ -17,11 +17,19 @@ class Detector(nn.Module):
     """LoSA (``model.type == "losa"``) or nothing (head-only baseline), then the TAL head."""
 
     def __init__(self, feature_dim: int, num_classes: int, num_layers: int, num_tokens: int,
-                 model_config, head_config):
+                 model_config, head_config, standardise: bool = False):
         super().__init__()
         from adapt import LoSA
         from head import ActionFormerHead
 
+        # Per-channel feature statistics of the training split (``data.standardise``): buffers,
+        # so checkpoints carry them to inference. Identity until set_standardisation is called.
+        self.standardise = standardise
+        if standardise:
+            self.register_buffer("last_mean", torch.zeros(feature_dim))
+            self.register_buffer("last_std", torch.ones(feature_dim))
+            self.register_buffer("inter_mean", torch.zeros(num_layers, feature_dim))
+            self.register_buffer("inter_std", torch.ones(num_layers, feature_dim))
         self.losa = None
         if model_config.type == "losa":
             self.losa = LoSA(dim=feature_dim, num_layers=num_layers, num_tokens=num_tokens,
@@ -30,10 +38,33 @@ class Detector(nn.Module):
                                      **head_arguments(head_config))
 
     def forward(self, batch: dict):
-        features = batch["last"]
+        features, inter = self.standardised_inputs(batch)
         if self.losa is not None:
-            features = self.losa(features, batch["inter"], batch["mask"])
+            features = self.losa(features, inter, batch["mask"])
         return self.head(features, batch["mask"])
+
+    @torch.no_grad()
+    def set_standardisation(self, last_mean, last_std, inter_mean, inter_std) -> None:
+        """Store per-channel means and stds: last layer [D], intermediate layers [L, D]."""
+        for name, value in (("last_mean", last_mean), ("last_std", last_std),
+                            ("inter_mean", inter_mean), ("inter_std", inter_std)):
+            getattr(self, name).copy_(torch.as_tensor(value))
+
+    def standardised_inputs(self, batch: dict):
+        """The batch's last and intermediate features, standardised per channel if configured.
+
+        Both model types go through here alike, so LoSA at initialisation (zero gates) hands
+        the head exactly the head-only model's input.
+        """
+        last, inter = batch["last"], batch["inter"]
+        if not self.standardise:
+            return last, inter
+        last = ((last - self.last_mean) / self.last_std).to(last.dtype)
+        if inter is not None:  # [B, L, T, K, D]; statistics per layer and channel
+            mean = self.inter_mean[:, None, None, :]
+            std = self.inter_std[:, None, None, :]
+            inter = ((inter - mean) / std).to(inter.dtype)
+        return last, inter
 
     def loss(self, outputs, batch: dict) -> dict:
         """The head's losses for a batch ("total", "cls", "reg", "num_positives").

@@ -68,7 +68,8 @@ def build_trained_detector(state: dict, store, path) -> Detector:
     """The detector a checkpoint describes, with its EMA weights; a mismatch is one line."""
     config = Config.from_dict(state["config"], f"{path} (config)")
     model = Detector(store.feature_dim, len(state["classes"]), len(state["store"]["layers"]),
-                     store.num_tokens, config.model, config.head)
+                     store.num_tokens, config.model, config.head,
+                     standardise=config.data.standardise)
     ckpt.load_into(model, state["ema"], path, "ema")
     return model.eval()
 

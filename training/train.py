@@ -29,7 +29,7 @@ from store.errors import storage_errors
 from training import checkpoint as ckpt
 from training import distributed
 from training.config import Config
-from training.data import StoreDataset, batch_to, collate, needed_layers
+from training.data import StoreDataset, batch_to, channel_statistics, collate, needed_layers
 from training.detector import Detector, parameter_groups, trainable_parameters
 from training.inputs import open_annotations, open_store, resolve_subset
 
@@ -100,7 +100,11 @@ class Trainer:
 
         torch.manual_seed(config.train.seed)
         self.model = Detector(self.store.feature_dim, len(self.classes), len(self.layers),
-                              self.store.num_tokens, config.model, config.head)
+                              self.store.num_tokens, config.model, config.head,
+                              standardise=config.data.standardise)
+        if config.data.standardise:  # from the training videos only, before the EMA copy
+            self.model.set_standardisation(**channel_statistics(
+                self.store, self.train_set.videos, self.layers))
         self.model.to(world.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.optimizer = torch.optim.AdamW(
