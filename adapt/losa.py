@@ -5,13 +5,23 @@ without back-propagating through it. For each chosen intermediate layer i it run
 cross-attention adapters whose Key/Value are the last-layer features of the video:
 
 * short-range: Query = the K pooled spatio-temporal tokens of each clip at layer i, Key/Value =
-  the last-layer features of the clips in a short window around that clip; one vector per clip.
+  the last-layer features of the clips in a short window around that clip; the K outputs are
+  pooled by a learned projection of their concatenation into one vector per clip. (A plain
+  mean would throw away which token said what: the mean of K projected queries is the
+  projection of their mean, so e.g. the order of a clip's early and late halves would be lost.)
 * long-range: Query = layer i's clip sequence (tokens averaged), Key/Value = the last-layer
   sequence over a long window or the whole (padded) sequence.
 
 A learnable gate scales each adapter's output per channel; the gated sum goes through one
-projection and is added to the last-layer sequence. Gates start at zero, so at initialisation
-the output *is* the last-layer sequence, bit for bit: LoSA starts as the head-only baseline.
+projection and is added to the last-layer sequence. That projection starts at zero (the gates at
+one), so at initialisation the output *is* the last-layer sequence, bit for bit: LoSA starts as
+the head-only baseline. Zero gates with a random projection would start there too, but that is a
+saddle: the projection gets no gradient until the gates grow, and the gates' gradient is a
+random projection of the head's. On the demo benchmark the gates were still at about 0.01 after
+300 steps and LoSA stayed within noise of head-only; a zero projection learns from step one,
+as a LoRA up-projection does. The price: when the intermediate layers carry nothing useful, the
+projection lets their noise in sooner and the head needs longer to fit (``zero_init="gates"``
+keeps the slower start).
 
 Everything runs in a bottleneck width ``d``: the last-layer features are normalised and projected
 to ``d`` once (shared "memory"), each adapter projects its own query to ``d`` and attends there.
@@ -83,6 +93,8 @@ class ShortRangeAdapter(nn.Module):
         # Tells the attention which token of the pooled grid a query came from.
         self.token_embed = nn.Parameter(torch.zeros(num_tokens, bottleneck))
         nn.init.trunc_normal_(self.token_embed, std=0.02)
+        # One vector per clip from its K token outputs, keeping which token said what.
+        self.token_pool = nn.Linear(num_tokens * bottleneck, bottleneck)
 
     def forward(self, tokens, memory, mask):
         """tokens [B, T, K, D], memory [B, T, d], mask [B, T] -> [B, T, d]."""
@@ -91,7 +103,7 @@ class ShortRangeAdapter(nn.Module):
         # windows are W times the size of the keys and values, so they are recomputed too.
         keys, values = self.cross.keys_values(memory)
         out = recompute_in_backward(self._attend_windows, q, keys, values, mask)
-        return out.mean(dim=2)
+        return self.token_pool(out.flatten(2))
 
     def _attend_windows(self, q, keys, values, mask):
         """q [B, T, K, d] attends to the keys/values [B, T, d] of the clips around its own."""
@@ -162,6 +174,10 @@ class LoSA(nn.Module):
         dropout: attention dropout and dropout on each adapter's output before its gate.
         checkpoint_layers: recompute each layer's adapters in the backward pass instead of
             storing their activations (saves about L * B*T*K*D activation elements).
+        zero_init: which side of the gated fusion starts at zero, so that LoSA starts as the
+            head-only model: "fuse" (the projection, gates at one; learns from step one) or
+            "gates" (a random projection; slower to open, but gentler when the intermediate
+            layers carry little, see docs/losa.md).
 
     forward(last [B, T, D], inter [B, L, T, K, D], mask [B, T] bool, True = valid) -> [B, T, D].
     Output at padded steps equals ``last``.
@@ -178,6 +194,7 @@ class LoSA(nn.Module):
         long_window: int | None = None,
         dropout: float = 0.1,
         checkpoint_layers: bool = False,
+        zero_init: str = "fuse",
     ):
         super().__init__()
         # Values come from user configs: refuse them by name rather than crash inside torch.
@@ -187,6 +204,8 @@ class LoSA(nn.Module):
                 raise ValueError(f"{name} must be a positive integer, got {value}")
         if not 0 <= dropout < 1:  # False for NaN
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if zero_init not in ("fuse", "gates"):
+            raise ValueError(f'zero_init must be "fuse" or "gates", got {zero_init!r}')
         for name, window in (("short_window", short_window), ("long_window", long_window)):
             if window is not None and (window < 1 or window % 2 == 0):
                 raise ValueError(f"{name} must be a positive odd number of clips, got {window}")
@@ -204,10 +223,14 @@ class LoSA(nn.Module):
             for _ in range(num_layers)
         )
         self.output_dropout = nn.Dropout(dropout)
-        # Per-channel gates, [short|long, layer, d]; zero so LoSA starts as the head-only model.
-        self.gates = nn.Parameter(torch.zeros(2, num_layers, bottleneck))
-        # No bias: with zero gates the projection must add exactly zero.
+        # Per-channel gates, [short|long, layer, d], and a projection without bias: one of them
+        # starts at zero, so LoSA starts as the head-only model (module docstring: which one).
+        self.gates = nn.Parameter(torch.ones(2, num_layers, bottleneck))
         self.fuse = nn.Linear(bottleneck, dim, bias=False)
+        if zero_init == "fuse":
+            nn.init.zeros_(self.fuse.weight)
+        else:
+            nn.init.zeros_(self.gates)
 
     def forward(self, last: torch.Tensor, inter: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         self._check_shapes(last, inter, mask)

@@ -268,16 +268,18 @@ def test_resize_mode_resamples_whole_videos_and_scales_segments(dataset_files):
 
 def test_losa_overfits_a_few_videos_and_infer_writes_what_evaluate_reads(dataset_files, tmp_path):
     store_path, annotations_path = dataset_files
-    config = tiny_config(train={"epochs": 25}, eval={"subset": "training", "every": 25},
+    # 40 epochs: these intermediate layers are pure noise, which the zero-projection fusion
+    # lets in early, so the head needs longer than head-only's 25 (docs/losa.md).
+    config = tiny_config(train={"epochs": 40}, eval={"subset": "training", "every": 40},
                          model={"losa": {"dropout": 0.0}}, head={"drop_path": 0.0})
     summary = train(config, store_path, annotations_path, tmp_path / "run", progress=False)
-    assert summary["best"]["epoch"] == 25
+    assert summary["best"]["epoch"] == 40
     assert summary["best"]["average_map"] >= 0.9
 
     checkpoint = final_weights(tmp_path / "run")
-    assert checkpoint["ema"]["losa.gates"].abs().max() > 0  # the adapters took part
+    assert checkpoint["ema"]["losa.fuse.weight"].abs().max() > 0  # the adapters took part
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert sum(r["event"] == "step" for r in log) == 50 and log[-1]["event"] == "epoch"
+    assert sum(r["event"] == "step" for r in log) == 80 and log[-1]["event"] == "epoch"
 
     out = tmp_path / "preds.json"
     result = CliRunner().invoke(cli_main(), [
@@ -345,7 +347,8 @@ def test_standardise_centres_features_and_travels_in_the_checkpoint_to_infer(tmp
     assert from_checkpoint["results"] == in_memory["results"]
     assert sum(map(len, in_memory["results"].values())) > 0
 
-    # LoSA with zero gates hands the head exactly the head-only model's standardised input.
+    # LoSA at initialisation (zero fusion projection) hands the head exactly the head-only
+    # model's standardised input.
     head_inputs = {}
     for kind in ("losa", "head_only"):
         kind_config = tiny_config(data={"standardise": True}, model={"type": kind})

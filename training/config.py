@@ -54,6 +54,7 @@ class LosaConfig:
     long_window: int | None = None  # None: global attention over the window/video
     dropout: float = 0.1
     checkpoint_layers: bool = False  # recompute adapter activations in backward (saves memory)
+    zero_init: str = "fuse"  # "fuse" or "gates": which side of the fusion starts at zero
 
 
 @dataclass

@@ -53,8 +53,8 @@ class Detector(nn.Module):
     def standardised_inputs(self, batch: dict):
         """The batch's last and intermediate features, standardised per channel if configured.
 
-        Both model types go through here alike, so LoSA at initialisation (zero gates) hands
-        the head exactly the head-only model's input.
+        Both model types go through here alike, so LoSA at initialisation (zero fusion
+        projection) hands the head exactly the head-only model's input.
         """
         last, inter = batch["last"], batch["inter"]
         if not self.standardise:
@@ -145,9 +145,9 @@ def parameter_groups(detector: Detector, lr_adapter: float, lr_head: float,
         parts.insert(0, ("adapter", detector.losa, lr_adapter))
     groups = []
     for name, module, lr in parts:
-        params = [p for p in module.parameters() if p.requires_grad]
-        decayed = [p for p in params if p.ndim >= 2]
-        plain = [p for p in params if p.ndim < 2]
+        params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        decayed = [p for n, p in params if p.ndim >= 2 and n != "gates"]
+        plain = [p for n, p in params if p.ndim < 2 or n == "gates"]
         groups.append({"name": f"{name}", "params": decayed, "base_lr": lr,
                        "weight_decay": weight_decay})
         groups.append({"name": f"{name}_no_decay", "params": plain, "base_lr": lr,
