@@ -73,8 +73,7 @@ def _run_stages(settings: DemoSettings, out: Path) -> dict:
         store = out / STORE_DIR
         extract_benchmark(benchmark, store, settings)
     with _timed(seconds, "train"):
-        for model in MODELS:
-            train_model(model, store, annotations, out / "runs" / model, settings)
+        train_both(store, annotations, out, settings)
     with _timed(seconds, "evaluate"):
         results = {model: evaluate_model(model, store, annotations, out, settings)
                    for model in MODELS}
@@ -120,18 +119,65 @@ def extract_benchmark(benchmark: Path, store: Path, settings: DemoSettings):
     return summary
 
 
+def train_both(store: Path, annotations: Path, out: Path, settings: DemoSettings) -> None:
+    """Train both models at once, one process and one torch thread each.
+
+    The two runs are independent and single-threaded (see ``run_demo``), so on a 2-core machine
+    running them side by side halves the demo's longest stage. Each child writes its own run
+    directory; one progress bar follows the epochs both have logged.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    runs = {model: out / "runs" / model for model in MODELS}
+    epochs = demo_config(MODELS[0], settings).train.epochs
+    # spawn, not fork: a forked child would inherit torch's thread pool in an unknown state.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(len(MODELS), mp_context=context) as pool:
+        futures = [pool.submit(train_model, model, store, annotations, runs[model], settings)
+                   for model in MODELS]
+        if settings.progress:
+            _follow_epochs(futures, list(runs.values()), epochs * len(MODELS))
+        for future in futures:
+            future.result()  # re-raises a child's error here
+
+
 def train_model(model: str, store: Path, annotations: Path, run_dir: Path,
                 settings: DemoSettings):
-    from training.config import load_config
+    import torch
+
     from training.train import train
 
-    # One config for both: the model type is the only difference between the two runs.
+    torch.set_num_threads(1)
+    return train(demo_config(model, settings), str(store), str(annotations), str(run_dir),
+                 progress=False)
+
+
+def demo_config(model: str, settings: DemoSettings):
+    """One config for both models: the model type is the only difference between the runs."""
+    from training.config import load_config
+
     overrides = [f"model.type={model}", f"train.seed={settings.synth.seed}",
                  *settings.train_overrides]
-    config = load_config(TRAIN_CONFIG, overrides)
-    if settings.progress:
-        print(f"training {model}", flush=True)
-    return train(config, str(store), str(annotations), str(run_dir), progress=settings.progress)
+    return load_config(TRAIN_CONFIG, overrides)
+
+
+def _follow_epochs(futures, run_dirs, total: int) -> None:
+    """A progress bar over the epochs the runs have finished, read from their log.jsonl."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc="train " + " + ".join(MODELS), unit="epoch") as bar:
+        while not all(future.done() for future in futures):
+            bar.update(sum(map(_logged_epochs, run_dirs)) - bar.n)
+            time.sleep(0.5)
+        bar.update(sum(map(_logged_epochs, run_dirs)) - bar.n)
+
+
+def _logged_epochs(run_dir: Path) -> int:
+    try:
+        return (run_dir / "log.jsonl").read_text().count('"event": "epoch"')
+    except OSError:  # not started yet
+        return 0
 
 
 def evaluate_model(model: str, store: Path, annotations: Path, out: Path,
