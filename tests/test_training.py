@@ -269,7 +269,7 @@ def test_resize_mode_resamples_whole_videos_and_scales_segments(dataset_files):
 def test_losa_overfits_a_few_videos_and_infer_writes_what_evaluate_reads(dataset_files, tmp_path):
     store_path, annotations_path = dataset_files
     # 40 epochs: these intermediate layers are pure noise, which the zero-projection fusion
-    # lets in early, so the head needs longer than head-only's 25 (docs/losa.md).
+    # lets in early, so the head needs longer than the 25 that zero gates needed (docs/losa.md).
     config = tiny_config(train={"epochs": 40}, eval={"subset": "training", "every": 40},
                          model={"losa": {"dropout": 0.0}}, head={"drop_path": 0.0})
     summary = train(config, store_path, annotations_path, tmp_path / "run", progress=False)
@@ -568,3 +568,17 @@ def test_two_processes_give_the_weights_of_one(dataset_files, tmp_path):
     assert_same_state(one["ema"], two["ema"])
     log = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
     assert log[0]["world_size"] == 2
+
+
+def test_weight_decay_spares_gates_norms_and_biases():
+    from training.detector import Detector, parameter_groups
+
+    config = tiny_config()
+    detector = Detector(DIM, len(CLASSES), len(LAYERS), int(np.prod(TOKENS)), config.model,
+                        config.head)
+    groups = {g["name"]: g for g in parameter_groups(detector, 1e-3, 2e-3, 0.05)}
+    spared = {id(p) for g in groups.values() if g["weight_decay"] == 0 for p in g["params"]}
+    assert id(detector.losa.gates) in spared  # 3-D, yet a scale: decay would pull it shut
+    assert id(detector.losa.fuse.weight) not in spared
+    assert all(id(p) in spared for n, p in detector.named_parameters() if p.ndim < 2)
+    assert groups["adapter"]["base_lr"] == 1e-3 and groups["head"]["base_lr"] == 2e-3

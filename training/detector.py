@@ -137,17 +137,18 @@ def parameter_groups(detector: Detector, lr_adapter: float, lr_head: float,
                      weight_decay: float) -> list[dict]:
     """AdamW groups: adapters and head at their own rates; no decay on biases, norms and gates.
 
-    Only matrices (ndim >= 2) are decayed; decaying LoSA's gates or LayerNorm scales would pull
-    the model back toward its initial state rather than regularise it.
+    Only weight matrices are decayed. LoSA's gates are 3-D but are scales, like LayerNorm's:
+    decaying them would pull the adapters shut rather than regularise them.
     """
     parts = [("head", detector.head, lr_head)]
     if detector.losa is not None:
         parts.insert(0, ("adapter", detector.losa, lr_adapter))
     groups = []
     for name, module, lr in parts:
-        params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        decayed = [p for n, p in params if p.ndim >= 2 and n != "gates"]
-        plain = [p for n, p in params if p.ndim < 2 or n == "gates"]
+        params = [(p, p.ndim >= 2 and n != "gates")
+                  for n, p in module.named_parameters() if p.requires_grad]
+        decayed = [p for p, decay in params if decay]
+        plain = [p for p, decay in params if not decay]
         groups.append({"name": f"{name}", "params": decayed, "base_lr": lr,
                        "weight_decay": weight_decay})
         groups.append({"name": f"{name}_no_decay", "params": plain, "base_lr": lr,
