@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
 from torch import nn
 
 
@@ -123,6 +122,26 @@ class TransformerBlock(nn.Module):
         x = x + self.drop_path(attended)
         x = x + self.drop_path(zero_padding(self.mlp(self.norm2(x)), out_mask))
         return zero_padding(x, out_mask), out_mask
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero a whole sample's residual branch with probability
+    ``rate`` and scale the kept ones by 1 / (1 - rate) so the expected output is unchanged.
+
+    Written here rather than imported from timm so stage two (train, infer, evaluate) never
+    pays timm's multi-second import; only the backbone in ``extract/`` needs timm.
+    """
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x):
+        if not self.training or self.rate == 0:
+            return x
+        keep = 1 - self.rate
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
 
 
 class Scale(nn.Module):

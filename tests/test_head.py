@@ -264,3 +264,32 @@ def test_head_learns_to_localise_a_small_detection_problem():
         assert torch.all(det["scores"][:-1] >= det["scores"][1:])
         assert det["labels"][0] == target["labels"][0]
         assert segment_iou(det["segments"][0], target["segments"][0]) > 0.8
+
+
+def test_drop_path_drops_whole_samples_and_keeps_the_expectation():
+    from head.blocks import DropPath
+
+    drop = DropPath(0.25)
+    x = torch.ones(4000, 3, 5)
+    torch.manual_seed(0)
+    out = drop.train()(x)
+    per_sample = out.flatten(1)
+    # Each sample is either dropped entirely or kept and scaled by 1 / (1 - rate).
+    assert torch.allclose(per_sample.unique(), torch.tensor([0.0, 1 / 0.75]))
+    assert torch.equal(per_sample.min(1).values, per_sample.max(1).values)
+    assert abs((per_sample[:, 0] == 0).float().mean().item() - 0.25) < 0.03
+    assert abs(out.mean().item() - 1.0) < 0.04
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_stage_two_does_not_import_timm():
+    # timm takes seconds to import; train/infer/evaluate start-up should not pay for it.
+    import subprocess
+    import sys
+
+    code = ("import sys, adapt, head, training.train, training.infer, evaluation; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('timm', 'torchvision')))")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]"
