@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from losa_tal import input_error
+from losa_tal import InputError, input_error
 from synth.generator import ANNOTATION_FILE, VIDEO_DIR, SynthConfig, generate
 
 TRAIN_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo" / "train.json"
@@ -126,20 +126,86 @@ def train_both(store: Path, annotations: Path, out: Path, settings: DemoSettings
     running them side by side halves the demo's longest stage. Each child writes its own run
     directory; one progress bar follows the epochs both have logged.
     """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     runs = {model: out / "runs" / model for model in MODELS}
+    jobs = {model: (train_model, (model, store, annotations, runs[model], settings))
+            for model in MODELS}
+    if not settings.progress:
+        run_side_by_side(jobs)
+        return
+    from tqdm import tqdm
+
     epochs = demo_config(MODELS[0], settings).train.epochs
+    with tqdm(total=epochs * len(MODELS), desc="train " + " + ".join(MODELS),
+              unit="epoch") as bar:
+        def follow_epochs():
+            bar.update(sum(_logged_epochs(run) for run in runs.values()) - bar.n)
+
+        run_side_by_side(jobs, on_tick=follow_epochs)
+        follow_epochs()
+
+
+def run_side_by_side(jobs: dict, on_tick=None, tick_seconds: float = 0.5) -> None:
+    """Run each ``name: (function, args)`` in a spawned process; return when all have finished.
+
+    The first failure stops the others at once and is raised here: a child's exception as
+    itself (its traceback printed by the child), a child that died without a word (killed, out
+    of memory) as a RuntimeError naming the job. ``on_tick`` is called every ``tick_seconds``.
+    """
+    import multiprocessing
+
     # spawn, not fork: a forked child would inherit torch's thread pool in an unknown state.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(len(MODELS), mp_context=context) as pool:
-        futures = [pool.submit(train_model, model, store, annotations, runs[model], settings)
-                   for model in MODELS]
-        if settings.progress:
-            _follow_epochs(futures, list(runs.values()), epochs * len(MODELS))
-        for future in futures:
-            future.result()  # re-raises a child's error here
+    children = {}
+    try:
+        for name, (function, args) in jobs.items():
+            receive, send = context.Pipe(duplex=False)
+            process = context.Process(target=_report_outcome, args=(send, function, args),
+                                      name=name, daemon=True)
+            process.start()
+            send.close()  # the child holds the only sending end: its exit reads as EOF here
+            children[name] = (process, receive)
+        pending = dict(children)
+        while pending:
+            for name, (process, receive) in list(pending.items()):
+                if receive.poll():
+                    _raise_child_error(name, process, receive)
+                    del pending[name]
+            if on_tick is not None:
+                on_tick()
+            if pending:
+                time.sleep(tick_seconds)
+    finally:
+        for process, _ in children.values():
+            if process.is_alive():
+                process.terminate()
+            process.join()
+
+
+def _report_outcome(send, function, args) -> None:
+    """In the child: run the job, then send None or the exception it raised."""
+    import traceback
+
+    try:
+        function(*args)
+        outcome = None
+    except BaseException as err:  # noqa: BLE001 - everything goes back to the parent
+        if not isinstance(err, InputError):
+            traceback.print_exc()  # the parent re-raises without the child's stack
+        outcome = err
+    try:
+        send.send(outcome)
+    except Exception:  # an exception that does not pickle still reaches the parent, as text
+        send.send(RuntimeError(repr(outcome)))
+
+
+def _raise_child_error(name: str, process, receive) -> None:
+    try:
+        error = receive.recv()
+    except EOFError:
+        process.join()
+        raise RuntimeError(f"{name}: the process died (exit code {process.exitcode})") from None
+    if error is not None:
+        raise error
 
 
 def train_model(model: str, store: Path, annotations: Path, run_dir: Path,
@@ -160,17 +226,6 @@ def demo_config(model: str, settings: DemoSettings):
     overrides = [f"model.type={model}", f"train.seed={settings.synth.seed}",
                  *settings.train_overrides]
     return load_config(TRAIN_CONFIG, overrides)
-
-
-def _follow_epochs(futures, run_dirs, total: int) -> None:
-    """A progress bar over the epochs the runs have finished, read from their log.jsonl."""
-    from tqdm import tqdm
-
-    with tqdm(total=total, desc="train " + " + ".join(MODELS), unit="epoch") as bar:
-        while not all(future.done() for future in futures):
-            bar.update(sum(map(_logged_epochs, run_dirs)) - bar.n)
-            time.sleep(0.5)
-        bar.update(sum(map(_logged_epochs, run_dirs)) - bar.n)
 
 
 def _logged_epochs(run_dir: Path) -> int:

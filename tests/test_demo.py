@@ -1,9 +1,11 @@
 """The demo end to end through the real command line, at a small size: generate, extract, train
-both models, infer, evaluate, report."""
+both models, infer, evaluate, report; and how the two trainings run side by side."""
 import json
+import operator
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -96,3 +98,36 @@ def test_bad_options_are_one_line_errors(tmp_path):
         result = _demo("--out", str(tmp_path / "o"), *args)
         assert result.returncode == 2 and result.stderr.startswith(message), result.stderr
         assert result.stderr.count("\n") == 1
+
+
+# The two trainings run side by side in spawned processes. Plain library functions stand in for
+# them here: a spawned child can import those, and they fail or stall on demand.
+
+def test_side_by_side_runs_every_job_and_ticks(tmp_path):
+    import shutil
+
+    from synth.demo import run_side_by_side
+
+    source = tmp_path / "source.txt"
+    source.write_text("payload")
+    ticks = []
+    run_side_by_side({name: (shutil.copyfile, (source, tmp_path / f"{name}.txt"))
+                      for name in ("losa", "head_only")},
+                     on_tick=lambda: ticks.append(1), tick_seconds=0.05)
+    assert (tmp_path / "losa.txt").read_text() == (tmp_path / "head_only.txt").read_text() \
+        == "payload"
+    assert ticks
+
+
+@pytest.mark.parametrize("failing, error, message", [
+    ((operator.truediv, (1, 0)), ZeroDivisionError, "division by zero"),
+    ((os._exit, (3,)), RuntimeError, r"^bad: the process died \(exit code 3\)$"),
+])
+def test_side_by_side_stops_the_other_job_at_the_first_failure(failing, error, message):
+    from synth.demo import run_side_by_side
+
+    started = time.monotonic()
+    with pytest.raises(error, match=message):
+        run_side_by_side({"slow": (time.sleep, (600,)), "bad": failing}, tick_seconds=0.05)
+    # Not a speed target: without the stop this call would take the full ten minutes.
+    assert time.monotonic() - started < 120
