@@ -42,6 +42,9 @@ class DataConfig:
     # and std of the training videos, kept in the checkpoint. For backbones whose features are
     # a large constant plus a small variation (random or unfamiliar weights).
     standardise: bool = False
+    # One class, "action", for every annotated label: the class-agnostic detector of the
+    # ActivityNet protocol, whose detections `cli.py fuse` labels with video-level scores.
+    class_agnostic: bool = False
 
 
 @dataclass

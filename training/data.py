@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from losa_tal import input_error
 
 WINDOW_TRIES = 8  # random crops tried before settling for one that keeps no action
+AGNOSTIC_LABEL = "action"  # the one class of a data.class_agnostic head
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,6 +56,16 @@ def _interp_linear_ends(x, xp, fp) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 # Ground truth per video.
+
+def head_classes(annotations, data_config) -> list:
+    """The head's output classes: the annotation file's, or one for ``data.class_agnostic``."""
+    return [AGNOSTIC_LABEL] if data_config.class_agnostic else list(annotations.classes)
+
+
+def head_label(label: str, data_config) -> str:
+    """The head class an annotated label trains (every label is one action when agnostic)."""
+    return AGNOSTIC_LABEL if data_config.class_agnostic else label
+
 
 @dataclass
 class VideoTruth:
@@ -101,8 +112,11 @@ class StoreDataset(torch.utils.data.Dataset):
         self.train = train
         self.seed = seed
         self.epoch = 0
-        self.class_index = {name: i for i, name in enumerate(classes)}
         wanted = annotations.videos(subset)
+        index = {name: i for i, name in enumerate(classes)}
+        self.class_index = {label: index[head_label(label, data_config)]
+                            for label in annotations.classes
+                            if head_label(label, data_config) in index}
         present = [vid for vid in sorted(wanted) if vid in store]
         if not present:
             raise input_error(store_path, f"holds none of the {len(wanted)} '{subset}' videos "

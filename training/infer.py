@@ -24,7 +24,8 @@ import torch
 from losa_tal import InputError, input_error
 from training import checkpoint as ckpt
 from training.config import Config
-from training.data import StoreDataset, batch_to, collate, steps_to_seconds, to_video_steps
+from training.data import (StoreDataset, batch_to, collate, head_label, steps_to_seconds,
+                           to_video_steps)
 from training.detector import Detector
 from training.inputs import open_annotations, open_store, resolve_subset
 
@@ -127,14 +128,18 @@ def _to_entries(segments, scores, labels, dataset, vid, classes) -> list:
 
 def evaluate_predictions(annotations, predictions: dict, dataset: StoreDataset,
                          eval_config) -> dict:
-    """mAP report over exactly the videos of ``dataset`` (those the store holds, capped)."""
+    """mAP report over exactly the videos of ``dataset`` (those the store holds, capped).
+
+    A class-agnostic head is scored against every action relabelled as its one class.
+    """
     from evaluation import evaluate_map, load_annotations
 
     videos = annotations.videos(dataset.subset)
     restricted = {"database": {vid: {
         "subset": dataset.subset,
         "duration": videos[vid].duration,
-        "annotations": [{"segment": [float(s), float(e)], "label": label}
+        "annotations": [{"segment": [float(s), float(e)],
+                         "label": head_label(label, dataset.config)}
                         for (s, e), label in zip(videos[vid].segments, videos[vid].labels)],
     } for vid in dataset.videos}}
     return evaluate_map(load_annotations(restricted), predictions, subset=dataset.subset,

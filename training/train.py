@@ -29,7 +29,8 @@ from store.errors import storage_errors
 from training import checkpoint as ckpt
 from training import distributed
 from training.config import Config
-from training.data import StoreDataset, batch_to, channel_statistics, collate, needed_layers
+from training.data import (StoreDataset, batch_to, channel_statistics, collate, head_classes,
+                           needed_layers)
 from training.detector import Detector, parameter_groups, trainable_parameters
 from training.inputs import open_annotations, open_store, resolve_subset
 
@@ -87,7 +88,7 @@ class Trainer:
 
         self.store = open_store(self.store_path, config.data.dataset)
         self.annotations = open_annotations(self.annotations_path)
-        self.classes = list(self.annotations.classes)
+        self.classes = head_classes(self.annotations, config.data)
         self.layers = needed_layers(config, self.store, self.store_path)
         self.train_set = self._dataset(config.data.train_subset, train=True)
         self.eval_set = self._dataset(config.eval.subset, train=False,
