@@ -18,14 +18,17 @@ gt_option = click.option("--gt", "gt_path", required=True, metavar="GT.json",
 @click.option("--dataset", type=click.Choice(["thumos", "anet"], case_sensitive=False),
               default=None, help="Threshold preset: thumos = 0.3:0.7:0.1 (default), "
               "anet = 0.5:0.95:0.05.")
+@click.option("--ignore-other-videos", is_flag=True,
+              help="Leave out detections on videos outside the subset (default: they count as "
+              "false positives, as in the ActivityNet, ActionFormer and OpenTAD evaluators).")
 @click.option("--json", "json_path", default=None, metavar="OUT", help="Write the report as JSON.")
 @click.option("--per-class", is_flag=True, help="Print AP per class too.")
 @click.option("--plot", "plot_dir", default=None, metavar="DIR",
               help="Write per-class AP bars and precision-recall curves (PNG).")
 @click.option("--diagnose", "diagnose_dir", default=None, metavar="DIR",
               help="Write a false-positive analysis and mAP sensitivity (PNG + JSON).")
-def evaluate(preds_path, gt_path, subset, tiou, dataset, json_path, per_class, plot_dir,
-             diagnose_dir):
+def evaluate(preds_path, gt_path, subset, tiou, dataset, ignore_other_videos, json_path,
+             per_class, plot_dir, diagnose_dir):
     """Score detections against ground truth: mAP per tIoU threshold and the average."""
     from .annotations import load_annotations
     from .files import write_json_atomic
@@ -37,7 +40,8 @@ def evaluate(preds_path, gt_path, subset, tiou, dataset, json_path, per_class, p
     thresholds = parse_tiou(tiou, dataset)
     annotations = load_annotations(gt_path)
     predictions = load_predictions(preds_path)
-    evaluation = evaluate_detections(annotations, predictions, subset, thresholds)
+    evaluation = evaluate_detections(annotations, predictions, subset, thresholds,
+                                     ignore_other_videos)
     report = evaluation.report()
     click.echo(format_report(report, per_class=per_class))
     if json_path:

@@ -3,7 +3,9 @@
 The matching is the ActivityNet one: detections are visited in rank order; each takes the
 unmatched ground truth (same video, same class) with the highest tIoU, provided tIoU >= the
 threshold, falling back to its next-best candidate when the best is taken. Ties in tIoU go to
-the ground truth listed first.
+the ground truth listed *later* in the annotation file, as in the ActivityNet, ActionFormer and
+OpenTAD evaluators (their best-first order is an ascending sort reversed, which is stable for
+the few segments a video and class hold).
 
 Visiting 200,000 detections one by one in Python takes tens of seconds, so :func:`greedy_match`
 resolves many detections per numpy pass instead (see :func:`_resolve_in_rounds`) and gives the
@@ -98,10 +100,13 @@ def _resolve_in_rounds(pred_id, gt_id, iou, num_pred, num_gt) -> np.ndarray:
 
 
 def _best_candidate(pred_id, iou) -> np.ndarray:
-    """Position of each detection's highest-tIoU pair; on ties the first (ground truth listed first)."""
+    """Position of each detection's highest-tIoU pair; on ties the last (ground truth listed later).
+
+    A detection's pairs are consecutive and in ground-truth order.
+    """
     run_start = np.flatnonzero(np.r_[True, pred_id[1:] != pred_id[:-1]])
     run_length = np.diff(np.r_[run_start, len(pred_id)])
     best = np.repeat(np.maximum.reduceat(iou, run_start), run_length)
     is_best = np.flatnonzero(iou == best)
-    first_of_run = np.r_[True, pred_id[is_best[1:]] != pred_id[is_best[:-1]]]
-    return is_best[first_of_run]
+    last_of_run = np.r_[pred_id[is_best[1:]] != pred_id[is_best[:-1]], True]
+    return is_best[last_of_run]

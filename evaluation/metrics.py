@@ -4,6 +4,8 @@ Semantics (those of the ActivityNet, ActionFormer and OpenTAD evaluators where t
 - a class is evaluated when it has ground truth in the subset; mAP is the plain mean over those
   classes (a class without detections scores 0); detections of other labels are ignored, with a
   warning naming them;
+- detections on videos outside the subset are false positives of their class, with a warning
+  counting them (``ignore_other_videos`` drops them instead);
 - detections of a class are ranked by score over all videos, equal scores keeping file order;
 - matching per threshold as in :mod:`evaluation.matching`; nothing is truncated per video;
 - AP is the all-point interpolated AP over the precision envelope; recall counts all ground truth.
@@ -36,6 +38,11 @@ class GroundTruth:
     segments: np.ndarray  # float64 [G, 2]
 
     @property
+    def outside_video(self) -> int:
+        """The video index given to detections on videos outside the subset: one with no ground truth."""
+        return len(self.video_ids)
+
+    @property
     def num_gt(self) -> np.ndarray:
         return np.bincount(self.label, minlength=len(self.classes))
 
@@ -44,7 +51,7 @@ class GroundTruth:
 class RankedDetections:
     """The detections that take part, sorted by class, then score (descending), then file order."""
 
-    video: np.ndarray  # int64 [P], index into GroundTruth.video_ids
+    video: np.ndarray  # int64 [P], index into GroundTruth.video_ids, or gt.outside_video
     label: np.ndarray  # int64 [P], index into GroundTruth.classes
     segments: np.ndarray  # float64 [P, 2]
     scores: np.ndarray  # float64 [P]
@@ -91,13 +98,20 @@ class Evaluation:
         }
 
 
-def evaluate_map(annotations, predictions, subset=None, tiou_thresholds=None) -> dict:
+def evaluate_map(annotations, predictions, subset=None, tiou_thresholds=None,
+                 ignore_other_videos=False) -> dict:
     """mAP report dict (see :meth:`Evaluation.report`) for parsed or raw inputs."""
-    return evaluate_detections(annotations, predictions, subset, tiou_thresholds).report()
+    return evaluate_detections(annotations, predictions, subset, tiou_thresholds,
+                               ignore_other_videos).report()
 
 
-def evaluate_detections(annotations, predictions, subset=None, tiou_thresholds=None) -> Evaluation:
-    """Match and score detections against one subset. Accepts parsed objects, paths or dicts."""
+def evaluate_detections(annotations, predictions, subset=None, tiou_thresholds=None,
+                        ignore_other_videos=False) -> Evaluation:
+    """Match and score detections against one subset. Accepts parsed objects, paths or dicts.
+
+    Detections on videos outside the subset count as false positives, as in the peers'
+    evaluators; ``ignore_other_videos`` leaves them out (for predictions made on every video).
+    """
     annotations, predictions = load_annotations(annotations), load_predictions(predictions)
     thresholds = _check_thresholds(tiou_thresholds)
     subset = annotations.resolve_subset(subset)
@@ -105,7 +119,7 @@ def evaluate_detections(annotations, predictions, subset=None, tiou_thresholds=N
     gt = ground_truth_arrays(videos)
     if len(gt.segments) == 0:
         raise input_error(annotations.name, f"subset '{subset}' has no ground-truth segments")
-    detections = rank_detections(predictions, gt, subset)
+    detections = rank_detections(predictions, gt, subset, ignore_other_videos)
     matched = greedy_match(detections.segments, _group_keys(detections, gt),
                            gt.segments, _group_keys(gt, gt), thresholds)
     tp = matched >= 0
@@ -135,8 +149,8 @@ def ground_truth_arrays(videos: dict) -> GroundTruth:
     return GroundTruth(list(videos), classes, video, label, segments)
 
 
-def rank_detections(predictions, gt: GroundTruth, subset) -> RankedDetections:
-    """Keep detections of the subset's videos and evaluated classes, in rank order."""
+def rank_detections(predictions, gt: GroundTruth, subset, ignore_other_videos=False):
+    """Keep detections of the evaluated classes (and of the subset's videos, if asked), ranked."""
     video_index = _lookup(predictions.video_ids, gt.video_ids)
     where = f"subset '{subset}'" if subset else "the ground truth"
     if len(video_index) and video_index.max() < 0:
@@ -144,8 +158,13 @@ def rank_detections(predictions, gt: GroundTruth, subset) -> RankedDetections:
                           f"(e.g. '{predictions.video_ids[0]}')")
     video_of = video_index[predictions.video_index]
     label_of = _lookup(predictions.label_names, gt.classes)[predictions.label_index]
-    _warn_about_ignored(predictions, video_of, label_of, where)
-    rows = np.flatnonzero((video_of >= 0) & (label_of >= 0))
+    outside = video_of < 0
+    dropped = outside & ignore_other_videos
+    unknown = (label_of < 0) & ~dropped
+    _warn_about_other_videos(predictions, outside & ~unknown, where, ignore_other_videos)
+    _warn_about_unknown_labels(predictions, unknown, where)
+    video_of[outside] = gt.outside_video  # no ground truth there: every detection is a miss
+    rows = np.flatnonzero(~dropped & ~unknown)
     rows = rows[rank_order(label_of[rows], predictions.scores[rows], len(gt.classes))]
     label = label_of[rows]
     return RankedDetections(
@@ -174,17 +193,19 @@ def _lookup(names: list, known: list) -> np.ndarray:
     return np.array([index.get(name, -1) for name in names], dtype=np.int64).reshape(-1)
 
 
-def _warn_about_ignored(predictions, video_of, label_of, where):
-    outside = video_of < 0
-    if outside.any():
-        videos = np.unique(predictions.video_index[outside])
-        warnings.warn(f"{predictions.name}: ignored {int(outside.sum())} detections on "
-                      f"{len(videos)} videos outside {where}", EvaluationWarning, stacklevel=3)
-    unknown = (label_of < 0) & ~outside
-    if unknown.any():
+def _warn_about_other_videos(predictions, rows, where, ignored):
+    if rows.any():
+        count, videos = int(rows.sum()), len(np.unique(predictions.video_index[rows]))
+        fate = "are ignored" if ignored else "count as false positives"
+        warnings.warn(f"{predictions.name}: {count} detections on {videos} videos outside "
+                      f"{where} {fate}", EvaluationWarning, stacklevel=3)
+
+
+def _warn_about_unknown_labels(predictions, rows, where):
+    if rows.any():
         labels = sorted({predictions.label_names[i]
-                         for i in np.unique(predictions.label_index[unknown])})
-        warnings.warn(f"{predictions.name}: ignored {int(unknown.sum())} detections of labels "
+                         for i in np.unique(predictions.label_index[rows])})
+        warnings.warn(f"{predictions.name}: ignored {int(rows.sum())} detections of labels "
                       f"without ground truth in {where}: {', '.join(labels)}",
                       EvaluationWarning, stacklevel=3)
 

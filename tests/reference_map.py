@@ -10,14 +10,20 @@ MIN_SEGMENT = 1e-3
 DUPLICATE_TOLERANCE = 1e-3
 
 
-def reference_map(gt_json: dict, pred_json: dict, subset: str, thresholds) -> dict:
-    """``{"per_class_AP": {label: [AP per threshold]}, "mAP": [...]}`` for raw JSON dicts."""
+def reference_map(gt_json: dict, pred_json: dict, subset: str, thresholds,
+                  ignore_other_videos=False) -> dict:
+    """``{"per_class_AP": {label: [AP per threshold]}, "mAP": [...]}`` for raw JSON dicts.
+
+    Detections on videos outside the subset are false positives (they have no ground truth),
+    unless ``ignore_other_videos`` drops them.
+    """
     gt_by_class = _ground_truth_by_class(gt_json, subset)
     videos_in_subset = {vid for vid, entry in gt_json["database"].items()
                         if entry.get("subset", "").lower() == subset.lower()}
     detections = [(vid, d["label"], float(d["segment"][0]), float(d["segment"][1]),
                    float(d["score"]))
-                  for vid, items in pred_json["results"].items() if vid in videos_in_subset
+                  for vid, items in pred_json["results"].items()
+                  if vid in videos_in_subset or not ignore_other_videos
                   for d in items]
     per_class = {}
     for label in sorted(gt_by_class):
@@ -63,7 +69,7 @@ def _class_ap(ground_truth: dict, detections: list, threshold: float) -> float:
     hits = []
     for vid, _, start, end, _ in detections:
         candidates = [(tiou(start, end, s, e), j) for j, (s, e) in enumerate(ground_truth.get(vid, []))]
-        candidates.sort(key=lambda c: (-c[0], c[1]))  # best tIoU first, then first listed
+        candidates.sort(key=lambda c: (-c[0], -c[1]))  # best tIoU first, then listed later
         hit = False
         for value, j in candidates:
             if value < threshold:

@@ -63,6 +63,25 @@ def test_evaluate_warns_on_stderr_about_ignored_labels(files, tmp_path):
     assert "Unknown" in result.stderr
 
 
+def test_detections_on_other_videos_count_as_false_positives_unless_ignored(files, tmp_path):
+    gt, _ = files
+    preds = write_json(tmp_path / "p.json", preds_dict({
+        "v1": [(0, 10, "A", 0.5), (20, 30, "B", 0.5)], "v2": [(5, 9, "A", 0.4)],
+        "train_1": [(0, 10, "A", 0.9)], "train_2": [(0, 10, "B", 0.9), (5, 10, "B", 0.8)]}))
+    args = ["evaluate", "--gt", gt, "--preds", preds, "--tiou", "0.5", "--json"]
+    result = run_cli(*args, tmp_path / "fp.json")
+    assert result.exit_code == 0, result.output
+    assert result.stderr == (f"warning: {preds}: 3 detections on 2 videos outside subset 'Test' "
+                             "count as false positives\n")
+    # A: miss, hit, hit of 2 -> 2/3; B: miss, miss, hit -> 1/3
+    report = json.loads((tmp_path / "fp.json").read_text())
+    assert report["per_class_AP"] == {"A": [pytest.approx(2 / 3)], "B": [pytest.approx(1 / 3)]}
+    result = run_cli(*args, tmp_path / "ignored.json", "--ignore-other-videos")
+    assert result.exit_code == 0, result.output
+    assert "3 detections on 2 videos outside subset 'Test' are ignored" in result.stderr
+    assert json.loads((tmp_path / "ignored.json").read_text())["mAP"] == [1.0]
+
+
 def test_evaluate_writes_plots(files, tmp_path):
     gt, preds = files
     result = run_cli("evaluate", "--gt", gt, "--preds", preds, "--plot", tmp_path / "plots")
@@ -161,7 +180,9 @@ BAD_GROUND_TRUTH = {
     "annotations not an array": ({"database": {"v1": {"annotations": {}}}},
                                  "'annotations' must be an array"),
     "segment not numbers": (bad_annotation(segment=[0, None]), "annotation 0: segment must be two"),
-    "end before start": (bad_annotation(segment=[3, 1]), "segment ends before it starts"),
+    # the peers disagree on a reversed segment; we refuse it, naming the video
+    "end before start": (bad_annotation(segment=[3, 1]),
+                         "video 'v1', annotation 0: segment ends before it starts (3.0 > 1.0)"),
     "label missing": (bad_annotation(label="<missing>"), "annotation 0: 'label' is missing"),
     "negative duration": ({"database": {"v1": {"duration": -1, "annotations": []}}},
                           "'duration' must be a finite number >= 0.0, got -1"),
