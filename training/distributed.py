@@ -2,9 +2,15 @@
 
 A run started without torchrun is a world of one process and every helper here is a no-op, so the
 training recipe reads the same either way.
+
+Every tensor handed to a collective lives on ``world.device``: NCCL serves only CUDA tensors
+(a CPU tensor fails with "No backend type associated with device type cpu"), and gloo, which
+serves CPU tensors, would hide that mistake in every CPU test. So the helpers here move their
+inputs to the rank's device themselves, and nothing else in the project calls a collective.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -45,22 +51,41 @@ def stop(world: World) -> None:
 
 def barrier(world: World) -> None:
     if world.size > 1:
-        dist.barrier()
+        # NCCL's barrier otherwise guesses the device from the rank number.
+        cuda = world.device.type == "cuda"
+        dist.barrier(device_ids=[world.device.index] if cuda else None)
 
 
 def sum_across(world: World, value: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over all processes (returns a new tensor)."""
-    value = value.detach().clone()
+    """Sum a tensor over all processes; returns a new tensor on ``world.device``."""
+    value = value.detach().to(world.device, copy=True)
     if world.size > 1:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
 
 
+def gather_json(world: World, value) -> list:
+    """Every process's JSON-serialisable ``value``, in rank order, on every process.
 
-def from_main(world: World, value: float | None) -> float:
-    """The main process's float on every process (e.g. an mAP only the main process computed)."""
+    The values travel as UTF-8 JSON bytes in uint8 tensors on the rank's device (never pickled,
+    unlike ``all_gather_object``), padded to the longest.
+    """
     if world.size == 1:
-        return value
-    box = torch.tensor([value if world.is_main else 0.0], dtype=torch.float64)
-    dist.broadcast(box, src=0)
-    return float(box.item())
+        return [value]
+    payload = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
+    sizes = gather_tensors(world, torch.tensor([payload.numel()], dtype=torch.int64))
+    sizes = torch.cat(sizes).tolist()
+    padded = torch.zeros(max(sizes), dtype=torch.uint8)
+    padded[:payload.numel()] = payload
+    parts = gather_tensors(world, padded)
+    return [json.loads(bytes(part[:size].cpu().numpy())) for part, size in zip(parts, sizes)]
+
+
+def gather_tensors(world: World, value: torch.Tensor) -> list[torch.Tensor]:
+    """``value`` of every process (all of one shape and dtype), in rank order, on ``world.device``."""
+    value = value.detach().to(world.device)
+    if world.size == 1:
+        return [value]
+    parts = [torch.empty_like(value) for _ in range(world.size)]
+    dist.all_gather(parts, value)
+    return parts

@@ -77,15 +77,27 @@ def build_trained_detector(state: dict, store, path) -> Detector:
 
 @torch.no_grad()
 def predict(model, dataset: StoreDataset, eval_config, device, classes, amp=True,
-            progress=False) -> dict:
-    """``{"results": {video: [{"segment": [s, e], "label", "score"}]}}`` for a dataset."""
+            progress=False, world=None) -> dict:
+    """``{"results": {video: [{"segment": [s, e], "label", "score"}]}}`` for a dataset.
+
+    Under data parallelism (``world``) each process predicts every ``world.size``-th video and
+    the detections are gathered, so every process returns the same predictions whatever the
+    number of processes: a video's result depends only on its own pieces.
+    """
     from tqdm import tqdm
 
+    from training import distributed
+
+    world = world or distributed.World(device=torch.device(device))
+    mine = dataset.videos[world.rank::world.size]
+    share = set(mine)
+    pieces = [i for i, (vid, _, _) in enumerate(dataset.pieces) if vid in share]
     was_training = model.training
     model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=1, collate_fn=collate,
-                                         num_workers=dataset.config.num_workers)
-    candidates = {vid: [] for vid in dataset.videos}
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, pieces), batch_size=1,
+                                         collate_fn=collate, num_workers=dataset.config.num_workers,
+                                         pin_memory=torch.device(device).type == "cuda")
+    candidates = {vid: [] for vid in mine}
     use_amp = amp and torch.device(device).type == "cuda"
     for batch in tqdm(loader, desc="inference", unit="piece", disable=not progress):
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=use_amp):
@@ -99,6 +111,9 @@ def predict(model, dataset: StoreDataset, eval_config, device, classes, amp=True
     for vid, parts in candidates.items():
         segments, scores, labels = _suppress(parts, eval_config)
         results[vid] = _to_entries(segments, scores, labels, dataset, vid, classes)
+    gathered = {vid: entries for part in distributed.gather_json(world, results)
+                for vid, entries in part.items()}
+    results = {vid: gathered[vid] for vid in dataset.videos}
     return {"version": "losa-tal", "results": results, "external_data": {}}
 
 
