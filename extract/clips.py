@@ -12,7 +12,6 @@ the next video.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import signal
@@ -256,22 +255,11 @@ def make_loader(dataset: ClipChunks, num_workers: int, pin_memory: bool):
     and thread pools hold at that instant (and a CUDA context), which can hang the child; not
     forkserver, because its workers are children of the fork server, so nothing notices when the
     main process dies, and a killed extraction would leave its workers (and the fork server they
-    keep alive) running.
+    keep alive) running. They die with the main process however it dies (extract/workers.py).
     """
+    from extract.workers import SpawnContext
+
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-        multiprocessing_context="spawn" if num_workers else None,
-        worker_init_fn=_die_with_parent if num_workers else None,
+        multiprocessing_context=SpawnContext() if num_workers else None,
         prefetch_factor=4 if num_workers else None, persistent_workers=False)
-
-
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(_worker_id):
-    """On Linux the kernel kills a worker the moment its main process dies, however it dies;
-    elsewhere PyTorch's watchdog ends it within a few seconds."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue as queue_module
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from extract.clips import (VIDEO_EXTENSIONS, ClipChunks, fault_point, gather_cli
                            make_loader)
 from extract.pooling import check_grid, pool_tokens
 from extract.protocol import SamplingProtocol
+from extract.workers import QueueFeed
 from losa_tal import input_error
 from store import LAST, FeatureStore
 
@@ -242,33 +242,6 @@ class Claims:
     def release_all(self):
         for video_id in list(self._held):
             self.release(video_id)
-
-
-class QueueFeed:
-    """Videos for DataLoader workers, read from a queue the main process fills with claimed videos.
-
-    A worker never blocks on an empty queue: the DataLoader returns items in worker order, so the
-    main process may be waiting for exactly this worker and would never refill the queue. After
-    ``IDLE_SECONDS`` without a video it yields None (an ``idle`` item), and the main process
-    claims one more video. A ``STOP`` ends the worker.
-    """
-
-    STOP = "stop"
-    IDLE_SECONDS = 0.05
-
-    def __init__(self, queue):
-        self.queue = queue
-
-    def __iter__(self):
-        while True:
-            try:
-                item = self.queue.get(timeout=self.IDLE_SECONDS)
-            except queue_module.Empty:
-                yield None
-                continue
-            if item == self.STOP:
-                return
-            yield item
 
 
 class OpenVideo:

@@ -17,6 +17,7 @@ CATEGORIES = [  # (category, file, test-name regex); the first match wins
     ("crashes", "test_store_faults.py", r"test_(sigkill|hdf5_writer_killed|hdf5_append_killed|"
                                         r"journal_roll_back)"),
     ("crashes", "test_training.py", r"test_sigkill"),
+    ("crashes", "test_reliability_processes.py", r""),
     ("crashes", "test_extract_faults.py", r"test_(sigkill|killed)"),
     ("disk full and permissions", "test_reliability_storage.py", r""),
     ("disk full and permissions", "test_store_faults.py", r"test_(zarr_write_failure|"

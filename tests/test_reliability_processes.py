@@ -1,0 +1,118 @@
+"""No process outlives its command: `cli.py extract` killed while its decoding workers start.
+
+The command runs in its own session, so every process it starts (decoding workers, the
+multiprocessing resource tracker) keeps the session id even once reparented to init; the test
+kills the main process and then waits for the session to empty. Its stdout must reach EOF too
+(workers holding it made ``extract ... | tee log`` hang).
+"""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_extract_pipeline import REPO, TINY, cli_args
+from tests.videos import write_video
+
+GONE_WITHIN_S = 10  # after the main process dies, every process of its session must be gone
+
+
+def session_processes(session: int) -> dict:
+    """``{pid: command line}`` of the live (not zombie) processes of a session."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        state, _ppid, _group, sid = stat.rpartition(")")[2].split()[:4]
+        if int(sid) == session and state != "Z":
+            found[int(entry)] = command.decode(errors="replace")
+    return found
+
+
+def is_worker(command: str) -> bool:
+    return "--multiprocessing-fork" in command
+
+
+@pytest.fixture(scope="module")
+def extraction_inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("orphans")
+    videos = folder / "videos"
+    videos.mkdir()
+    for seed in range(4):
+        write_video(videos / f"v{seed}.mp4", 40, seed=seed)
+    backbone = folder / "tiny.json"
+    backbone.write_text(json.dumps(TINY))
+    return videos, backbone
+
+
+def kill_while_workers_start(videos, store, backbone, sig, delay, workers):
+    """Start extract, send ``sig`` ``delay`` s after its first decoding worker appears; return
+    the processes of its session still alive ``GONE_WITHIN_S`` later (killed then) and the
+    main process's exit status."""
+    process = subprocess.Popen(
+        [sys.executable, "cli.py", *cli_args(videos, store, backbone, "--num-workers", workers)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(map(is_worker, session_processes(process.pid).values())):
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.01)
+        time.sleep(delay)
+        os.kill(process.pid, sig)
+        deadline = time.monotonic() + GONE_WITHIN_S
+        while session_processes(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = session_processes(process.pid)
+        if not left:  # EOF on its pipes: nothing else holds them (``extract | tee`` ends)
+            _, stderr = process.communicate(timeout=GONE_WITHIN_S)
+            return left, process.returncode, stderr.decode()
+        return left, process.returncode, ""
+    finally:
+        for pid in session_processes(process.pid):
+            os.kill(pid, signal.SIGKILL)
+        process.kill()
+        process.wait()
+
+
+# (signal, seconds after the first worker appears, workers): the moment it appears is the
+# window the kernel's parent-death signal did not cover; later, the workers are importing.
+KILLS = [(signal.SIGKILL, 0.0, 1), (signal.SIGKILL, 0.0, 4), (signal.SIGKILL, 0.5, 4),
+         (signal.SIGTERM, 0.0, 2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, delay, workers", KILLS)
+def test_killed_while_workers_start_leaves_no_process(extraction_inputs, tmp_path, sig, delay,
+                                                      workers):
+    videos, backbone = extraction_inputs
+    left, _, _ = kill_while_workers_start(videos, tmp_path / "s.zarr", backbone, sig, delay, workers)
+    assert not left, left
+
+
+def test_a_decoding_worker_imports_neither_the_backbone_nor_the_store():
+    """What a worker unpickles (its dataset) imports only decoding: the less a worker imports,
+    the sooner it can work, and the smaller it is."""
+    code = ("import pickle, sys; pickle.loads(sys.stdin.buffer.read()); "
+            "print(' '.join(sorted(sys.modules)))")
+    from extract.clips import ClipChunks
+    from extract.protocol import SamplingProtocol
+    from extract.workers import QueueFeed
+
+    dataset = pickle.dumps(ClipChunks(QueueFeed(None), SamplingProtocol(), 8))
+    result = subprocess.run([sys.executable, "-c", code], input=dataset, cwd=REPO,
+                            capture_output=True, check=True)
+    modules = result.stdout.decode().split()
+    assert "extract.clips" in modules
+    heavy = [m for m in modules if m.split(".")[0] in ("timm", "zarr", "h5py", "store")
+             or m == "extract.backbone"]
+    assert not heavy, heavy
