@@ -39,6 +39,7 @@ import numpy as np
 from losa_tal import input_error
 
 from . import locks
+from .errors import describe_os_error
 from .journal import JournaledFile, roll_back
 
 ROOT_META_KEY = "losa_tal"
@@ -113,21 +114,31 @@ class Hdf5Backend:
         if self._handle is not None:
             yield
             return
-        if os.path.exists(self._journal):  # a dead writer's, or a live one's about to finish
-            try:
-                with locks.exclusive(self._publish_lock):
-                    self._roll_back_interrupted_publish()
-            except OSError as err:
-                raise input_error(self.location, "a writer died while appending to this file; "
-                                  "it needs one access with write permission to be rolled back "
-                                  f"({err.strerror})") from err
-        with locks.shared_if_present(self._publish_lock):
+        with self._published():
             self._handle = _h5py().File(self.location, "r", locking=False)
             try:
                 yield
             finally:
                 self._handle.close()
                 self._handle = None
+
+    @contextlib.contextmanager
+    def _published(self):
+        """Hold the publish lock shared, once no append is unfinished. A writer holds the lock
+        exclusively while its journal exists, so a reader waits for a live writer; a journal
+        still there under the shared lock is a dead writer's, and is rolled back first."""
+        while True:
+            with locks.held_if_present(self._publish_lock):
+                if not os.path.exists(self._journal):
+                    yield
+                    return
+            try:
+                with locks.held_if_present(self._publish_lock, shared=False):
+                    self._roll_back_interrupted_publish()
+            except OSError as err:
+                raise input_error(self.location, "a writer died while appending to this file; "
+                                  "it needs one access with write permission to be rolled back "
+                                  f"({describe_os_error(err)})") from err
 
     def complete_videos(self) -> dict:
         with self.reading():

@@ -67,16 +67,17 @@ def exclusive(path: str):
 
 
 @contextlib.contextmanager
-def shared_if_present(path: str):
-    """Hold a shared lock on an existing lock file; nothing if there is none (no writer ever ran,
-    or the store is on read-only media, where no writer can run)."""
+def held_if_present(path: str, shared: bool = True):
+    """Hold a lock on an existing lock file, waiting for it; nothing if there is none (no writer
+    ever ran, or the store is on read-only media, where no writer can run). The file is opened
+    read-only, so a user who may only read the store can still wait for its writers."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         yield
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)

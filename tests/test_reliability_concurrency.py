@@ -197,3 +197,62 @@ def test_two_trainings_into_one_run_directory_do_not_both_write_it(tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"error: {run}"), refused[0][-2000:]
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log if r["event"] == "epoch"] == [1, 2]  # one run's records
+
+
+READER = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from test_reliability_concurrency import read_while_appended
+read_while_appended(sys.argv[1], float(sys.argv[2]))
+"""
+
+
+def read_while_appended(location, seconds: float):
+    """Reader process: list and read every video over and over for ``seconds``; prints one line
+    per failed read and ``reads <ok> <failed> <videos seen>`` at the end."""
+    ok = failed = seen = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            fs = FeatureStore.open(location)
+            listed = fs.videos()
+            for video_id in listed:
+                fs.read(video_id, [LAST])
+            seen = max(seen, len(listed))
+            ok += 1
+        except Exception as err:  # noqa: BLE001 - every failure is what the test counts
+            failed += 1
+            print(f"failed: {type(err).__name__}: {err}", flush=True)
+    print(f"reads {ok} {failed} {seen}", flush=True)
+
+
+def read_only_view(directory) -> list:
+    """The command prefix that runs a command seeing ``directory`` read-only (a private mount
+    namespace with a read-only bind mount: a user without write access to a shared store)."""
+    return ["unshare", "-rm", "sh", "-c", 'mount --bind "$0" "$0" && '
+            'mount -o remount,bind,ro "$0" "$0" && exec "$@"', str(directory)]
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".zarr"])
+def test_a_reader_without_write_access_reads_while_the_owner_appends(tmp_path, suffix):
+    """A lab shares one store: the owner appends while a user who can only read it reads. Each
+    of the user's reads must wait for a live writer and succeed (on HDF5 they all failed with
+    'a writer died while appending': a journal being written was taken as a dead writer's)."""
+    from test_training import synthetic_videos, write_store
+
+    if subprocess.run([*read_only_view(tmp_path), "true"], capture_output=True).returncode:
+        pytest.skip("no private mount namespace with a read-only bind mount here (unshare -rm)")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    store = write_store(shared / f"store{suffix}", synthetic_videos(2, "training"))
+    reader = subprocess.Popen(
+        [*read_only_view(shared), sys.executable, "-c", READER.format(tests=str(TESTS_DIR)),
+         str(store), "6"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=CHILD_ENV)
+    writer = start_writer(store, LATE_IDS, pause=0.05)
+    out, err = reader.communicate(timeout=120)
+    finish([writer])
+    assert reader.returncode == 0, err[-2000:]
+    ok, failed, seen = map(int, out.splitlines()[-1].split()[1:])
+    assert failed == 0, out[-2000:]
+    assert ok > 10 and seen > 2, out  # it read many times while videos appeared
