@@ -27,6 +27,7 @@ CATEGORIES = [  # (category, file, test-name regex); the first match wins
                                                             r"existing_report_survives)"),
     ("disk full and permissions", "test_extract_faults.py", r"test_disk_full"),
     ("concurrency", "test_reliability_concurrency.py", r""),
+    ("stores over URLs", "test_reliability_urls.py", r""),
     ("concurrency", "test_extract_faults.py", r"test_(three_extractors|two_workers|"
                                               r"a_video_claimed)"),
     ("concurrency", "test_store_faults.py", r"test_(three_writers|racing_writers|"

@@ -7,10 +7,12 @@ from losa_tal import input_error
 
 
 def open_store(path, dataset: str):
-    """Open a feature store for reading; a missing one says how to make it."""
+    """Open a feature store (a path or an fsspec URL) for reading; a missing one says how to
+    make it."""
     from store import FeatureStore
+    from store.zarr_backend import is_url
 
-    if not Path(path).exists():
+    if not is_url(str(path)) and not Path(path).exists():
         raise input_error(path, f"feature store not found; run `make extract DATASET={dataset}` "
                           "first (or pass --store)")
     return FeatureStore.open(path)
