@@ -1,4 +1,4 @@
-"""Decode videos into backbone-ready clips with decord, inside DataLoader workers.
+"""Decode videos into backbone-ready clips (decoding.py picks the decoder), in DataLoader workers.
 
 Each worker takes its share of the videos and yields *chunks*: a run of consecutive clips of one
 video, sent as the distinct frames they use (scaled, float32 [U, 3, S, S]) plus an index map
@@ -13,21 +13,18 @@ the next video.
 from __future__ import annotations
 
 import os
-import re
 import signal
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from extract.decoding import VideoError, VideoSource, open_video
 from extract.protocol import IMAGENET_MEAN, IMAGENET_STD, SamplingProtocol
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
                     ".wmv", ".3gp", ".ts", ".ogv")
-# Raw decoded frames held at once per worker; bounds memory on 4K or 8K videos.
-MAX_DECODE_BYTES = 128 * 2**20
 
 
 # Crash-test hook (tests/test_extract_faults.py): with LOSA_TAL_KILL_AT="decode:3" set, the
@@ -44,10 +41,6 @@ def fault_point(name: str) -> None:
     _points_passed[name] = _points_passed.get(name, 0) + 1
     if _points_passed[name] == int(target.partition(":")[2] or 1):
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-class VideoError(Exception):
-    """A video that cannot be decoded (corrupt, truncated, empty, not a video)."""
 
 
 # Bit-exact scaling. The official script interpolates each clip as a [C=3, T=16, H, W] tensor,
@@ -106,75 +99,11 @@ def scale_frames(frames: torch.Tensor, protocol: SamplingProtocol) -> torch.Tens
     return x.contiguous()
 
 
-@dataclass
-class VideoSource:
-    """An opened video: the decord reader and what the store records about it."""
-
-    reader: object
-    num_frames: int
-    fps: float
-    height: int
-    width: int
-
-    @property
-    def info(self) -> dict:
-        return {"num_frames": self.num_frames, "fps": self.fps,
-                "duration": self.num_frames / self.fps,
-                "height": self.height, "width": self.width}
-
-
-def open_video(path: str | os.PathLike, num_threads: int = 1) -> VideoSource:
-    """Open a video with decord; any problem becomes a VideoError with a short reason."""
-    import decord
-
-    # FFmpeg's own log lines (``moov atom not found``...) would interleave with the progress
-    # bar; the reason still reaches the user through the exception and the run's summary.
-    decord.logging.set_level(decord.logging.QUIET)
-    try:
-        if os.path.getsize(path) == 0:
-            raise VideoError("empty file")
-    except OSError as err:
-        raise VideoError(f"cannot read: {err.strerror}") from None
-    try:
-        reader = decord.VideoReader(str(path), num_threads=num_threads)
-        num_frames = len(reader)
-        fps = float(reader.get_avg_fps())
-        height, width = reader[0].shape[:2] if num_frames else (0, 0)
-    except Exception as err:  # decord raises RuntimeError or DECORDError for anything broken
-        raise VideoError(f"cannot open: {_first_line(err)}") from None
-    if num_frames < 1:
-        raise VideoError("no frames")
-    if not (np.isfinite(fps) and fps > 0):
-        raise VideoError(f"invalid frame rate {fps}")
-    return VideoSource(reader, num_frames, fps, int(height), int(width))
-
-
-# decord's C++ messages start "[10:31:29] /src/video/video_reader.cc:151: Check failed: ..."
-_DECORD_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (?:Check failed: .*?ERROR )?")
-
-
-def _first_line(err: Exception) -> str:
-    """The gist of a decoder exception: its first line, without decord's source location."""
-    text = str(err).strip().splitlines()
-    line = _DECORD_PREFIX.sub("", text[0]) if text else ""
-    return line[:200] or type(err).__name__
-
-
 def decode_frames(source: VideoSource, indices: np.ndarray,
                   protocol: SamplingProtocol) -> torch.Tensor:
     """Decode and scale the given native frames (sorted, distinct): float32 [len, 3, S, S]."""
-    frame_bytes = source.height * source.width * 3
-    per_call = max(1, MAX_DECODE_BYTES // max(frame_bytes, 1))
     scaled = []
-    for begin in range(0, len(indices), per_call):
-        wanted = indices[begin:begin + per_call].tolist()
-        try:
-            raw = source.reader.get_batch(wanted).asnumpy()
-        except Exception as err:
-            raise VideoError(f"cannot decode frames {wanted[0]}-{wanted[-1]}: "
-                             f"{_first_line(err)}") from None
-        if raw.shape[0] != len(wanted):
-            raise VideoError(f"decoded {raw.shape[0]} frames, expected {len(wanted)}")
+    for raw in source.read(indices):
         fault_point("decode")
         scaled.append(scale_frames(torch.from_numpy(raw), protocol))
     return torch.cat(scaled)
@@ -184,7 +113,14 @@ def iter_chunks(video: str, path: str | os.PathLike, protocol: SamplingProtocol,
                 clips_per_chunk: int, num_threads: int = 1):
     """Yield the chunks of one video in clip order (see the module docstring)."""
     source = open_video(path, num_threads)
-    indices = protocol.native_indices(source.num_frames, source.fps)
+    try:
+        yield from _chunks_of(source, video, protocol, clips_per_chunk)
+    finally:
+        source.close()
+
+
+def _chunks_of(source: VideoSource, video: str, protocol: SamplingProtocol, clips_per_chunk: int):
+    indices = protocol.native_indices(source.num_frames, source.fps, source.frame_times)
     num_clips = len(indices)
     cached_ids = np.zeros(0, dtype=np.int64)  # native ids of the frames kept from last chunk
     cached = None
@@ -203,8 +139,11 @@ def iter_chunks(video: str, path: str | os.PathLike, protocol: SamplingProtocol,
         order = np.argsort(np.concatenate(parts_ids), kind="stable")
         cached_ids = np.concatenate(parts_ids)[order]  # == needed
         cached = torch.cat(parts)[torch.from_numpy(order)]
+        # The first chunk carries the feature times (the worker knows the frames' own times).
+        times = protocol.feature_times(source.num_frames, source.fps, source.frame_times) \
+            if first == 0 else None
         yield {"kind": "chunk", "video": video, "first_clip": first, "num_clips": num_clips,
-               "info": source.info, "frames": cached,
+               "info": source.info, "times": times, "frames": cached,
                "index": torch.from_numpy(np.searchsorted(cached_ids, clip_ids))}
 
 

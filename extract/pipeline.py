@@ -247,11 +247,10 @@ class Claims:
 class OpenVideo:
     """A video being written: its store writer and how many of its clips are written."""
 
-    def __init__(self, store, chunk, protocol):
-        info = chunk["info"]
+    def __init__(self, store, chunk):
         self.num_clips = chunk["num_clips"]
-        self.times = protocol.feature_times(info["num_frames"], info["fps"])
-        self.writer = store.video_writer(chunk["video"], self.num_clips, info)
+        self.times = chunk["times"]
+        self.writer = store.video_writer(chunk["video"], self.num_clips, chunk["info"])
         self.written = 0
 
     def write(self, start, features) -> bool:
@@ -338,7 +337,7 @@ class Extraction:
     def _add_chunk(self, chunk, claims):
         video = chunk["video"]
         if video not in self.open:
-            self.open[video] = OpenVideo(self.store, chunk, self.settings.protocol)
+            self.open[video] = OpenVideo(self.store, chunk)
             self._check_duration(video, chunk["info"]["duration"])
         clips = gather_clips(chunk["frames"].to(self.encoder.device, non_blocking=True),
                              chunk["index"].to(self.encoder.device, non_blocking=True))

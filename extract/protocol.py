@@ -11,6 +11,11 @@ Two timelines exist: the *native* one (the decoded frames) and the *sampling* on
 resampled to ``fps``). Clips are laid out on the sampling timeline; :meth:`native_indices` maps
 them back to decoded frames. The time of feature step ``t`` is the clip centre,
 ``(first_t + clip_len * frame_interval / 2) / fps`` seconds (ActionFormer's convention).
+
+A variable-frame-rate video passes its frames' own times (``frame_times``, seconds from the
+first frame): resampled frame ``k`` is then the frame on screen at ``k / fps`` by those times,
+and at the native rate a feature's time is the time of its clip-centre frame. Evenly spaced
+frames pass none and keep the official ``index / fps`` arithmetic.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import math
 
 import numpy as np
 
+from extract.decoding import frame_times_duration
 from losa_tal import InputError
 
 RESIZE_MODES = ("direct", "short_side_crop")
@@ -28,6 +34,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Recorded so that a reader of the store knows how feature times were derived.
 TIME_CONVENTION = "clip_centre: (first_frame + clip_len * frame_interval / 2) / fps"
+# How frames are found (extract/decoding.py); recorded so that stores made by the older
+# index-seeking reader (wrong frames on open-GOP streams when resampling) are told apart.
+DECODING_POLICY = ("sequential: frames decoded in presentation order, never seeking; frames "
+                   "hidden by an edit list are not counted; variable frame rate: frames and "
+                   "times by the frames' own timestamps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,16 +82,19 @@ class SamplingProtocol:
 
     # -- record -----------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "time_convention": TIME_CONVENTION}
+        return {**dataclasses.asdict(self), "time_convention": TIME_CONVENTION,
+                "decoding": DECODING_POLICY}
 
     @classmethod
     def from_dict(cls, record: dict) -> "SamplingProtocol":
         fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(record) - fields - {"time_convention"}
+        unknown = set(record) - fields - {"time_convention", "decoding"}
         if unknown:
             raise InputError(f"protocol: unknown keys {sorted(unknown)}")
         if record.get("time_convention", TIME_CONVENTION) != TIME_CONVENTION:
             raise InputError(f"protocol: unsupported time convention {record['time_convention']!r}")
+        if record.get("decoding", DECODING_POLICY) != DECODING_POLICY:
+            raise InputError(f"protocol: unsupported decoding policy {record['decoding']!r}")
         return cls(**{k: v for k, v in record.items() if k in fields})
 
     # -- the sampling timeline --------------------------------------------------------------
@@ -92,12 +106,18 @@ class SamplingProtocol:
     def sampling_fps(self, native_fps: float) -> float:
         return float(self.fps) if self.fps is not None else float(native_fps)
 
-    def num_sampled_frames(self, num_frames: int, native_fps: float) -> int:
+    def num_sampled_frames(self, num_frames: int, native_fps: float, frame_times=None) -> int:
         """Frames on the sampling timeline: those whose instant k / fps falls inside the video."""
         if self.fps is None:
             return num_frames
+        if not num_frames:
+            return 0
+        if frame_times is None:
+            scaled = num_frames * self.fps / native_fps
+        else:
+            scaled = frame_times_duration(frame_times, native_fps) * self.fps
         # ceil with a tolerance, so 30 -> 15 fps of 31 frames gives 16 (k = 0..15), not 17.
-        return max(1, math.ceil(num_frames * self.fps / native_fps - 1e-9)) if num_frames else 0
+        return max(1, math.ceil(scaled - 1e-9))
 
     def clip_starts(self, num_sampled: int) -> np.ndarray:
         """First sampling-timeline frame of each clip; at least one clip for any non-empty video."""
@@ -112,26 +132,41 @@ class SamplingProtocol:
             count = -(-room // self.clip_stride) + 1  # ceil: the last clip reaches the end
         return np.arange(count, dtype=np.int64) * self.clip_stride
 
-    def native_indices(self, num_frames: int, native_fps: float) -> np.ndarray:
+    def native_indices(self, num_frames: int, native_fps: float, frame_times=None) -> np.ndarray:
         """Native frame index of every clip frame, int64 [num_clips, clip_len].
 
         Frames past the end (padding) repeat the last frame.
         """
-        num_sampled = self.num_sampled_frames(num_frames, native_fps)
+        num_sampled = self.num_sampled_frames(num_frames, native_fps, frame_times)
         starts = self.clip_starts(num_sampled)
         offsets = np.arange(self.clip_len, dtype=np.int64) * self.frame_interval
         sampled = np.minimum(starts[:, None] + offsets[None, :], num_sampled - 1)
-        if self.fps is not None:
+        if self.fps is not None and frame_times is None:
             # Resampled frame k shows the native frame on screen at instant k / fps.
             ratio = native_fps / self.fps
             sampled = np.floor(sampled * ratio + 1e-6).astype(np.int64)
+        elif self.fps is not None:  # the same, by the frames' own times
+            on_screen = np.searchsorted(frame_times, sampled / self.fps + 1e-6, side="right")
+            sampled = np.maximum(on_screen - 1, 0).astype(np.int64)
         return np.minimum(sampled, num_frames - 1)
 
-    def feature_times(self, num_frames: int, native_fps: float) -> np.ndarray:
+    def feature_times(self, num_frames: int, native_fps: float, frame_times=None) -> np.ndarray:
         """Clip-centre time in seconds of every feature step, float64 [num_clips]."""
-        starts = self.clip_starts(self.num_sampled_frames(num_frames, native_fps))
+        starts = self.clip_starts(self.num_sampled_frames(num_frames, native_fps, frame_times))
         centre = starts.astype(np.float64) + self.clip_len * self.frame_interval / 2
-        return centre / self.sampling_fps(native_fps)
+        if self.fps is not None or frame_times is None:
+            return centre / self.sampling_fps(native_fps)
+        return time_at(frame_times, centre, native_fps)
 
-    def num_clips(self, num_frames: int, native_fps: float) -> int:
-        return len(self.clip_starts(self.num_sampled_frames(num_frames, native_fps)))
+    def num_clips(self, num_frames: int, native_fps: float, frame_times=None) -> int:
+        return len(self.clip_starts(self.num_sampled_frames(num_frames, native_fps,
+                                                            frame_times)))
+
+
+def time_at(frame_times: np.ndarray, position: np.ndarray, fps: float) -> np.ndarray:
+    """The time of (fractional) native frame ``position``: between frames linearly, past the
+    last frame (padded clips) at the mean frame duration."""
+    last = len(frame_times) - 1
+    step = frame_times[-1] / last if last else 1 / fps
+    inside = np.interp(position, np.arange(last + 1), frame_times)
+    return np.where(position > last, frame_times[-1] + (position - last) * step, inside)

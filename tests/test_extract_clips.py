@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from extract import clips
+from extract import clips, decoding
 from extract.clips import (ClipChunks, gather_clips, iter_chunks, make_loader, open_video,
                            scale_frames)
 from extract.protocol import SamplingProtocol
@@ -35,7 +35,8 @@ def test_clips_equal_the_official_transform_bit_for_bit(tmp_path, clips_per_chun
     for row, start in enumerate(starts):
         assert torch.equal(got[row], official_clip(frames, start, size))
     assert chunks[0]["info"] == {"num_frames": 41, "fps": 30.0, "duration": 41 / 30.0,
-                                 "height": 36, "width": 52}
+                                 "height": 36, "width": 52, "frame_rate": "constant",
+                                 "decoder": {"name": "decord", "version": "0.6.0"}}
 
 
 def test_each_frame_is_decoded_once(tmp_path, monkeypatch):
@@ -118,12 +119,12 @@ def test_lossy_and_oddly_timed_videos_decode(tmp_path):
 
 def test_frames_are_decoded_in_batches_of_bounded_size(tmp_path, monkeypatch):
     frames = write_video(tmp_path / "v.mkv", 17, height=60, width=80)
-    monkeypatch.setattr(clips, "MAX_DECODE_BYTES", 5 * 60 * 80 * 3)  # 5 frames at a time
+    monkeypatch.setattr(decoding, "MAX_DECODE_BYTES", 5 * 60 * 80 * 3)  # 5 frames at a time
     calls = []
     source = open_video(tmp_path / "v.mkv")
-    original = source.reader.get_batch
-    source.reader = type("Spy", (), {"get_batch": lambda self, ids: calls.append(ids)
-                                     or original(ids)})()
+    original = source._reader.get_batch
+    source._reader = type("Spy", (), {"get_batch": lambda self, ids: calls.append(ids)
+                                      or original(ids)})()
     protocol = SamplingProtocol(img_size=72)
     scaled = clips.decode_frames(source, np.arange(17), protocol)
     assert [len(c) for c in calls] == [5, 5, 5, 2]

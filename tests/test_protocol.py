@@ -72,6 +72,7 @@ def test_record_round_trips_through_json():
                                 resize="short_side_crop", normalise="imagenet", tail="pad")
     record = json.loads(json.dumps(protocol.to_dict()))
     assert "clip_centre" in record["time_convention"]
+    assert record["decoding"].startswith("sequential")
     assert SamplingProtocol.from_dict(record) == protocol
     assert SamplingProtocol.from_dict(SamplingProtocol().to_dict()) == SamplingProtocol()
 
@@ -87,3 +88,30 @@ def test_bad_values_are_refused_with_the_field_named(bad):
 def test_unknown_record_keys_are_refused():
     with pytest.raises(InputError, match="unknown keys"):
         SamplingProtocol.from_dict({**SamplingProtocol().to_dict(), "crop": 1})
+
+
+def test_a_store_of_another_decoding_policy_is_refused():
+    old = {**SamplingProtocol().to_dict(), "decoding": "index seeks"}
+    with pytest.raises(InputError, match="unsupported decoding policy"):
+        SamplingProtocol.from_dict(old)
+
+
+@pytest.mark.parametrize("fps", [None, 15.0])
+def test_evenly_spaced_frame_times_give_the_constant_rate_answer(fps):
+    protocol = SamplingProtocol(clip_len=8, clip_stride=4, fps=fps)
+    times = np.arange(97) / 30.0
+    assert np.array_equal(protocol.native_indices(97, 30.0, times),
+                          protocol.native_indices(97, 30.0))
+    assert np.allclose(protocol.feature_times(97, 30.0, times), protocol.feature_times(97, 30.0))
+
+
+def test_variable_rate_times_pick_the_frame_on_screen_and_time_the_clip_centre():
+    times = np.array([0.0, 0.1, 0.15, 0.4, 0.45, 0.5])  # 6 frames, 0.6 s (mean step 0.1 s)
+    resampled = SamplingProtocol(clip_len=6, clip_stride=6, fps=10.0)
+    assert resampled.num_sampled_frames(6, 10.0, times) == 6
+    assert resampled.native_indices(6, 10.0, times).tolist() == [[0, 1, 2, 2, 3, 5]]
+    native = SamplingProtocol(clip_len=2, clip_stride=2)
+    # Clip centres at frames 1, 3 and 5; a padded clip would extrapolate by the mean step.
+    assert np.allclose(native.feature_times(6, 10.0, times), [0.1, 0.4, 0.5])
+    padded = SamplingProtocol(clip_len=4, clip_stride=4, tail="pad")
+    assert np.allclose(padded.feature_times(6, 10.0, times), [0.15, 0.6])
