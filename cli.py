@@ -24,6 +24,7 @@ COMMANDS = {
     "train": "training.commands:train",
     "infer": "training.commands:infer",
     "evaluate": "evaluation.commands:evaluate",
+    "fuse": "evaluation.commands:fuse",
     "visualize": "evaluation.commands:visualize",
     "demo": "synth.commands:demo",
 }

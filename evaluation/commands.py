@@ -1,5 +1,7 @@
-"""``evaluate`` and ``visualize``: click commands (heavy imports happen inside the functions)."""
+"""``evaluate``, ``fuse`` and ``visualize``: click commands (heavy imports happen inside them)."""
 import click
+
+from .fusion import TOP_DETECTIONS, TOPK
 
 
 preds_option = click.option("--preds", "preds_path", required=True, metavar="PRED.json",
@@ -54,6 +56,39 @@ def evaluate(preds_path, gt_path, subset, tiou, dataset, ignore_other_videos, js
         from .diagnosis import diagnose, write_diagnosis
 
         _echo_written(write_diagnosis(diagnose(evaluation), diagnose_dir))
+
+
+def video_scores_option(required: bool):
+    return click.option(
+        "--video-scores", "scores_path", required=required, metavar="SCORES.json",
+        help="Video-level class scores: {results: {video: [C scores]}, class: [C names]} "
+        "(CUHK) or {results: {video: {label: score}}}.")
+
+
+topk_option = click.option("--topk", default=TOPK, show_default=True, type=click.IntRange(min=1),
+                           help="Classes per video, those of highest video-level score.")
+
+
+@click.command()
+@preds_option
+@video_scores_option(required=True)
+@topk_option
+@click.option("--top-detections", default=TOP_DETECTIONS, show_default=True,
+              type=click.IntRange(min=1), help="Best detections kept per video before fusion.")
+@click.option("--out", "out_path", required=True, metavar="OUT.json",
+              help="Labelled predictions to write.")
+def fuse(preds_path, scores_path, topk, top_detections, out_path):
+    """Label class-agnostic detections with video-level class scores (ActivityNet protocol).
+
+    Each kept detection is emitted once per top class, with score sqrt(det x cls).
+    """
+    from .files import write_json_atomic
+    from .fusion import fuse_predictions
+
+    fused = fuse_predictions(preds_path, scores_path, topk, top_detections)
+    write_json_atomic(out_path, fused, compact=True)
+    count = sum(map(len, fused["results"].values()))
+    click.echo(f"wrote {count} detections for {len(fused['results'])} videos to {out_path}")
 
 
 def _echo_written(paths):

@@ -1,6 +1,8 @@
 """``cli.py train`` and ``cli.py infer``. Only click is imported here; torch loads on use."""
 import click
 
+from evaluation.commands import topk_option, video_scores_option  # no torch there either
+
 MODEL_CHOICES = ("losa", "head_only")
 
 
@@ -65,9 +67,11 @@ def train(config_path, store_path, annotations_path, out_dir, model_type, epochs
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
               help="Predictions JSON to write (ActivityNet format, read by cli.py evaluate).")
 @click.option("--device", default=None, help="torch device (default: cuda if available).")
+@video_scores_option(required=False)
+@topk_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def infer(run_dir, checkpoint_path, store_path, annotations_path, subset, out_path, device,
-          quiet):
+          scores_path, topk, quiet):
     """Predict action segments for a subset with a trained checkpoint."""
     from losa_tal import InputError
     from training.infer import infer as run_inference
@@ -75,6 +79,7 @@ def infer(run_dir, checkpoint_path, store_path, annotations_path, subset, out_pa
     if (run_dir is None) == (checkpoint_path is None):
         raise InputError("--run/--checkpoint: give exactly one of them")
     predictions = run_inference(run_dir or checkpoint_path, store_path, annotations_path, subset,
-                                out_path, device=device, progress=not quiet)
+                                out_path, device=device, progress=not quiet,
+                                video_scores=scores_path, topk=topk)
     count = sum(len(v) for v in predictions["results"].values())
     click.echo(f"wrote {count} segments for {len(predictions['results'])} videos to {out_path}")

@@ -31,8 +31,13 @@ from training.inputs import open_annotations, open_store, resolve_subset
 
 
 def infer(run_or_checkpoint, store_path=None, annotations_path=None, subset=None,
-          out_path=None, device=None, progress: bool = False) -> dict:
-    """Predict every video of ``subset`` that the store holds; optionally write the JSON file."""
+          out_path=None, device=None, progress: bool = False, video_scores=None,
+          topk=None) -> dict:
+    """Predict every video of ``subset`` that the store holds; optionally write the JSON file.
+
+    With ``video_scores`` (a scores file, the ActivityNet protocol), the detections are labelled
+    by :func:`evaluation.fusion.fuse_predictions` with the ``topk`` best classes of each video.
+    """
     path = checkpoint_path(run_or_checkpoint)
     state = ckpt.load(path)
     config = Config.from_dict(state["config"], f"{path} (config)")
@@ -47,11 +52,26 @@ def infer(run_or_checkpoint, store_path=None, annotations_path=None, subset=None
     name = resolve_subset(annotations, subset or config.eval.subset, train=False)
     dataset = StoreDataset(store, store_path, annotations, annotations_path, name,
                            state["classes"], layers, config.data, train=False)
+    scores = None if video_scores is None else _checked_video_scores(video_scores, dataset)
     predictions = predict(model.to(device), dataset, config.eval, device, state["classes"],
                           amp=config.train.amp, progress=progress)
+    if scores is not None:
+        from evaluation.fusion import TOPK, fuse_predictions
+
+        predictions = fuse_predictions(predictions, scores, topk or TOPK)
     if out_path is not None:
         write_predictions(out_path, predictions)
     return predictions
+
+
+def _checked_video_scores(path, dataset):
+    """The scores file, with every video to predict checked before inference starts."""
+    from evaluation.fusion import load_video_scores
+
+    scores = load_video_scores(path)
+    for vid in dataset.videos:
+        scores.lookup(vid, dataset.store_path)
+    return scores
 
 
 def checkpoint_path(run_or_checkpoint) -> Path:
