@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from evaluation import (EvaluationWarning, evaluate_detections, evaluate_map, load_annotations,
                         load_predictions, parse_tiou)
 from evaluation.metrics import rank_order
-from evaluation_inputs import ACTIONFORMER_FILE, OPENTAD_FILE, gt_dict, preds_dict
+from evaluation_inputs import ACTIONFORMER_FILE, OPENTAD_FILE, gt_dict, needs_thumos, preds_dict
 from losa_tal import InputError
 from reference_map import reference_map
 
@@ -327,6 +327,7 @@ def raw(path):
     (ACTIONFORMER_FILE, "Test", "Validation", 212, 30.0),
     (OPENTAD_FILE, "validation", "training", 211, None),
 ])
+@needs_thumos
 def test_real_thumos_files_parse_in_both_layouts(path, test, train, num_test, fps):
     ann = load_annotations(path)
     data = raw(path)["database"]
@@ -349,6 +350,7 @@ def test_real_thumos_files_parse_in_both_layouts(path, test, train, num_test, fp
     assert len(set(pairs)) == len(pairs) > len({p[:2] for p in pairs})
 
 
+@needs_thumos
 def test_a_duplicate_injected_into_real_thumos_is_cleaned():
     data = raw(OPENTAD_FILE)
     vid = next(iter(data["database"]))
@@ -364,6 +366,7 @@ def test_a_duplicate_injected_into_real_thumos_is_cleaned():
     assert len(after.video(vid).labels) == len(load_annotations(OPENTAD_FILE).video(vid).labels) + 1
 
 
+@needs_thumos
 def test_thumos_detections_from_one_layout_scored_against_the_other():
     actionformer = load_annotations(ACTIONFORMER_FILE)
     opentad = load_annotations(OPENTAD_FILE)

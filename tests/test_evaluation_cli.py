@@ -8,7 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from evaluation_inputs import ACTIONFORMER_FILE, OPENTAD_FILE, gt_dict, preds_dict, write_json
+from evaluation_inputs import (ACTIONFORMER_FILE, OPENTAD_FILE, gt_dict, needs_thumos, preds_dict,
+                               write_json)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,6 +92,7 @@ def test_evaluate_writes_plots(files, tmp_path):
         assert data.startswith(b"\x89PNG") and len(data) > 5000
 
 
+@needs_thumos
 def test_evaluate_on_real_thumos_defaults_to_its_test_split(tmp_path):
     # Perfect detections for the OpenTAD file's test split, scored under both layouts' names.
     from evaluation import load_annotations

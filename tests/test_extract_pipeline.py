@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from cli import main
-from evaluation_inputs import ACTIONFORMER_FILE
+from evaluation_inputs import ACTIONFORMER_FILE, needs_thumos
 from extract.backbone import build_backbone
 from extract.pipeline import ExtractionSettings, run_extraction
 from extract.protocol import SamplingProtocol
@@ -247,6 +247,7 @@ def run_cli(*args):
     return result
 
 
+@needs_thumos
 def test_cli_annotations_choose_the_videos_and_name_the_missing_ones(tmp_path):
     """The real THUMOS-14 file: only its test videos are taken, the others are listed missing."""
     write_videos(tmp_path / "videos", {"video_test_0000004.mkv": (20, 30),

@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from evaluation_inputs import ACTIONFORMER_FILE, needs_thumos
 from head import ActionFormerHead, assign_targets, make_points
 from head.losses import diou_loss, sigmoid_focal_loss
 from head.model import THUMOS_REGRESSION_RANGES
 from head.nms import segment_iou
 
-THUMOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "annotations" / "thumos14.json"
+THUMOS = Path(ACTIONFORMER_FILE)
 STRIDES = [1, 2, 4, 8, 16, 32]
 LENGTH = 64
 
@@ -99,6 +100,7 @@ def thumos_videos(subset="Validation", count=12, must_have="video_validation_000
     return classes, {name: database[name] for name in names}
 
 
+@needs_thumos
 def test_real_thumos_targets_point_at_ground_truth_with_all_of_its_labels():
     classes, videos = thumos_videos()
     multi_label_points = 0

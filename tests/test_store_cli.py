@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from cli import main
 from evaluation_inputs import ACTIONFORMER_FILE as ACTIONFORMER
 from evaluation_inputs import OPENTAD_FILE as OPENTAD
+from evaluation_inputs import needs_thumos
 from store import LAST, FeatureStore
 from test_store import as_stored, files_under, make_meta, write_video
 
@@ -49,6 +50,7 @@ def published_style_features(directory, annotation_file=ACTIONFORMER) -> dict:
 
 
 @pytest.mark.parametrize("annotation_file", [ACTIONFORMER, OPENTAD])
+@needs_thumos
 def test_import_then_export_round_trips_published_features(tmp_path, annotation_file):
     arrays = published_style_features(tmp_path / "published", annotation_file)
     store = tmp_path / "thumos.zarr"
@@ -86,6 +88,7 @@ def test_import_then_export_round_trips_published_features(tmp_path, annotation_
         np.testing.assert_array_equal(exported, array)
 
 
+@needs_thumos
 def test_import_with_one_fps_into_hdf5_in_float16(tmp_path):
     arrays = published_style_features(tmp_path / "published")
     result = run("store", "import", tmp_path / "published", "--out", tmp_path / "s.h5",
@@ -154,6 +157,7 @@ def _pickle_bomb(path, marker):
     (b"", "not a readable .npy array"),
     (b"\x93NUMPY garbage", "not a readable .npy array"),
 ])
+@needs_thumos
 def test_import_refuses_bad_feature_files_by_name(tmp_path, content, problem):
     source = tmp_path / "features"
     published_style_features(source)
@@ -191,6 +195,7 @@ def test_import_refuses_bad_feature_files_by_name(tmp_path, content, problem):
     (["store", "export", "{tmp}/s.zarr", "--out", "{tmp}/x", "--layer", "mean"],
      "--layer: expected 'last' or a block index"),
 ])
+@needs_thumos
 def test_bad_command_lines_get_one_line_errors(tmp_path, args, problem):
     published_style_features(tmp_path / "features")
     result = run(*[arg.format(tmp=tmp_path) for arg in args])
