@@ -20,6 +20,7 @@ from losa_tal import InputError, __version__  # noqa: E402
 COMMANDS = {
     "synth": "synth.commands:synth",
     "extract": "extract.commands:extract",
+    "videos": "extract.commands:videos",
     "store": "store.commands:store",
     "train": "training.commands:train",
     "infer": "training.commands:infer",

@@ -201,3 +201,67 @@ class _rank_group:
         if self.joined:
             self.dist.destroy_process_group()
         return False
+
+
+@click.group()
+def videos():
+    """Inspect a folder of videos before extracting it."""
+
+
+@videos.command("check")
+@click.argument("folder")
+@click.option("--annotations", help="Only the videos of this annotation file (JSON); their "
+              "annotated durations are checked.")
+@click.option("--subset", help="Only this subset of --annotations (default: all subsets).")
+@click.option("--json", "json_out", help="Also write the report to this JSON file.")
+@click.option("--preset", help="Probe with this dataset preset's protocol (thumos, anet).")
+@click.option("--fps", type=float, help="Probe with this resampled rate.  [default: native]")
+@click.option("--frame-interval", type=int, help="Probe with this frame interval.")
+@click.option("--clip-stride", type=int, help="Probe with this clip stride.")
+@click.option("--clips", "probe_clips", type=int, default=3, show_default=True,
+              help="Clips per video in the frame-accuracy probe.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.pass_context
+def check(ctx, folder, annotations, subset, json_out, preset, probe_clips, no_progress,
+          **protocol_flags):
+    """Will each video in FOLDER be extracted right? One line per video, exit 1 if not.
+
+    For every video: whether it opens (and why not), codec and container, frames counted
+    against frames decoded, average against measured frame rate, duration against the
+    annotation, and a frame-accuracy probe (a few clips as extraction reads them, against a
+    sequential decode). Exit status 1 when some video would be extracted wrongly or skipped.
+    """
+    from tqdm import tqdm
+
+    from evaluation.files import write_json_atomic
+    from extract.check import BAD, check_video, format_table
+    from extract.pipeline import annotated_durations, find_videos
+    from extract.protocol import SamplingProtocol
+    from losa_tal import input_error
+
+    if annotations and not Path(annotations).is_file():
+        raise input_error(annotations, "annotation file not found")
+    if probe_clips < 1:
+        raise input_error("--clips", "must be positive")
+    durations = annotated_durations(annotations, subset) if annotations else {}
+    found, missing = find_videos(folder, list(durations) if annotations else None)
+    protocol = SamplingProtocol.from_dict(
+        {**(_read_preset(preset).get("protocol", {}) if preset else {}),
+         **{k: v for k, v in protocol_flags.items() if v is not None}})
+    records = []
+    for video_id, path in tqdm(found, unit="video", desc="check", disable=no_progress):
+        records.append(check_video(video_id, path, protocol, durations.get(video_id),
+                                   probe_clips))
+    counts = {status: sum(r["status"] == status for r in records)
+              for status in ("ok", "warning", "wrong", "fails")}
+    if json_out:
+        write_json_atomic(json_out, {"folder": str(folder), "protocol": protocol.to_dict(),
+                                     "summary": {**counts, "missing": missing},
+                                     "videos": records})
+    click.echo(format_table(records))
+    click.echo(f"{len(records)} videos: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        click.echo(f"  {len(missing)} annotated videos have no file in the folder: {shown}")
+    if any(r["status"] in BAD for r in records):
+        ctx.exit(1)

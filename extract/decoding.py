@@ -94,11 +94,11 @@ def probe(path) -> StreamProbe:
                     hidden += 1
                     continue
                 ticks.append(packet.pts if packet.pts is not None else packet.dts)
-            codec = stream.codec_context.name
+            codec = stream.codec_context.codec.canonical_name  # "av1", not the decoder's name
             width, height = stream.codec_context.width, stream.codec_context.height
             rate = stream.average_rate
             time_base = stream.time_base
-            container_name = container.format.name
+            container_name = container.format.name.split(",")[0]  # "mov,mp4,m4a,..." -> "mov"
     except VideoError:
         raise
     except Exception as err:  # PyAV raises av.FFmpegError subclasses, OSError, ValueError...
@@ -286,7 +286,10 @@ _DECORD_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (?:Check failed: .*?ERROR )?"
 
 
 def first_line(err: Exception) -> str:
-    """The gist of a decoder exception: its first line, without decord's source location."""
+    """The gist of a decoder exception: its first line, without decord's source location (or,
+    from PyAV, FFmpeg's message without the errno and file name)."""
+    if getattr(err, "strerror", None):
+        return str(err.strerror)[:200]
     text = str(err).strip().splitlines()
     line = _DECORD_PREFIX.sub("", text[0]) if text else ""
     return line[:200] or type(err).__name__

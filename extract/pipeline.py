@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from extract.backbone import backbone_config, build_backbone, load_checkpoint
+from extract.check import short_duration
 from extract.clips import (VIDEO_EXTENSIONS, ClipChunks, fault_point, gather_clips,
                            make_loader)
 from extract.pooling import check_grid, pool_tokens
@@ -261,9 +262,6 @@ class OpenVideo:
         return self.written == self.num_clips
 
 
-# A decoded video this much shorter than annotated is reported: seconds, and fraction of it.
-SHORT_TOLERANCE_S = 1.0
-SHORT_TOLERANCE = 0.02
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -397,10 +395,9 @@ class Extraction:
         self._feed()
 
     def _check_duration(self, video, decoded):
-        expected = self.settings.expected_durations.get(video)
-        if expected and decoded < expected - max(SHORT_TOLERANCE_S, SHORT_TOLERANCE * expected):
-            problem = (f"decodes to {decoded:.2f} s but the annotations say {expected:.2f} s "
-                       "(a truncated file?); extracted as decoded")
+        problem = short_duration(decoded, self.settings.expected_durations.get(video))
+        if problem:
+            problem += "; extracted as decoded"
             self.summary.warnings[video] = problem
             tqdm.write(f"warning: video {video!r} {problem}", file=sys.stderr)
 
