@@ -40,7 +40,7 @@ from losa_tal import input_error
 
 from . import locks
 from .errors import describe_os_error
-from .journal import JournaledFile, roll_back
+from .journal import FailSafeFile, JournaledFile, roll_back
 
 ROOT_META_KEY = "losa_tal"
 VIDEOS = "videos"
@@ -193,9 +193,14 @@ class Hdf5Backend:
     def _publish(self, name: str, staged: str) -> bool:
         with locks.exclusive(self._publish_lock):
             self._roll_back_interrupted_publish()
-            main_file = JournaledFile(self.location, self._journal)
+            try:
+                main_file = JournaledFile(self.location, self._journal)
+            except BaseException:
+                roll_back(self.location, self._journal)  # its header was cut: nothing to undo
+                raise
             try:
                 published = self._copy_in(main_file, name, staged)
+                main_file.check()
             except BaseException:
                 main_file.close()
                 roll_back(self.location, self._journal)  # a failed write leaves no trace either
@@ -247,27 +252,37 @@ class Hdf5Staging:
 
     def __init__(self, path: str, publish):
         self._path, self._publish = path, publish
-        self._file = _h5py().File(path, "w", locking=False)
+        self._raw = FailSafeFile(path, "w+b")  # a full disk is an OSError, never a crash
+        self._file = _h5py().File(self._raw, "w")
         self._group = self._file.create_group(STAGED_GROUP)
+        self._raw.check()
 
     def create_array(self, key: str, shape, dtype, chunks):
         if key in self._group:
             del self._group[key]
         self._group.create_dataset(key, shape=shape, dtype=dtype, chunks=chunks,
                                    fillvalue=np.nan, fletcher32=True)
+        self._raw.check()
 
     def write(self, key: str, start: int, values: np.ndarray):
         self._group[key][start:start + len(values)] = values
+        self._raw.check()
 
     def read(self, key: str) -> np.ndarray:
         return self._group[key][...]
 
     def publish(self, record: dict) -> bool:
         self._group.attrs["record"] = json.dumps(record)
-        self._file.close()
+        self._close()
+        self._raw.check()
         return self._publish(self._path)
 
-    def discard(self):
+    def _close(self):
         if self._file.id.valid:
             self._file.close()
+        if not self._raw.closed:
+            self._raw.close()
+
+    def discard(self):
+        self._close()
         locks.remove_path(self._path)

@@ -14,6 +14,7 @@ moment the append happens. Process crashes only: nothing is fsynced (see docs/st
 """
 from __future__ import annotations
 
+import errno
 import os
 import struct
 
@@ -22,52 +23,181 @@ HEADER = struct.Struct("<8sQ")  # magic, size of the file when the journal was s
 RECORD = struct.Struct("<QQ")  # offset, length, then the old bytes
 
 
-class JournaledFile:
-    """Read/write file object for ``h5py.File(JournaledFile(...), "a")``."""
+PAGE = 1 << 16  # granularity of the bytes kept in memory after a failed write
 
-    def __init__(self, path: str, journal_path: str):
-        self._journal_path = journal_path
-        self._journal = open(journal_path, "wb", buffering=0)
-        self._file = open(path, "r+b", buffering=0)
-        self._original_size = os.fstat(self._file.fileno()).st_size
-        self._journal.write(HEADER.pack(MAGIC, self._original_size))
+
+def write_all(fd: int, data, offset: int | None = None) -> None:
+    """Write every byte (at ``offset``, or at the descriptor's position). A short write is not
+    success: the rest is retried, and a disk that takes nothing more is ENOSPC."""
+    data, done = memoryview(data).cast("B"), 0
+    while done < len(data):
+        written = os.write(fd, data[done:]) if offset is None else \
+            os.pwrite(fd, data[done:], offset + done)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        done += written
+
+
+class FailSafeFile:
+    """A file object for ``h5py.File(FailSafeFile(...))`` that never raises into HDF5.
+
+    h5py hands an exception raised in a file-object callback back through HDF5's C code, which
+    goes on calling back (flush, close) with it pending: on a full disk that was a
+    ``SystemError``, pages of "Exception ignored", a segfault or a double free. Here the first
+    failed write is kept as ``failure``; from then on writes go to memory instead of the disk, so
+    HDF5 sees a consistent file and finishes normally, and the owner raises ``failure`` once h5py
+    is done with the file (and throws the file away).
+    """
+
+    def __init__(self, path: str, mode: str = "r+b"):
+        self._file = open(path, mode, buffering=0)
+        self._fd = self._file.fileno()
+        self._position = 0
+        self.failure = None  # the OSError of the first failed write
+        self._pages = {}  # page number -> bytearray, once writes are kept in memory
+        self._size = 0  # the file's size as HDF5 sees it, once writes are kept in memory
+
+    def check(self):
+        """Raise the failure, if a write failed."""
+        if self.failure is not None:
+            raise self.failure
 
     # -- the file-object interface h5py uses -------------------------------------------------
     def seek(self, offset, whence=os.SEEK_SET):
-        return self._file.seek(offset, whence)
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: self._length()}
+        self._position = base[whence] + offset
+        return self._position
 
     def tell(self):
-        return self._file.tell()
+        return self._position
 
     def read(self, size=-1):
-        return self._file.read(size)
+        end = self._length() if size is None or size < 0 else \
+            min(self._position + size, self._length())
+        data = self._read_at(self._position, max(0, end - self._position))
+        self._position += len(data)
+        return data
 
     def readinto(self, buffer):
-        return self._file.readinto(buffer)
+        view = memoryview(buffer).cast("B")
+        data = self.read(len(view))
+        view[:len(data)] = data
+        return len(data)
 
     def write(self, data):
-        offset = self._file.tell()
-        self._save(offset, offset + len(data))
-        return self._file.write(data)
+        data = memoryview(data).cast("B")
+        start = self._position
+        if self.failure is None:
+            try:
+                self._before_write(start, start + len(data))
+                write_all(self._fd, data, start)
+            except OSError as err:
+                self._fail(err)
+        if self.failure is not None:
+            self._keep(start, data)
+        self._position = start + len(data)
+        return len(data)
 
     def truncate(self, size=None):
-        size = self._file.tell() if size is None else size
-        self._save(size, self._original_size)
-        return self._file.truncate(size)
+        size = self._position if size is None else size
+        if self.failure is None:
+            try:
+                self._before_truncate(size)
+                os.ftruncate(self._fd, size)
+            except OSError as err:
+                self._fail(err)
+        if self.failure is not None:
+            self._size = size
+            self._pages = {page: data for page, data in self._pages.items()
+                           if page * PAGE < size}
+        return size
 
     def flush(self):
         pass  # unbuffered
 
-    # -- the journal -------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
+    def close(self):
+        self._file.close()
+
+    # -- hooks (JournaledFile saves old bytes here) ------------------------------------------
+    def _before_write(self, start: int, end: int):
+        pass
+
+    def _before_truncate(self, size: int):
+        pass
+
+    # -- after a failure: the bytes HDF5 wrote, in memory ------------------------------------
+    def _fail(self, err: OSError):
+        self.failure = err
+        self._size = os.fstat(self._fd).st_size
+
+    def _length(self) -> int:
+        return self._size if self.failure is not None else os.fstat(self._fd).st_size
+
+    def _page(self, number: int) -> bytearray:
+        if number not in self._pages:
+            on_disk = os.pread(self._fd, PAGE, number * PAGE)
+            self._pages[number] = bytearray(on_disk.ljust(PAGE, b"\0"))
+        return self._pages[number]
+
+    def _keep(self, start: int, data: memoryview):
+        position, end = start, start + len(data)
+        while position < end:
+            number, offset = divmod(position, PAGE)
+            take = min(PAGE - offset, end - position)
+            self._page(number)[offset:offset + take] = data[position - start:position - start + take]
+            position += take
+        self._size = max(self._size, end)
+
+    def _read_at(self, start: int, size: int) -> bytes:
+        if not self._pages:
+            return os.pread(self._fd, size, start)
+        parts, position, end = [], start, start + size
+        while position < end:
+            number, offset = divmod(position, PAGE)
+            take = min(PAGE - offset, end - position)
+            page = self._pages.get(number)
+            parts.append(bytes(page[offset:offset + take]) if page is not None else
+                         os.pread(self._fd, take, position).ljust(take, b"\0"))
+            position += take
+        return b"".join(parts)
+
+
+class JournaledFile(FailSafeFile):
+    """Read/write file object for ``h5py.File(JournaledFile(...), "a")``: every byte that
+    existed when it was opened is journaled before it is overwritten. After a failed write
+    nothing more reaches the file (see :class:`FailSafeFile`), so each change on disk has its
+    complete journal record, and ``roll_back`` restores the file."""
+
+    def __init__(self, path: str, journal_path: str):
+        self._journal_path = journal_path
+        self._journal = open(journal_path, "wb", buffering=0)
+        try:
+            super().__init__(path)
+            self._original_size = os.fstat(self._fd).st_size
+            write_all(self._journal.fileno(), HEADER.pack(MAGIC, self._original_size))
+        except BaseException:
+            self._journal.close()
+            raise
+
+    def _before_write(self, start: int, end: int):
+        self._save(start, end)
+
+    def _before_truncate(self, size: int):
+        self._save(size, self._original_size)
+
     def _save(self, start: int, end: int):
         """Journal the old content of ``[start, end)`` that existed when we opened the file."""
         end = min(end, self._original_size)
         if start < end:
-            old = os.pread(self._file.fileno(), end - start, start)
-            self._journal.write(RECORD.pack(start, len(old)) + old)
+            old = os.pread(self._fd, end - start, start)
+            write_all(self._journal.fileno(), RECORD.pack(start, len(old)) + old)
 
     def close(self):
-        self._file.close()
+        super().close()
         self._journal.close()
 
     def commit(self):

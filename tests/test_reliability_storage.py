@@ -242,3 +242,80 @@ def test_a_read_only_shared_store_is_used_and_left_unchanged(reports):
     assert facts["train"]["exit"] == 0, facts["train"]
     assert facts["verify"]["exit"] == 0, facts["verify"]
     assert facts["unchanged"]
+
+
+# -- HDF5 on a really full disk -------------------------------------------------------------------
+# Free space left before each append (bytes): none, a little, enough to stage the video but not
+# to publish it (the video is about 256 KiB), and enough for most of the publication.
+HDF5_LEAVE = [0, 4096, 65536, 200_000, 300_000, 420_000, 520_000]
+
+
+def hdf5_full_disk_child(work: str):
+    """In the private mount namespace: an HDF5 store on a small tmpfs; for each amount of free
+    space, ``store import`` a video into it as a real process; prints one JSON line each."""
+    import numpy as np
+
+    work = Path(work)
+    mnt = work / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
+    first, second = work / "first", work / "second"
+    for folder, seed in ((first, 0), (second, 1)):
+        folder.mkdir()
+        values = np.random.default_rng(seed).normal(size=(1024, 64)).astype(np.float32)
+        np.save(folder / f"video_{seed}.npy", values)
+    store = mnt / "s.h5"
+
+    def store_import(source):
+        result = subprocess.run([sys.executable, str(TESTS_DIR.parent / "cli.py"), "store",
+                                 "import", str(source), "--out", str(store), "--fps", "30",
+                                 "--dtype", "float32"], capture_output=True, text=True)
+        return {"exit": result.returncode, "stderr": result.stderr[-3000:]}
+
+    assert store_import(first)["exit"] == 0
+    for leave in HDF5_LEAVE:
+        before = snapshot(mnt)
+        filler = fill(mnt, leave)
+        outcome = store_import(second)
+        filler.unlink()
+        after = snapshot(mnt)
+        print(json.dumps({"leave": leave, "refused": outcome, "store": str(store),
+                          "unchanged": {k: v for k, v in after.items() if "writers" not in k}
+                          == {k: v for k, v in before.items() if "writers" not in k},
+                          "verify": store_verify(store)}), flush=True)
+        if outcome["exit"] == 0:
+            break  # published: enough space was left
+    print(json.dumps({"leave": "all", "refused": store_import(second), "store": str(store),
+                      "verify": store_verify(store)}), flush=True)
+
+
+def store_verify(store) -> int:
+    return subprocess.run([sys.executable, str(TESTS_DIR.parent / "cli.py"), "store", "verify",
+                           str(store)], capture_output=True).returncode
+
+
+@pytest.mark.slow
+def test_hdf5_on_a_really_full_disk_is_one_line_and_loses_nothing(tmp_path):
+    """It crashed: ``SystemError`` during publication, pages of "Exception ignored" and a
+    segfault when full while staging. Each append must be refused in one line naming the store,
+    leave the file as it was, and succeed once space is back."""
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("no private mount namespace here (unshare -rm)")
+    script = f"import sys; sys.path.insert(0, {str(TESTS_DIR)!r}); " \
+             f"from test_reliability_storage import hdf5_full_disk_child; " \
+             f"hdf5_full_disk_child({str(tmp_path)!r})"
+    result = subprocess.run(["unshare", "-rm", sys.executable, "-c", script],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    *attempts, last = records
+    assert len(attempts) >= 3, records  # several amounts of free space were refused
+    for record in attempts:
+        if record["refused"]["exit"] == 0:
+            continue  # the last amount may have been enough
+        assert "Exception ignored" not in record["refused"]["stderr"], record
+        assert_refused(record["refused"], record["store"], "no space left on the device")
+        assert record["unchanged"] and record["verify"] == 0, record
+    assert last["refused"]["exit"] == 0 and last["verify"] == 0, last
