@@ -1,7 +1,11 @@
 """Building blocks of the detection head, all on [B, T, C] sequences with a [B, T] bool mask.
 
-Every block returns zeros at padded steps, so a padded step can never leak into a valid one
-through a convolution or a pooling window.
+They follow ActionFormer's (happyharrycn/actionformer_release) blocks step for step, so that
+the same weights give the same outputs. In particular, convolutions zero their output at padded
+steps but nothing re-zeroes after a LayerNorm or a ReLU: a padded step then holds a constant
+(LayerNorm maps a zero step to its bias), and the convolutions at the last valid steps read it.
+That is ActionFormer's arithmetic; it makes outputs near the end of a video depend on whether
+padding follows it, which is why the head pads to a fixed length rule (``padded_length``).
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ def zero_padding(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class MaskedConv1d(nn.Module):
-    """1-D convolution over time on [B, T, C] ('same' padding; ``stride`` subsamples)."""
+    """1-D convolution over time on [B, T, C] ('same' padding; ``stride`` subsamples), its
+    output zeroed at padded steps. The bias starts at zero."""
 
     def __init__(self, in_dim, out_dim, kernel_size=3, stride=1, groups=1, bias=True):
         super().__init__()
@@ -29,6 +34,8 @@ class MaskedConv1d(nn.Module):
         self.stride = stride
         self.conv = nn.Conv1d(in_dim, out_dim, kernel_size, stride=stride,
                               padding=kernel_size // 2, groups=groups, bias=bias)
+        if bias:
+            nn.init.zeros_(self.conv.bias)
 
     def forward(self, x, mask):
         out_mask = downsample_mask(mask, self.stride)
@@ -37,7 +44,8 @@ class MaskedConv1d(nn.Module):
 
 
 class ConvNormReLU(nn.Module):
-    """Masked conv, LayerNorm over channels, ReLU: the unit of the embedding and the towers."""
+    """Masked conv (no bias), LayerNorm over channels, ReLU: the unit of the embedding and the
+    towers."""
 
     def __init__(self, in_dim, out_dim, kernel_size=3):
         super().__init__()
@@ -45,26 +53,33 @@ class ConvNormReLU(nn.Module):
         self.norm = nn.LayerNorm(out_dim)
 
     def forward(self, x, mask):
-        x, mask = self.conv(x, mask)
-        return zero_padding(F.relu(self.norm(x)), mask)
+        return F.relu(self.norm(self.conv(x, mask)[0]))
 
 
-def local_attention_mask(mask: torch.Tensor, window: int) -> torch.Tensor:
-    """[B, T, T] bool: query t may attend to valid keys within window//2 steps of t.
+GLOBAL_WINDOW = -1  # a level's ``window`` that means: attend to the whole sequence
+
+
+def attention_mask(query_mask, key_mask, window: int) -> torch.Tensor:
+    """[B, T, T] bool: query t may attend to valid keys within window//2 steps of t (all valid
+    keys with GLOBAL_WINDOW).
 
     Padded queries may attend anywhere: an empty softmax row would give NaN, and their outputs
     are zeroed anyway.
     """
-    positions = torch.arange(mask.shape[1], device=mask.device)
-    band = (positions[:, None] - positions[None, :]).abs() <= window // 2
-    return (band & mask.unsqueeze(1)) | ~mask.unsqueeze(-1)
+    allowed = key_mask.unsqueeze(1)
+    if window != GLOBAL_WINDOW:
+        positions = torch.arange(key_mask.shape[1], device=key_mask.device)
+        allowed = allowed & ((positions[:, None] - positions[None, :]).abs() <= window // 2)
+    return allowed | ~query_mask.unsqueeze(-1)
 
 
 class LocalSelfAttention(nn.Module):
-    """Multi-head self-attention within a local window; with ``stride`` 2 it also halves T.
+    """Multi-head self-attention within a local window (ActionFormer's LocalMaskedMHCA, or its
+    MaskedMHCA with GLOBAL_WINDOW); with ``stride`` 2 it also halves T.
 
-    The stride is applied before attending: a depthwise strided convolution (plus LayerNorm)
-    summarises each pair of steps, then the shorter sequence attends to itself.
+    Query, key and value each get their own depthwise convolution (kernel 3, the block's
+    stride) and LayerNorm before their projection; the convolutions give the attention its
+    sense of order (there is no position encoding by default) and do the downsampling.
     """
 
     def __init__(self, dim, num_heads, window, stride=1, dropout=0.0):
@@ -73,32 +88,33 @@ class LocalSelfAttention(nn.Module):
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.window = window
-        self.dropout = dropout
-        self.pool = None
-        if stride > 1:
-            self.pool = MaskedConv1d(dim, dim, 3, stride=stride, groups=dim, bias=False)
-            self.pool_norm = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
+        for name in ("query", "key", "value"):
+            setattr(self, f"{name}_conv", MaskedConv1d(dim, dim, 3, stride=stride, groups=dim,
+                                                       bias=False))
+            setattr(self, f"{name}_norm", nn.LayerNorm(dim))
+            setattr(self, name, nn.Linear(dim, dim))
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(dropout)
 
     def forward(self, x, mask):
-        if self.pool is not None:
-            x, mask = self.pool(x, mask)
-            x = self.pool_norm(x)
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=local_attention_mask(mask, self.window).unsqueeze(1),
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+        heads = []
+        for name in ("query", "key", "value"):
+            y, out_mask = getattr(self, f"{name}_conv")(x, mask)
+            y = getattr(self, name)(getattr(self, f"{name}_norm")(y))
+            heads.append(y.unflatten(-1, (self.num_heads, -1)).transpose(1, 2))
+        q, k, v = heads
+        allowed = attention_mask(out_mask, out_mask, self.window)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed.unsqueeze(1))
         out = self.proj_drop(self.proj(out.transpose(1, 2).flatten(2)))
-        return zero_padding(out, mask), mask
+        return zero_padding(out, out_mask), out_mask
 
 
 class TransformerBlock(nn.Module):
     """Pre-norm transformer block with local attention; ``stride`` 2 makes it a pyramid step.
 
     The residual path is max-pooled with the same stride so both paths have the same length.
+    With ``drop_path`` > 0 both residual branches go through an AffineDropPath (a per-channel
+    scale starting at 1e-4, then stochastic depth), so the block starts close to the identity.
     """
 
     def __init__(self, dim, num_heads, window, stride=1, mlp_ratio=4.0, dropout=0.0,
@@ -111,32 +127,34 @@ class TransformerBlock(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout),
                                  nn.Linear(hidden, dim), nn.Dropout(dropout))
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        make = (lambda: AffineDropPath(dim, drop_path)) if drop_path > 0 else nn.Identity
+        self.drop_path_attn, self.drop_path_mlp = make(), make()
 
     def forward(self, x, mask):
-        # Re-zero the padding after the norm (LayerNorm maps 0 to its bias): a strided conv
-        # reading past the last valid step then sees zeros, as at the end of the sequence.
-        attended, out_mask = self.attn(zero_padding(self.norm1(x), mask), mask)
+        attended, out_mask = self.attn(self.norm1(x), mask)
         if self.skip is not None:
             x = self.skip(x.transpose(1, 2)).transpose(1, 2)
-        x = x + self.drop_path(attended)
-        x = x + self.drop_path(zero_padding(self.mlp(self.norm2(x)), out_mask))
-        return zero_padding(x, out_mask), out_mask
+        x = zero_padding(x, out_mask) + self.drop_path_attn(attended)
+        x = x + self.drop_path_mlp(zero_padding(self.mlp(self.norm2(x)), out_mask))
+        return x, out_mask
 
 
-class DropPath(nn.Module):
-    """Stochastic depth: in training, zero a whole sample's residual branch with probability
-    ``rate`` and scale the kept ones by 1 / (1 - rate) so the expected output is unchanged.
+class AffineDropPath(nn.Module):
+    """Per-channel learnable scale (LayerScale, starting at ``init``), then stochastic depth:
+    in training, zero a whole sample's residual branch with probability ``rate`` and scale the
+    kept ones by 1 / (1 - rate) so the expected output is unchanged.
 
     Written here rather than imported from timm so stage two (train, infer, evaluate) never
     pays timm's multi-second import; only the backbone in ``extract/`` needs timm.
     """
 
-    def __init__(self, rate: float):
+    def __init__(self, dim: int, rate: float, init: float = 1e-4):
         super().__init__()
         self.rate = rate
+        self.scale = nn.Parameter(torch.full((dim,), init))
 
     def forward(self, x):
+        x = x * self.scale
         if not self.training or self.rate == 0:
             return x
         keep = 1 - self.rate

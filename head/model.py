@@ -1,10 +1,12 @@
-"""An anchor-free, ActionFormer-style temporal action detector (Zhang et al., ECCV 2022).
+"""ActionFormer's anchor-free temporal action detector (Zhang et al., ECCV 2022), numerically
+equal to the official code (happyharrycn/actionformer_release) for the same weights.
 
 input [B, T, D] features + [B, T] mask
   -> embedding: masked convs + LayerNorm + ReLU
   -> stem: transformer blocks with local self-attention at stride 1
   -> branch: one strided transformer block per further pyramid level (strides 2, 4, ..., 32)
   -> per level LayerNorm, then classification and regression towers shared by all levels
+     (their prediction convs and the offset scales run in float32 under autocast)
   -> per level: class logits [B, T_l, C], offsets [B, T_l, 2] (distances to start and end, in
      units of the level's stride), mask [B, T_l].
 Every pyramid point predicts for every class independently (sigmoid); training assigns ground
@@ -18,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from head.blocks import ConvNormReLU, MaskedConv1d, Scale, TransformerBlock, zero_padding
+from head.blocks import (GLOBAL_WINDOW, ConvNormReLU, MaskedConv1d, Scale, TransformerBlock,
+                         zero_padding)
 from head.losses import diou_loss, sigmoid_focal_loss
 from head.postprocess import postprocess
 from head.targets import assign_targets, make_points
@@ -37,7 +40,14 @@ class Tower(nn.Module):
     def forward(self, x, mask):
         for layer in self.layers:
             x = layer(x, mask)
-        return self.predict(x, mask)[0]
+        return outside_autocast(self.predict, x.to(self.predict.conv.weight.dtype), mask)[0]
+
+
+def outside_autocast(module, *inputs):
+    """``module(*inputs)`` in its own (float32) precision even under bf16 autocast: in bf16
+    neighbouring scores would tie."""
+    with torch.autocast(inputs[0].device.type, enabled=False):
+        return module(*inputs)
 
 
 def check_head_arguments(args: dict) -> None:
@@ -48,12 +58,15 @@ def check_head_arguments(args: dict) -> None:
     tests are written so that NaN fails them.
     """
     finite = math.isfinite
+    windows = level_windows(args["window"], args["num_levels"])
     checks = [
         *((name, args[name] >= 1, "a positive integer") for name in (
             "in_dim", "num_classes", "embed_dim", "num_levels", "num_heads", "max_seq_len",
             "num_embed_convs")),
         *((name, args[name] >= 0, "zero or more") for name in ("num_stem_blocks", "tower_depth")),
-        ("window", args["window"] >= 1 and args["window"] % 2 == 1, "odd and positive"),
+        ("window", len(windows) == args["num_levels"] and all(
+            w == GLOBAL_WINDOW or (w >= 3 and w % 2 == 1) for w in windows),
+         f"odd and at least 3, or {GLOBAL_WINDOW} (global), one or one per level"),
         ("mlp_ratio", finite(args["mlp_ratio"]) and args["embed_dim"] * args["mlp_ratio"] >= 1,
          "a finite ratio giving at least one hidden unit"),
         *((name, 0 <= args[name] < 1, "in [0, 1)") for name in (
@@ -73,6 +86,10 @@ def check_head_arguments(args: dict) -> None:
     for name, ok, expected in checks:
         if not ok:
             raise ValueError(f"{name} must be {expected}, got {args[name]!r}")
+    factor = padding_factor(windows)
+    if args["max_seq_len"] % factor:
+        raise ValueError(f"max_seq_len must be a multiple of {factor} (largest stride x "
+                         f"window // 2 x 2), got {args['max_seq_len']}")
     ranges = args["regression_ranges"]
     if len(ranges) != args["num_levels"]:
         raise ValueError(f"{len(ranges)} regression_ranges for {args['num_levels']} levels")
@@ -89,16 +106,20 @@ class ActionFormerHead(nn.Module):
         num_classes: number C of action classes.
         embed_dim: width of the embedding, transformer and towers.
         num_levels: pyramid levels (strides 1, 2, ..., 2**(num_levels-1)).
-        window: local self-attention window in steps of each level (odd; 19 attends +-9).
+        window: local self-attention window in steps of each level (odd; 19 attends +-9), or
+            one per level; -1 attends to the whole sequence (ActivityNet: [7, 7, 7, 7, 7, -1]).
         num_heads: self-attention heads.
-        max_seq_len: length of the sinusoidal position table; used only with ``use_abs_pe``.
+        max_seq_len: every input is padded to this length, or a longer one to the next
+            multiple of the padding factor (largest stride x window // 2 x 2), as ActionFormer
+            does; also the length of the position table of ``use_abs_pe``.
         num_embed_convs: convolutions of the input embedding.
         num_stem_blocks: stride-1 transformer blocks before the pyramid.
         mlp_ratio: hidden width of the transformer MLPs relative to ``embed_dim``.
         dropout: dropout in attention and MLPs.
         drop_path: stochastic depth rate of the transformer blocks' residual branches.
         tower_depth: (conv, LayerNorm, ReLU) layers before each tower's prediction conv.
-        use_abs_pe: add a fixed sinusoidal position encoding after the embedding.
+        use_abs_pe: add a fixed sinusoidal position encoding, divided by sqrt(embed_dim), after
+            the embedding (stretched linearly to longer inputs in evaluation).
         regression_ranges: per level (low, high) range, in input feature steps, of the larger of a
             point's distances to a segment's start and end (THUMOS defaults; one per level).
         center_sample_radius: positives lie within radius * stride of a segment's centre
@@ -117,7 +138,7 @@ class ActionFormerHead(nn.Module):
         num_classes: int,
         embed_dim: int = 512,
         num_levels: int = 6,
-        window: int = 19,
+        window: int | list = 19,
         num_heads: int = 4,
         max_seq_len: int = 2304,
         num_embed_convs: int = 2,
@@ -149,34 +170,39 @@ class ActionFormerHead(nn.Module):
         self.loss_norm_momentum = loss_norm_momentum
         self.register_buffer("loss_normalizer", torch.tensor(float(loss_norm_init)))
         self.max_seq_len = max_seq_len
+        windows = level_windows(window, num_levels)
+        self.padding_factor = padding_factor(windows)
         self.register_buffer("position_table", sinusoid_table(max_seq_len, embed_dim)
-                             if use_abs_pe else None, persistent=False)
+                             / math.sqrt(embed_dim) if use_abs_pe else None, persistent=False)
 
         self.embed = nn.ModuleList(
             ConvNormReLU(in_dim if i == 0 else embed_dim, embed_dim) for i in range(num_embed_convs)
         )
-        block = lambda stride: TransformerBlock(embed_dim, num_heads, window, stride,  # noqa: E731
-                                                mlp_ratio, dropout, drop_path)
-        self.stem = nn.ModuleList(block(1) for _ in range(num_stem_blocks))
-        self.branch = nn.ModuleList(block(2) for _ in range(num_levels - 1))
+        block = lambda stride, level: TransformerBlock(  # noqa: E731
+            embed_dim, num_heads, windows[level], stride, mlp_ratio, dropout, drop_path)
+        self.stem = nn.ModuleList(block(1, 0) for _ in range(num_stem_blocks))
+        self.branch = nn.ModuleList(block(2, level) for level in range(1, num_levels))
         self.level_norms = nn.ModuleList(nn.LayerNorm(embed_dim) for _ in range(num_levels))
         self.cls_tower = Tower(embed_dim, num_classes, tower_depth)
         self.reg_tower = Tower(embed_dim, 2, tower_depth)
         self.reg_scales = nn.ModuleList(Scale() for _ in range(num_levels))
+        for module in self.modules():  # ActionFormer starts every bias at zero ...
+            if isinstance(module, (nn.Linear, nn.Conv1d)) and module.bias is not None:
+                nn.init.zeros_(module.bias)
         prior_logit = -math.log((1 - cls_prior_prob) / cls_prior_prob)
-        nn.init.constant_(self.cls_tower.predict.conv.bias, prior_logit)
+        nn.init.constant_(self.cls_tower.predict.conv.bias, prior_logit)  # ... but this one
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> dict:
         """x [B, T, D], mask [B, T] bool (True = valid) -> dict of per-level lists:
         "cls_logits" [B, T_l, C], "offsets" [B, T_l, 2] (>= 0, stride units), "masks" [B, T_l].
-        T is padded up to a multiple of the largest stride, so T_0 may exceed T.
+        T is padded to ``padded_length(T)``, so T_0 may exceed T.
         """
-        x, mask = pad_to_multiple(x, mask, self.strides[-1])
+        x, mask = pad_to(x, mask, self.padded_length(x.shape[1]))
         x = zero_padding(x, mask)
         for layer in self.embed:
             x = layer(x, mask)
         if self.position_table is not None:
-            x = zero_padding(x + self._positions(x.shape[1]).to(x.dtype), mask)
+            x = x + zero_padding(self._positions(x.shape[1]).to(x.dtype).expand_as(x), mask)
         for block in self.stem:
             x, mask = block(x, mask)
         features, masks = [x], [mask]
@@ -187,16 +213,26 @@ class ActionFormerHead(nn.Module):
         out = {"cls_logits": [], "offsets": [], "masks": masks}
         for norm, scale, feature, level_mask in zip(self.level_norms, self.reg_scales, features,
                                                     masks):
-            feature = zero_padding(norm(feature), level_mask)
+            feature = norm(feature)
             out["cls_logits"].append(self.cls_tower(feature, level_mask))
-            out["offsets"].append(F.relu(scale(self.reg_tower(feature, level_mask))))
+            out["offsets"].append(F.relu(outside_autocast(scale, self.reg_tower(feature, level_mask))))
         return out
 
+    def padded_length(self, length: int) -> int:
+        """ActionFormer's input length: ``max_seq_len``, or a longer input rounded up to a
+        multiple of the padding factor (its local attention works in chunks of window // 2)."""
+        if length <= self.max_seq_len:
+            return self.max_seq_len
+        return -(-length // self.padding_factor) * self.padding_factor
+
     def _positions(self, length):
-        if length > self.max_seq_len:
+        if length <= self.max_seq_len:
+            return self.position_table[:length]
+        if self.training:
             raise ValueError(f"sequence of {length} steps exceeds max_seq_len {self.max_seq_len} "
                              "of the absolute position encoding")
-        return self.position_table[:length]
+        return F.interpolate(self.position_table.T[None], size=length, mode="linear",
+                             align_corners=False)[0].T
 
     def points(self, out: dict):
         """The pyramid points of an output of ``forward`` (see head/targets.py)."""
@@ -260,9 +296,21 @@ class ActionFormerHead(nn.Module):
         return postprocess(out, self.strides, **postprocess_options)
 
 
-def pad_to_multiple(x, mask, multiple: int):
-    """Pad [B, T, D] and its mask with invalid steps so that T is a multiple of ``multiple``."""
-    extra = -x.shape[1] % multiple
+def level_windows(window, num_levels: int) -> list:
+    """One attention window per pyramid level from an int (all levels) or a list."""
+    return [window] * num_levels if isinstance(window, int) else list(window)
+
+
+def padding_factor(windows) -> int:
+    """What every padded length is a multiple of: for each level, stride x (window // 2) x 2
+    (the stride alone for a global level), the largest over levels."""
+    return max(2 ** level * (w // 2 * 2 if w != GLOBAL_WINDOW else 1)
+               for level, w in enumerate(windows))
+
+
+def pad_to(x, mask, length: int):
+    """Pad [B, T, D] and its mask with invalid steps to ``length`` steps."""
+    extra = length - x.shape[1]
     if extra == 0:
         return x, mask
     return F.pad(x, (0, 0, 0, extra)), F.pad(mask, (0, extra), value=False)

@@ -4,8 +4,11 @@ One greedy loop serves all methods: repeatedly keep the highest-scoring live det
 class and rescale the scores of the others of that class by a weight of their IoU with it:
 
 * ``"soft"``   Gaussian Soft-NMS (Bodla et al. 2017): weight = exp(-IoU**2 / sigma);
-* ``"linear"`` linear Soft-NMS: weight = 1 - IoU where IoU > iou_threshold, else 1;
-* ``"hard"``   classic NMS: weight = 0 where IoU > iou_threshold, else 1.
+* ``"linear"`` linear Soft-NMS: weight = 1 - IoU where IoU >= iou_threshold, else 1;
+* ``"hard"``   classic NMS: weight = 0 where IoU >= iou_threshold, else 1.
+
+As in ActionFormer's NMS extension, every segment's length counts 1e-6 more in these IoUs
+(``NMS_LENGTH_OFFSET``), so zero-length segments have a defined overlap.
 
 A detection dies when its score falls below ``min_score`` or its weight is 0. All classes run
 side by side: each loop step works on a [classes, detections] matrix, so the number of steps is
@@ -18,14 +21,16 @@ import math
 import torch
 
 METHODS = ("soft", "linear", "hard")
+NMS_LENGTH_OFFSET = 1e-6
 
 
-def segment_iou(segment, segments, eps: float = 1e-12):
-    """IoU of segment [..., 2] against segments [..., 2] (broadcasting), shape [...]."""
+def segment_iou(segment, segments, eps: float = 1e-12, length_offset: float = 0.0):
+    """IoU of segment [..., 2] against segments [..., 2] (broadcasting), shape [...];
+    ``length_offset`` is added to each segment's length in the union."""
     intersection = (torch.minimum(segment[..., 1], segments[..., 1])
                     - torch.maximum(segment[..., 0], segments[..., 0])).clamp(min=0)
     union = ((segment[..., 1] - segment[..., 0]) + (segments[..., 1] - segments[..., 0])
-             - intersection)
+             + 2 * length_offset - intersection)
     return intersection / union.clamp(min=eps)
 
 
@@ -34,9 +39,9 @@ def suppression_weight(iou, method: str, iou_threshold: float, sigma: float):
     if method == "soft":
         return torch.exp(-(iou * iou) / sigma)
     if method == "linear":
-        return torch.where(iou > iou_threshold, 1 - iou, torch.ones_like(iou))
+        return torch.where(iou >= iou_threshold, 1 - iou, torch.ones_like(iou))
     if method == "hard":
-        return (iou <= iou_threshold).to(iou.dtype)
+        return (iou < iou_threshold).to(iou.dtype)
     raise ValueError(f"unknown NMS method {method!r}; choose one of {METHODS}")
 
 
@@ -44,8 +49,8 @@ def suppress(segments, scores, labels, method: str = "soft", iou_threshold: floa
              sigma: float = 0.5, min_score: float = 0.001, max_segments: int | None = None,
              voting_iou: float | None = None):
     """One video's final detections: per-class NMS (or ``method="none"``: rank only), then
-    optional score-weighted boundary voting among the candidates overlapping each kept segment
-    by ``voting_iou``. Returns (segments, scores, labels), best first.
+    optional boundary voting among the candidates overlapping each kept segment by
+    ``voting_iou`` (see ``segment_voting``). Returns (segments, scores, labels), best first.
     """
     if method == "none":
         order = scores.argsort(descending=True, stable=True)[:max_segments]
@@ -84,7 +89,8 @@ def batched_nms(segments, scores, labels, method: str = "soft", iou_threshold: f
         kept_scores.append(grid_scores[rows, best])
         kept_valid.append(valid)
         alive[rows, best] = False
-        iou = segment_iou(grid_segments[rows, best][:, None], grid_segments)
+        iou = segment_iou(grid_segments[rows, best][:, None], grid_segments,
+                          length_offset=NMS_LENGTH_OFFSET)
         weight = suppression_weight(iou, method, iou_threshold, sigma)
         grid_scores = torch.where(alive, grid_scores * weight, grid_scores)
         alive &= (grid_scores >= min_score) & (weight > 0)
@@ -125,8 +131,10 @@ def _per_class_grid(segments, scores, labels):
 
 def segment_voting(kept_segments, kept_labels, segments, scores, labels, iou_threshold: float,
                    chunk: int = 256):
-    """Refine each kept segment to the score-weighted mean of the candidates of its class that
-    overlap it by at least ``iou_threshold`` (it always overlaps itself among the candidates).
+    """Refine each kept segment to the mean of the candidates of its class that overlap it by
+    at least ``iou_threshold``, each weighted by score x IoU (ActionFormer's voting, which it
+    applies after class-agnostic NMS; a kept segment always overlaps itself among the
+    candidates).
 
     Works on ``chunk`` kept segments at a time, so memory stays at chunk x candidates.
     """
@@ -134,7 +142,8 @@ def segment_voting(kept_segments, kept_labels, segments, scores, labels, iou_thr
     for start in range(0, kept_segments.shape[0], chunk):
         kept, kept_label = kept_segments[start:start + chunk], kept_labels[start:start + chunk]
         iou = segment_iou(kept[:, None], segments[None])                     # [k, N]
-        weight = scores[None] * ((iou >= iou_threshold) & (kept_label[:, None] == labels[None]))
+        weight = scores[None] * iou * ((iou >= iou_threshold)
+                                       & (kept_label[:, None] == labels[None]))
         total = weight.sum(dim=1, keepdim=True)
         mean = (weight @ segments) / total.clamp(min=1e-12)
         voted.append(torch.where(total > 0, mean, kept))

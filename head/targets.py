@@ -33,18 +33,21 @@ def make_points(level_lengths, strides, regression_ranges, device=None) -> Point
 
 
 def assign_targets(points: Points, segments, labels, num_classes: int,
-                   center_sample_radius: float | None = 1.5, same_segment_tol: float = 1e-3):
-    """Classification and regression targets for every point of one video.
+                   center_sample_radius: float | None = 1.5, equal_length_tol: float = 1e-3):
+    """Classification and regression targets for every point of one video (ActionFormer's
+    ``label_points_single_video``).
 
     segments [N, 2] (start, end) in feature steps, labels [N] int class indices.
     A point is a candidate for a segment when
-      * it lies in the segment's centre region: within ``center_sample_radius * stride`` of the
-        segment centre and inside the segment (None: anywhere inside the segment), and
+      * it lies strictly inside the segment's centre region: within
+        ``center_sample_radius * stride`` of the segment centre and inside the segment (None:
+        anywhere inside the segment); a point exactly on the region's edge is not a candidate;
       * the larger of its distances to start and end lies in its level's regression range
         (both ends inclusive).
-    Among candidates the shortest segment wins (the first one listed on equal lengths); every
-    segment identical to the winner (within ``same_segment_tol``) adds its label, so identical
-    segments with different labels give a multi-label point.
+    Among candidates the shortest segment wins and gives the regression target (the first one
+    listed on equal lengths); every candidate whose length is within ``equal_length_tol`` of the
+    shortest adds its label, so equally short segments with different labels (THUMOS's
+    duplicated CricketBowling/CricketShot segments) give a multi-label point.
 
     Returns cls [P, num_classes] float (0/1) and reg [P, 2] float: (position - start,
     end - position) / stride of the winning segment (zeros where no segment is assigned).
@@ -66,22 +69,20 @@ def assign_targets(points: Points, segments, labels, num_classes: int,
     else:
         center = (start + end) / 2
         radius = center_sample_radius * points.stride[:, None]
-        inside = ((position >= torch.maximum(center - radius, start))
-                  & (position <= torch.minimum(center + radius, end)))
+        inside = torch.minimum(position - torch.maximum(center - radius, start),
+                               torch.minimum(center + radius, end) - position) > 0
     reach = torch.maximum(to_start, to_end)
     in_range = (reach >= points.range_low[:, None]) & (reach <= points.range_high[:, None])
     candidate = inside & in_range
 
     length = (end - start).expand(num_points, -1).masked_fill(~candidate, float("inf"))
-    winner = length.argmin(dim=1)                              # first shortest
-    assigned = candidate.any(dim=1)
-    same = ((segments[None] - segments[winner][:, None]).abs() <= same_segment_tol).all(-1)
-    carries_label = candidate & same                           # [P, N]
+    shortest, winner = length.min(dim=1)                       # first shortest
+    carries_label = candidate & (length <= shortest[:, None] + equal_length_tol)  # [P, N]
     one_hot = torch.nn.functional.one_hot(labels, num_classes).float()
     cls = (carries_label.float() @ one_hot).clamp(max=1.0)
     offsets = torch.stack([to_start, to_end], dim=-1)          # [P, N, 2]
     reg = offsets[torch.arange(num_points, device=device), winner] / points.stride[:, None]
-    reg = reg * assigned[:, None]
+    reg = reg * candidate.any(dim=1)[:, None]
     return cls, reg
 
 

@@ -70,6 +70,25 @@ def test_identical_segments_with_different_labels_give_multi_label_points():
     assert all(labels == [1] for (_, position), (labels, *_) in got.items() if position > 35)
 
 
+def test_a_point_exactly_on_the_centre_region_edge_is_not_positive():
+    # [10, 30], radius 1: at stride 4 the centre region is [16, 24]. Points 16 and 24 lie on its
+    # edges (and their reach 14 fits (8, 16)), yet only 20 is positive: ActionFormer's test is
+    # strict. No other level has a point inside its region whose reach fits its range.
+    assert positives(*assign([[10.0, 30.0]], [1], radius=1.0)) == {(4, 20.0): ([1], 2.5, 2.5)}
+
+
+@pytest.mark.parametrize("end, shared", [(32.0, True), (32.0005, True), (32.01, False)])
+def test_equally_short_segments_all_give_their_labels_and_the_first_regresses(end, shared):
+    # A = [10, 30] (label 0) and B = [12, end] (label 1): lengths 20 and end - 12. At stride 4,
+    # 20 and 24 lie in both centre regions (A: [14, 26], B: [16, 28] with 16 on its edge).
+    # Within 1e-3 of the shortest both labels are set; the regression goes to A, listed first.
+    got = positives(*assign([[10.0, 30.0], [12.0, end]], [0, 1]))
+    both = [0, 1] if shared else [0]
+    assert got[(4, 20.0)] == (both, 2.5, 2.5)
+    assert got[(4, 24.0)] == (both, 14 / 4, 6 / 4)
+    assert got[(4, 16.0)] == ([0], 6 / 4, 14 / 4)
+
+
 def test_centre_sampling_keeps_only_points_near_the_centre():
     # [13, 29], centre 21. Level 2 (stride 4, reach 8..16): 16, 20, 24 and 28 (reach 15) all fit
     # the range, but 28 lies 7 > 1.5 * 4 steps from the centre.
@@ -144,7 +163,7 @@ def test_focal_and_diou_losses_on_hand_computed_values():
 
 
 def small_head(**kwargs):
-    options = dict(embed_dim=32, num_heads=2, drop_path=0.0)
+    options = dict(embed_dim=32, num_heads=2, drop_path=0.0, window=3, max_seq_len=64)
     options.update(kwargs)
     return ActionFormerHead(16, 3, **options)
 
@@ -178,19 +197,30 @@ def test_padding_content_never_reaches_valid_points():
             assert torch.allclose(clean[level_mask], dirty[level_mask], atol=1e-5)
 
 
-def test_padding_to_a_longer_sequence_changes_nothing_at_valid_points():
+def test_inputs_are_padded_to_max_seq_len_or_to_a_multiple_of_the_padding_factor():
     torch.manual_seed(0)
-    head = small_head().eval()
+    head = small_head(window=5, max_seq_len=128).eval()      # factor 32 x (5 // 2) x 2 = 128
     with torch.no_grad():    # as after training: LayerNorm maps zeros to a non-zero bias
         for norm in (m for m in head.modules() if isinstance(m, torch.nn.LayerNorm)):
             norm.bias.normal_()
-    x, mask = inputs(length=64, valid=(64,))
-    longer = torch.cat([x, torch.zeros(1, 32, 16)], dim=1)
-    longer_mask = torch.cat([mask, torch.zeros(1, 32, dtype=torch.bool)], dim=1)
-    exact_out, padded_out = head(x, mask), head(longer, longer_mask)
-    for key in ("cls_logits", "offsets"):
-        for exact, padded in zip(exact_out[key], padded_out[key]):
-            assert torch.allclose(exact, padded[:, :exact.shape[1]], atol=1e-5)
+    assert [head.padded_length(n) for n in (1, 128, 129, 256, 257)] == [128, 128, 256, 256, 384]
+    x, mask = inputs(length=128, valid=(128,))
+    # A short input is padded to max_seq_len: the same as padding it there by hand.
+    short = head(x[:, :100], mask[:, :100])
+    by_hand = head(torch.cat([x[:, :100], torch.zeros(1, 28, 16)], 1),
+                   torch.arange(128)[None] < 100)
+    assert [o.shape[1] for o in short["cls_logits"]] == [128, 64, 32, 16, 8, 4]
+    for a, b in zip(short["cls_logits"], by_hand["cls_logits"]):
+        assert torch.equal(a, b)
+    # A video that fills max_seq_len exactly has no padding after it, and that matters: with
+    # padding (an input of 129 steps goes to 256), the valid points near its end read the
+    # LayerNorm biases at the padded steps, as in ActionFormer.
+    full = head(x, mask)
+    longer = head(torch.cat([x, torch.zeros(1, 1, 16)], 1), torch.arange(129)[None] < 128)
+    assert longer["cls_logits"][0].shape[1] == 256
+    exact, padded = full["cls_logits"][0][0], longer["cls_logits"][0][0, :128]
+    assert torch.allclose(exact[:100], padded[:100], atol=1e-5)
+    assert not torch.allclose(exact[-1], padded[-1], atol=1e-3)
 
 
 def batch_targets():
@@ -269,9 +299,12 @@ def test_head_learns_to_localise_a_small_detection_problem():
 
 
 def test_drop_path_drops_whole_samples_and_keeps_the_expectation():
-    from head.blocks import DropPath
+    from head.blocks import AffineDropPath
 
-    drop = DropPath(0.25)
+    drop = AffineDropPath(5, 0.25)
+    assert drop.scale.tolist() == pytest.approx([1e-4] * 5)   # LayerScale's start
+    with torch.no_grad():
+        drop.scale.fill_(1.0)
     x = torch.ones(4000, 3, 5)
     torch.manual_seed(0)
     out = drop.train()(x)
@@ -295,3 +328,15 @@ def test_stage_two_does_not_import_timm():
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_under_bf16_autocast_the_predictions_are_computed_in_float32():
+    torch.manual_seed(0)
+    head = small_head().eval()
+    x, mask = inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(x, mask)
+    assert all(o.dtype == torch.float32 for o in out["cls_logits"] + out["offsets"])
+    # bf16 keeps 8 bits of mantissa: float32 logits near the 1% prior rarely tie.
+    logits = out["cls_logits"][0][out["masks"][0]].flatten()
+    assert logits.unique().numel() > 0.9 * logits.numel()

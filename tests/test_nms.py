@@ -9,9 +9,10 @@ from hypothesis import strategies as st
 from head.nms import batched_nms, segment_iou, segment_voting
 
 
-def reference_iou(a, b):
+def reference_iou(a, b, length_offset=1e-6):
+    """ActionFormer's NMS extension: each segment's length counts 1e-6 more."""
     intersection = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
-    union = (a[1] - a[0]) + (b[1] - b[0]) - intersection
+    union = (a[1] - a[0] + length_offset) + (b[1] - b[0] + length_offset) - intersection
     return intersection / max(union, 1e-12)
 
 
@@ -19,8 +20,8 @@ def reference_weight(iou, method, iou_threshold, sigma):
     if method == "soft":
         return math.exp(-iou * iou / sigma)
     if method == "linear":
-        return 1 - iou if iou > iou_threshold else 1.0
-    return 0.0 if iou > iou_threshold else 1.0
+        return 1 - iou if iou >= iou_threshold else 1.0
+    return 0.0 if iou >= iou_threshold else 1.0
 
 
 def reference_nms(detections, method, iou_threshold, sigma, min_score, max_segments):
@@ -101,13 +102,14 @@ def test_segment_iou_values():
     assert segment_iou(one, many).tolist() == pytest.approx([1.0, 1 / 3, 0.0, 0.25])
 
 
-def test_voting_averages_same_class_overlaps_by_score():
+def test_voting_averages_same_class_overlaps_by_score_times_iou():
     kept = torch.tensor([[0.0, 10.0]])
     candidates = torch.tensor([[0.0, 10.0], [1.0, 11.0], [0.0, 30.0], [1.0, 11.0]])
     scores = torch.tensor([0.6, 0.2, 0.9, 0.9])
     labels = torch.tensor([0, 0, 0, 1])    # the third overlaps too little, the fourth is class 1
     voted = segment_voting(kept, torch.tensor([0]), candidates, scores, labels, 0.7)
-    expected_start = (0.6 * 0 + 0.2 * 1) / 0.8
+    w_self, w_shifted = 0.6 * 1.0, 0.2 * 9 / 11     # score x IoU with [0, 10]
+    expected_start = (w_self * 0 + w_shifted * 1) / (w_self + w_shifted)
     assert voted.tolist() == [[pytest.approx(expected_start), pytest.approx(expected_start + 10)]]
 
 

@@ -269,7 +269,8 @@ LOSA_KEYS = [f"model.losa.{key}" for key, value in Config().model.losa.__dict__.
 # Counts that build modules: a huge one must be refused or checked without building them.
 STRUCTURE_KEYS = ["head.embed_dim", "head.num_levels", "head.num_embed_convs",
                   "head.num_stem_blocks", "head.tower_depth", "model.losa.bottleneck"]
-NEGATIVE_ALLOWED = {"train.seed", "head.focal_alpha"}  # a negative alpha disables weighting
+# A negative alpha disables weighting; window -1 is global attention.
+NEGATIVE_ALLOWED = {"train.seed", "head.focal_alpha", "head.window"}
 # (dotted key, JSON value, must the config file be named as the culprit?)
 CONFIG_CASES = (
     [(key, value, True) for key in FLOAT_KEYS + LOSA_KEYS

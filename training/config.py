@@ -74,7 +74,8 @@ class HeadConfig:
 
     embed_dim: int = 512
     num_levels: int = 6  # pyramid levels, strides 1, 2, ..., 2**(num_levels - 1)
-    window: int = 19  # local self-attention window, in steps of each level
+    # Local self-attention window in steps of each level, or one per level; -1 = global.
+    window: int | list[int] = 19
     num_heads: int = 4
     max_seq_len: int = 2304  # length of the position table (used only with use_abs_pe)
     num_embed_convs: int = 2
@@ -125,11 +126,13 @@ class EvalConfig:
     score_threshold: float = 0.001
     pre_nms_topk: int = 2000  # candidates kept per pyramid level before NMS
     min_duration: float = 0.05  # shortest candidate kept, in feature steps
-    max_segments: int = 2000  # per video, after NMS
+    max_segments: int = 200  # per video, after NMS (ActionFormer's THUMOS setting)
     nms: str = "soft"  # "soft" (Gaussian Soft-NMS), "linear" or "hard"
     nms_sigma: float = 0.5
     iou_threshold: float = 0.1  # hard and linear NMS only
-    voting_iou: float | None = 0.7  # refine kept segments by voting among overlapping candidates
+    # Refine kept segments by score x IoU voting among candidates overlapping by this IoU.
+    # ActionFormer votes only after class-agnostic NMS (ActivityNet, 0.9); None: no voting.
+    voting_iou: float | None = None
 
 
 @dataclass

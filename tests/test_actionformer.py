@@ -1,0 +1,134 @@
+"""Our head against ActionFormer, by numbers: the same weights give the same outputs, targets,
+losses and Soft-NMS detections as the plain reference written from the official code
+(tests/reference_actionformer.py); and loading official-layout weights checks every key."""
+import pytest
+import torch
+
+from head import ActionFormerHead
+from head.actionformer import actionformer_name, load_actionformer_weights
+from tests.reference_actionformer import PtTransformer, batched_soft_nms
+
+IN_DIM, CLASSES = 16, 3
+RECIPES = {
+    # THUMOS-like: local windows everywhere; padding factor 32 x 4 = 128
+    "thumos": dict(window=5, use_abs_pe=False),
+    # ActivityNet-like: global attention at the top level and the absolute position encoding
+    "anet": dict(window=[5, 5, 5, 5, 5, -1], use_abs_pe=True),
+}
+
+
+def reference(recipe, **extra):
+    torch.manual_seed(0)
+    options = RECIPES[recipe]
+    model = PtTransformer(IN_DIM, CLASSES, dim=32, n_head=2, max_seq_len=128,
+                          window=options["window"], use_abs_pe=options["use_abs_pe"],
+                          path_pdrop=0.1, **extra)
+    with torch.no_grad():  # trained-looking weights: every norm, scale and bias matters
+        for name, p in model.named_parameters():
+            if name.endswith("scale"):
+                p.uniform_(0.5, 1.5)
+            elif "norm" in name or name.split(".")[-2].startswith("ln"):
+                p.add_(0.3 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def ours(recipe, state, **extra):
+    options = RECIPES[recipe]
+    head = ActionFormerHead(IN_DIM, CLASSES, embed_dim=32, num_heads=2, max_seq_len=128,
+                            window=options["window"], use_abs_pe=options["use_abs_pe"],
+                            drop_path=0.1, **extra)
+    load_actionformer_weights(head, state)
+    return head.eval()
+
+
+def video(length, seed):
+    return torch.randn(length, IN_DIM, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+@pytest.mark.parametrize("length", [100, 128, 300])  # padded to 128, none, 384
+def test_same_weights_give_actionformers_outputs_and_detections(recipe, length):
+    ref = reference(recipe)
+    head = ours(recipe, {"module." + k: v for k, v in ref.state_dict().items()})
+    x = video(length, seed=length)
+    with torch.no_grad():
+        ref_cls, ref_off, ref_masks = ref.network([x.T])
+        out = head(x[None], torch.ones(1, length, dtype=torch.bool))
+    for key, expected in (("cls_logits", ref_cls), ("offsets", ref_off), ("masks", ref_masks)):
+        assert [o.shape for o in out[key]] == [e.shape for e in expected]
+        for got, want in zip(out[key], expected):
+            assert torch.allclose(got.float(), want.float(), atol=1e-4, rtol=0), key
+    # Post-processing: per-class Soft-NMS without voting, at most 200 per video.
+    rows = batched_soft_nms(*ref.candidates(ref_cls, ref_off, ref_masks))
+    (det,) = head.predict(out, max_segments=200)
+    got = torch.cat([det["segments"], det["scores"][:, None], det["labels"][:, None].float()], 1)
+    assert got.shape[0] == len(rows) > 50
+    assert torch.allclose(got, torch.tensor(rows), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_same_weights_give_actionformers_targets_and_losses(recipe):
+    smoothing = {"thumos": 0.0, "anet": 0.1}[recipe]
+    weight = {"thumos": 1.0, "anet": 2.0}[recipe]
+    ref = reference(recipe, label_smoothing=smoothing, loss_weight=weight)
+    head = ours(recipe, ref.state_dict(), label_smoothing=smoothing, reg_loss_weight=weight)
+    lengths = (128, 90)
+    feats = [video(n, seed=n) for n in lengths]
+    # Boundary cases on purpose: integer ends, an action at the very start, equal lengths.
+    segments = [torch.tensor([[3.0, 40.0], [10.0, 14.0], [20.0, 24.0], [60.0, 127.0]]),
+                torch.tensor([[0.0, 8.0], [30.0, 38.5], [31.0, 39.5], [31.0, 39.5]])]
+    labels = [torch.tensor([0, 1, 2, 1]), torch.tensor([2, 0, 1, 2])]
+    with torch.no_grad():
+        expected = ref.losses([f.T for f in feats], segments, labels)
+        batch = torch.zeros(2, 128, IN_DIM)
+        for i, f in enumerate(feats):
+            batch[i, :f.shape[0]] = f
+        mask = torch.arange(128)[None] < torch.tensor(lengths)[:, None]
+        out = head(batch, mask)
+        targets = [{"segments": s, "labels": lab} for s, lab in zip(segments, labels)]
+        got = head.loss(out, targets, update_normalizer=True)
+        cls, reg = head.assign(out, targets)
+        points = ref.points([m.shape[1] for m in out["masks"]])
+    for cls_targets, reg_targets, s, lab in zip(cls, reg, segments, labels):
+        want_cls, want_reg = ref.label_points_single_video(points, s, lab)
+        assert torch.equal(cls_targets, want_cls)
+        positive = want_cls.sum(1) > 0
+        assert torch.allclose(reg_targets[positive], want_reg[positive], atol=1e-6)
+    assert int(got["num_positives"]) == expected["num_pos"] > 0
+    assert head.loss_normalizer.item() == pytest.approx(ref.loss_normalizer, rel=1e-6)
+    for ours_key, ref_key in (("cls", "cls_loss"), ("reg", "reg_loss"), ("total", "final_loss")):
+        assert got[ours_key].item() == pytest.approx(expected[ref_key].item(), rel=1e-4)
+
+
+def test_loading_accepts_training_checkpoints_and_prefers_the_ema_weights():
+    ref = reference("thumos")
+    state = ref.state_dict()
+    ema = {k: v + 1.0 for k, v in state.items()}
+    head = ours("thumos", {"epoch": 3, "state_dict": {"module." + k: v for k, v in state.items()},
+                           "state_dict_ema": {"module." + k: v for k, v in ema.items()},
+                           "optimizer": {}})
+    name = "cls_tower.predict.conv.bias"
+    assert torch.equal(head.state_dict()[name], ema[actionformer_name(name)])
+    head = ours("thumos", {"state_dict": state})
+    assert torch.equal(head.state_dict()[name], state[actionformer_name(name)])
+
+
+def test_a_bad_key_is_one_error_naming_them_all_and_the_head_is_unchanged():
+    state = reference("thumos").state_dict()
+    head = ActionFormerHead(IN_DIM, CLASSES, embed_dim=32, num_heads=2, max_seq_len=128,
+                            window=5, drop_path=0.1)
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    broken = dict(state)
+    del broken["neck.fpn_norms.2.weight"]
+    broken["backbone.extra.weight"] = torch.zeros(1)
+    broken["cls_head.cls_head.conv.weight"] = torch.zeros(4, 32, 3)
+    with pytest.raises(ValueError) as err:
+        load_actionformer_weights(head, broken)
+    message = str(err.value)
+    assert "\n" not in message
+    for part in ("missing: neck.fpn_norms.2.weight", "unexpected: backbone.extra.weight",
+                 "mis-shaped: cls_head.cls_head.conv.weight (4, 32, 3) (expected (3, 32, 3))"):
+        assert part in message
+    assert all(torch.equal(before[k], v) for k, v in head.state_dict().items())
