@@ -24,6 +24,7 @@ COMMANDS = {
     "store": "store.commands:store",
     "train": "training.commands:train",
     "infer": "training.commands:infer",
+    "convert": "training.commands:convert",
     "evaluate": "evaluation.commands:evaluate",
     "fuse": "evaluation.commands:fuse",
     "visualize": "evaluation.commands:visualize",

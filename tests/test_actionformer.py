@@ -132,3 +132,97 @@ def test_a_bad_key_is_one_error_naming_them_all_and_the_head_is_unchanged():
                  "mis-shaped: cls_head.cls_head.conv.weight (4, 32, 3) (expected (3, 32, 3))"):
         assert part in message
     assert all(torch.equal(before[k], v) for k, v in head.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------
+# cli.py convert actionformer: official checkpoint + YAML -> run directory -> infer
+
+YAML = """\
+dataset_name: thumos
+dataset: {{
+  json_file: {annotations},
+  num_classes: 3,
+  input_dim: 16,
+  feat_stride: 4,
+  num_frames: 16,
+  max_seq_len: 128,
+}}
+model: {{
+  fpn_type: identity,
+  n_mha_win_size: 5,
+  n_head: 2,
+  embd_dim: 32,
+  fpn_dim: 32,
+  head_dim: 32,
+{extra}}}
+opt: {{learning_rate: 0.0001, epochs: 30, weight_decay: 0.05}}
+loader: {{batch_size: 2}}
+train_cfg: {{init_loss_norm: 100, droppath: 0.1}}
+test_cfg: {{pre_nms_topk: 2000, max_seg_num: 200, min_score: 0.001, multiclass_nms: True}}
+"""
+
+
+def convert_files(tmp_path, extra=""):
+    from test_training import CLASSES, synthetic_videos, write_annotations, write_store
+
+    videos = synthetic_videos(2, "test", num_steps=150)
+    for video in videos.values():
+        for a in video["annotations"]:
+            a["label_id"] = CLASSES.index(a["label"])
+    store = write_store(tmp_path / "store.zarr", videos, layers=())
+    annotations = write_annotations(tmp_path / "gt.json", videos)
+    ref = reference("thumos")
+    weights = {"module." + k: v for k, v in ref.state_dict().items()}
+    torch.save({"epoch": 35, "state_dict": {k: v * 0 for k, v in weights.items()},
+                "state_dict_ema": weights, "optimizer": {}}, tmp_path / "af.pth.tar")
+    (tmp_path / "af.yaml").write_text(YAML.format(annotations=annotations, extra=extra))
+    return ref, videos, store, annotations
+
+
+def cli(*args):
+    from click.testing import CliRunner
+
+    import cli as cli_module
+
+    return CliRunner().invoke(cli_module.main, [str(a) for a in args])
+
+
+def test_converted_checkpoint_infers_what_actionformer_predicts(tmp_path):
+    from test_training import CLASSES
+
+    ref, videos, store, annotations = convert_files(tmp_path)
+    result = cli("convert", "actionformer", "--checkpoint", tmp_path / "af.pth.tar", "--config",
+                 tmp_path / "af.yaml", "--store", store, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    result = cli("infer", "--run", tmp_path / "run", "--store", store, "--annotations",
+                 annotations, "--subset", "test", "--out", tmp_path / "preds.json", "--quiet")
+    assert result.exit_code == 0, result.output
+    import json
+    predictions = json.loads((tmp_path / "preds.json").read_text())["results"]
+    for vid, video in videos.items():
+        with torch.no_grad():
+            rows = batched_soft_nms(*ref.candidates(*ref.network([torch.from_numpy(video["last"]).T])))
+        duration = float(video["times"][-1] + 0.3)
+        expected = []
+        for start, end, score, label in rows:  # ActionFormer's grid -> seconds, then clipped
+            start, end = ((min(max((t * 4 + 8) / 30, 0.0), duration)) for t in (start, end))
+            if end > start:
+                expected.append((start, end, score, CLASSES[label]))
+        got = predictions[vid]
+        assert len(got) == len(expected) > 50
+        for entry, (start, end, score, label) in zip(got, expected):
+            assert entry["label"] == label
+            assert entry["score"] == pytest.approx(score, abs=1e-4)
+            assert entry["segment"] == pytest.approx([start, end], abs=2e-3)
+
+
+@pytest.mark.parametrize("extra, key", [("  use_rel_pe: True,\n", "model.use_rel_pe"),
+                                        ("  fpn_type: fpn,\n", "model.fpn_type")])
+def test_an_option_we_do_not_reproduce_is_a_one_line_error(tmp_path, extra, key):
+    _, _, store, _ = convert_files(tmp_path, extra=extra)
+    result = cli("convert", "actionformer", "--checkpoint", tmp_path / "af.pth.tar", "--config",
+                 tmp_path / "af.yaml", "--store", store, "--out", tmp_path / "run")
+    assert result.exit_code == 2
+    assert result.output.strip().startswith(f"error: {tmp_path / 'af.yaml'}: {key}: ")
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()

@@ -83,3 +83,27 @@ def infer(run_dir, checkpoint_path, store_path, annotations_path, subset, out_pa
                                 video_scores=scores_path, topk=topk)
     count = sum(len(v) for v in predictions["results"].values())
     click.echo(f"wrote {count} segments for {len(predictions['results'])} videos to {out_path}")
+
+
+@click.group()
+def convert():
+    """Turn another codebase's trained model into a run directory for cli.py infer."""
+
+
+@convert.command("actionformer")
+@click.option("--checkpoint", "checkpoint_path", required=True, type=click.Path(dir_okay=False),
+              help="ActionFormer checkpoint (a training checkpoint: its EMA weights are used).")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="The ActionFormer YAML config it was trained with.")
+@click.option("--store", "store_path", required=True,
+              help="Feature store holding the features it was trained on (cli.py store import).")
+@click.option("--annotations", "annotations_path", default=None,
+              help="Annotation JSON naming the classes (default: the YAML's dataset.json_file).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Run directory to write (best.pt, config.json).")
+def convert_actionformer(checkpoint_path, config_path, store_path, annotations_path, out_dir):
+    """An official ActionFormer checkpoint and config -> a head-only run directory."""
+    from training.convert import convert_actionformer as run_conversion
+
+    path = run_conversion(checkpoint_path, config_path, store_path, out_dir, annotations_path)
+    click.echo(f"wrote {path}; predict with: python cli.py infer --run {out_dir} ...")
