@@ -1,11 +1,15 @@
 #!/usr/bin/env python
-"""How fast is ``python cli.py evaluate``? Times the whole command on a THUMOS-sized input.
+"""How fast are ``python cli.py evaluate`` and ``fuse``? Times whole commands on a THUMOS-sized input.
 
-Generates 200,000 detections over 20 classes (200 videos, about 3,000 ground-truth segments),
-runs ``cli.py evaluate`` with 5 tIoU thresholds in a subprocess pinned to one CPU core (start-up,
-JSON reading and evaluation all counted), then runs the straightforward per-detection reference
-evaluator of the tests (tests/reference_map.py) on the same files, checks that both agree, and
-prints both times and their ratio.
+Generates 200,000 detections over 20 classes (200 videos, about 3,000 ground-truth segments)
+and times, each in a subprocess pinned to one CPU core (start-up and JSON reading counted):
+- the floor: a bare Python that only parses the predictions file with ``json.loads``;
+- ``cli.py evaluate`` with 5 tIoU thresholds (the bound: 1.5x the floor);
+- ``cli.py fuse`` on the same 200,000 detections made class-agnostic, with video-level scores
+  for 20 classes, every detection kept and emitted for the top 2 classes (400,000 written).
+Then it runs the straightforward per-detection reference evaluator of the tests
+(tests/reference_map.py) on the same input, checks that both agree, and prints the ratios, all
+measured in this one run.
 
     python bench/eval_speed.py [--detections 200000] [--repeat 3] [--no-reference]
 """
@@ -79,10 +83,9 @@ def child_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def time_cli(gt_path, pred_path, out_path, repeat):
-    """Wall-clock and CPU seconds (user + system) of each run of the whole command."""
-    command = [sys.executable, os.path.join(ROOT, "cli.py"), "evaluate", "--gt", gt_path,
-               "--preds", pred_path, "--tiou", THRESHOLDS, "--json", out_path]
+def time_command(arguments, repeat):
+    """Wall-clock and CPU seconds (user + system) of each run of ``python ARGUMENTS...``."""
+    command = [sys.executable, *arguments]
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     wall, cpu = [], []
     for _ in range(repeat):
@@ -91,7 +94,34 @@ def time_cli(gt_path, pred_path, out_path, repeat):
                        preexec_fn=pin_to_one_core)
         wall.append(time.perf_counter() - start)
         cpu.append(child_cpu_seconds() - start_cpu)
-    return wall, cpu
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def bare_parse(path):
+    return ["-c", f"import json; json.loads(open({path!r}, 'rb').read())"]
+
+
+def agnostic_inputs(preds, num_classes, seed):
+    """The detections relabelled as one class, and CUHK-layout video-level scores."""
+    rng = np.random.default_rng(seed + 1)
+    results = {vid: [dict(d, label="action") for d in items]
+               for vid, items in preds["results"].items()}
+    scores = {vid: np.round(rng.random(num_classes), 4).tolist() for vid in results}
+    classes = [f"action_{c:02d}" for c in range(num_classes)]
+    return {"results": results}, {"results": scores, "class": classes}
+
+
+def print_time(what, wall, cpu, repeat):
+    print(f"{what}: {wall:.3f} s wall, {cpu:.3f} s CPU (median of {repeat})")
+
+
+def write_inputs(folder, **named):
+    paths = {}
+    for name, data in named.items():
+        paths[name] = os.path.join(folder, f"{name}.json")
+        with open(paths[name], "w") as file:
+            json.dump(data, file)
+    return paths
 
 
 def main():
@@ -105,28 +135,40 @@ def main():
     args = parser.parse_args()
 
     gt, preds = make_inputs(args.detections, args.classes, args.videos, args.seed)
+    agnostic, scores = agnostic_inputs(preds, args.classes, args.seed)
+    cli = os.path.join(ROOT, "cli.py")
     with tempfile.TemporaryDirectory() as folder:
-        gt_path, pred_path, out_path = (os.path.join(folder, name)
-                                        for name in ("gt.json", "preds.json", "report.json"))
-        for path, data in ((gt_path, gt), (pred_path, preds)):
-            with open(path, "w") as file:
-                json.dump(data, file)
-        size_mb = os.path.getsize(pred_path) / 1e6
-        print(f"input: {args.detections} detections ({size_mb:.1f} MB), {args.classes} classes, "
-              f"{args.videos} videos, tIoU {THRESHOLDS}")
-        wall, cpu = time_cli(gt_path, pred_path, out_path, args.repeat)
-        cli_cpu = statistics.median(cpu)
+        paths = write_inputs(folder, gt=gt, preds=preds, agnostic=agnostic, scores=scores)
+        report_path, fused_path = os.path.join(folder, "report.json"), os.path.join(folder, "f.json")
+        size_mb = os.path.getsize(paths["preds"]) / 1e6
         # On a shared machine wall time includes waiting for the core; CPU time does not.
-        print(f"cli.py evaluate, whole command on one core, median of {args.repeat} runs: "
-              f"{statistics.median(wall):.3f} s wall, {cli_cpu:.3f} s CPU "
-              f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
-        print(f"  wall per run: {', '.join(f'{t:.3f}' for t in wall)}")
-        with open(out_path) as file:
+        print(f"input: {args.detections} detections ({size_mb:.1f} MB), {args.classes} classes, "
+              f"{args.videos} videos, tIoU {THRESHOLDS}; each command pinned to one core (load "
+              f"average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+        floor = time_command(bare_parse(paths["preds"]), args.repeat)
+        print_time("bare json.loads of the predictions file (start-up included)", *floor,
+                   args.repeat)
+        evaluate = time_command([cli, "evaluate", "--gt", paths["gt"], "--preds", paths["preds"],
+                                 "--tiou", THRESHOLDS, "--json", report_path], args.repeat)
+        print_time("cli.py evaluate, whole command", *evaluate, args.repeat)
+        fuse_floor = time_command(bare_parse(paths["agnostic"]), args.repeat)
+        per_video = args.detections // args.videos
+        fuse = time_command([cli, "fuse", "--preds", paths["agnostic"], "--video-scores",
+                             paths["scores"], "--top-detections", str(per_video), "--out",
+                             fused_path], args.repeat)
+        print_time(f"cli.py fuse, whole command (top-2 of {args.classes} classes, "
+                   f"{2 * per_video * args.videos} detections written)", *fuse, args.repeat)
+        print(f"ratio evaluate / bare parse: {evaluate[1] / floor[1]:.2f}x CPU, "
+              f"{evaluate[0] / floor[0]:.2f}x wall (bound 1.5x)")
+        print(f"ratio fuse / bare parse of its input: {fuse[1] / fuse_floor[1]:.2f}x CPU, "
+              f"{fuse[0] / fuse_floor[0]:.2f}x wall; fuse / evaluate: "
+              f"{fuse[1] / evaluate[1]:.2f}x CPU")
+        with open(report_path) as file:
             report = json.load(file)
         print(f"average mAP {report['average_mAP']:.4f}")
     if args.no_reference:
         return
-    compare_with_reference(gt, preds, report, cli_cpu)
+    compare_with_reference(gt, preds, report, evaluate[1])
 
 
 def compare_with_reference(gt, preds, report, cli_cpu):

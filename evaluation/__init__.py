@@ -9,20 +9,34 @@ report = evaluate_map(ann, load_predictions("preds.json"), subset="test",
 
 Nothing here imports torch; matplotlib and decord are imported only by the plotting functions.
 """
-from .annotations import Annotations, CleaningCounts, VideoAnnotation, load_annotations
-from .diagnosis import diagnose, write_diagnosis
-from .matching import segment_iou
-from .metrics import (Evaluation, EvaluationWarning, average_precision, evaluate_detections,
-                      evaluate_map)
-from .plots import write_plots
-from .predictions import Predictions, load_predictions
-from .report import format_report
-from .thresholds import parse_tiou
-from .timeline import plot_timeline
+import importlib
 
-__all__ = [
-    "Annotations", "CleaningCounts", "Evaluation", "EvaluationWarning", "Predictions",
-    "VideoAnnotation", "average_precision", "diagnose", "evaluate_detections", "evaluate_map",
-    "format_report", "load_annotations", "load_predictions", "parse_tiou", "plot_timeline",
-    "segment_iou", "write_diagnosis", "write_plots",
-]
+# Public name -> submodule. Imported on first use, so that `cli.py evaluate` loads only what
+# it runs (the diagnosis, plots and timelines cost start-up time it does not need).
+_EXPORTS = {
+    "Annotations": "annotations", "CleaningCounts": "annotations",
+    "VideoAnnotation": "annotations", "load_annotations": "annotations",
+    "diagnose": "diagnosis", "write_diagnosis": "diagnosis",
+    "fuse_predictions": "fusion", "load_video_scores": "fusion",
+    "segment_iou": "matching",
+    "Evaluation": "metrics", "EvaluationWarning": "metrics", "average_precision": "metrics",
+    "evaluate_detections": "metrics", "evaluate_map": "metrics",
+    "write_plots": "plots",
+    "Predictions": "predictions", "load_predictions": "predictions",
+    "format_report": "report",
+    "parse_tiou": "thresholds",
+    "plot_timeline": "timeline",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'evaluation' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -111,6 +111,14 @@ def fuse_predictions(predictions, video_scores, topk: int = TOPK,
         raise input_error(predictions.name, "detection scores must be >= 0 to fuse (a square "
                           f"root is taken), got {predictions.scores.min()!r}")
     kept = _best_per_video(predictions, top_detections)
+    with cyclic_gc_paused():  # 10^6 new lists and dicts: the collector would run over and over
+        results = _fused_results(predictions, video_scores, kept, topk)
+    return {"version": "losa-tal fuse", "results": results,
+            "external_data": {"used": True, "details": f"video-level class scores from "
+                              f"{video_scores.name}: top-{topk} classes, score sqrt(det x cls)"}}
+
+
+def _fused_results(predictions, video_scores, kept, topk) -> dict:
     results = {}
     for index, vid in enumerate(predictions.video_ids):
         rows = kept[index]
@@ -120,9 +128,7 @@ def fuse_predictions(predictions, video_scores, topk: int = TOPK,
         results[vid] = [{"segment": segment, "label": label, "score": score}
                         for label, row in zip(labels, fused)
                         for segment, score in zip(segments, row)]
-    return {"version": "losa-tal fuse", "results": results,
-            "external_data": {"used": True, "details": f"video-level class scores from "
-                              f"{video_scores.name}: top-{topk} classes, score sqrt(det x cls)"}}
+    return results
 
 
 def _best_per_video(predictions, top_detections: int) -> list:

@@ -8,6 +8,7 @@ common case converts whole columns at once and only a bad file is walked item by
 the first bad entry.
 """
 from dataclasses import dataclass
+from itertools import chain
 from operator import itemgetter
 
 import numpy as np
@@ -78,7 +79,7 @@ def _parse_columns(name, results) -> Predictions:
         segments += map(_SEGMENT, items)
         labels += map(_LABEL, items)
         scores += map(_SCORE, items)
-    segment_array = _numeric_array(segments, shape=(len(segments), 2))
+    segment_array = _segment_array(segments)
     score_array = _numeric_array(scores, shape=(len(scores),))
     if np.any(segment_array[:, 1] < segment_array[:, 0]) \
             or np.any(np.abs(segment_array) > MAX_SECONDS):
@@ -91,6 +92,15 @@ def _parse_columns(name, results) -> Predictions:
     video_index = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
     return Predictions(name, list(results), video_index, segment_array, label_names,
                        label_index, score_array)
+
+
+def _segment_array(segments) -> np.ndarray:
+    """float64 [N, 2] from N lists of two numbers (one flat list converts twice as fast)."""
+    lengths = np.fromiter(map(len, segments), dtype=np.int64, count=len(segments))
+    if np.any(lengths != 2):
+        raise TypeError
+    flat = _numeric_array(list(chain.from_iterable(segments)), shape=(2 * len(segments),))
+    return flat.reshape(-1, 2)
 
 
 def _numeric_array(values, shape) -> np.ndarray:

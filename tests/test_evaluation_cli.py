@@ -128,6 +128,8 @@ def test_speed_benchmark_runs_and_agrees_with_the_reference():
                             text=True)
     assert result.returncode == 0, result.stderr
     assert "speed ratio reference / whole cli command:" in result.stdout
+    assert "ratio evaluate / bare parse:" in result.stdout
+    assert "ratio fuse / bare parse of its input:" in result.stdout
 
 
 # -- bad input: one line naming the file, exit status 2 ------------------------------------------
