@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from store.urls import storage_options_flag
+
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "datasets"
 # Used when neither a flag nor the preset gives a value.
 DEFAULTS = {"backbone": "vit_g", "layers": [], "tokens": [1, 1, 1], "batch_size": 32,
@@ -50,11 +52,12 @@ PRESET_KEYS = {*DEFAULTS, "videos", "store", "checkpoint", "annotations", "proto
 @click.option("--format", "store_format", type=click.Choice(["zarr", "hdf5"]),
               help="Store format for a new store.  [default: zarr]")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the backbone.")
+@storage_options_flag
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.pass_context
 def extract(ctx, preset, videos_dir, store_path, backbone, checkpoint, random_init, seed,
             annotations, subset, layers, tokens, batch_size, num_workers, device, store_format,
-            compile_model, no_progress, **protocol_flags):
+            compile_model, storage_options, no_progress, **protocol_flags):
     """Encode videos with a frozen VideoMAEv2 and cache its features in a feature store.
 
     Rerunning the same command resumes: finished videos are skipped. Several extractors (or
@@ -106,6 +109,7 @@ def extract(ctx, preset, videos_dir, store_path, backbone, checkpoint, random_in
         checkpoint=config.get("checkpoint"), seed=config["seed"],
         batch_size=config["batch_size"], num_workers=config["num_workers"],
         device=config["device"], format=config["format"], compile=compile_model,
+        storage_options=storage_options,
         expected_durations={vid: d for vid, d in durations.items() if d})
     with _rank_group() as total_failures:
         summary = run_extraction(settings, show_progress=not no_progress)

@@ -52,6 +52,7 @@ class ExtractionSettings:
     num_workers: int = 4
     device: str = "auto"
     format: str | None = None  # zarr, hdf5, or None (by the store path)
+    storage_options: dict | None = None  # for a URL store's file system (store/urls.py)
     compile: bool = False
     backbone_source: str = "--backbone"  # where the backbone spec came from, for messages
     # {video_id: seconds} from the annotations: a video that decodes much shorter is reported
@@ -434,7 +435,8 @@ def run_extraction(settings: ExtractionSettings, show_progress: bool = True,
     summary = ExtractionSummary()
     started = time.perf_counter()
     with FeatureStore.create(settings.store, store_meta(encoder, settings),
-                             format=settings.format) as store:
+                             format=settings.format,
+                             storage_options=settings.storage_options) as store:
         if store_ready is not None:
             store_ready(store)
         rank, world = distributed_rank()

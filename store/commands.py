@@ -4,6 +4,8 @@ import math
 
 import click
 
+from .urls import storage_options_flag
+
 LAYER_HELP = "'last' (default), or an intermediate block index, averaged over its K tokens."
 
 
@@ -15,11 +17,12 @@ def store():
 @store.command()
 @click.argument("path", metavar="STORE")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as one JSON object.")
-def info(path, as_json):
+@storage_options_flag
+def info(path, as_json, storage_options):
     """The store's metadata, and per complete video its clips, fps and duration."""
     from .feature_store import FeatureStore
 
-    with FeatureStore.open(path) as fs:
+    with FeatureStore.open(path, storage_options) as fs:
         videos = {vid: _video_summary(fs.video_info(vid)) for vid in fs.videos()}
         summary = {"path": fs.path, "format": fs.format, "meta": fs.meta,
                    "num_videos": len(videos),
@@ -67,12 +70,13 @@ def _format_info(summary: dict) -> str:
 
 @store.command()
 @click.argument("path", metavar="STORE")
-def verify(path):
+@storage_options_flag
+def verify(path, storage_options):
     """Read every complete video through every check; exit 1 naming each bad one."""
     from .feature_store import FeatureStore
     from .verify import verify_store
 
-    with FeatureStore.open(path) as fs:
+    with FeatureStore.open(path, storage_options) as fs:
         report = verify_store(fs, progress=True)
     for note in report.notes:
         click.echo(f"note: {note}")
@@ -87,7 +91,8 @@ def verify(path):
 @click.argument("path", metavar="STORE")
 @click.option("--out", required=True, metavar="DIR", help="Directory for one .npy per video.")
 @click.option("--layer", default="last", show_default=True, help=LAYER_HELP)
-def export(path, out, layer):
+@storage_options_flag
+def export(path, out, layer, storage_options):
     """One float32 [T, D] .npy per video, as ActionFormer and OpenTAD read them."""
     from losa_tal import InputError
 
@@ -100,7 +105,7 @@ def export(path, out, layer):
             layer = int(layer)
         except ValueError:
             raise InputError(f"--layer: expected 'last' or a block index, got {layer!r}") from None
-    with FeatureStore.open(path) as fs:
+    with FeatureStore.open(path, storage_options) as fs:
         count = export_features(fs, out, layer, progress=True)
     click.echo(f"wrote {count} file(s) to {out}")
 
@@ -122,8 +127,9 @@ def export(path, out, layer):
               show_default=True, help="Storage precision (float32 keeps the files exactly).")
 @click.option("--format", "store_format", type=click.Choice(["zarr", "hdf5"]), default=None,
               help="Store format (default: an existing store's, else zarr; .h5 means hdf5).")
+@storage_options_flag
 def import_(directory, out, fps, clip_len, clip_stride, frame_interval, annotations, backbone,
-            dtype, store_format):
+            dtype, store_format, storage_options):
     """Make a last-layer-only store from [T, D] .npy files (e.g. published VideoMAEv2 features)."""
     from losa_tal import InputError
 
@@ -134,5 +140,5 @@ def import_(directory, out, fps, clip_len, clip_stride, frame_interval, annotati
     imported, skipped = import_features(
         directory, out, fps=fps, clip_len=clip_len, clip_stride=clip_stride,
         frame_interval=frame_interval, annotations=annotations, format=store_format,
-        dtype=dtype, backbone=backbone, progress=True)
+        dtype=dtype, backbone=backbone, progress=True, storage_options=storage_options)
     click.echo(f"imported {imported} video(s) into {out}; {skipped} already there")

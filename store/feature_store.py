@@ -22,7 +22,8 @@ from .locks import try_claim
 from .meta import (LAST, TIMES_KEY, array_key, checked_meta, meta_differences, new_meta,
                    video_record_problems)
 from .names import encode_video_id
-from .zarr_backend import ZarrBackend, is_url
+from .urls import check_storage_options, is_url
+from .zarr_backend import ZarrBackend
 
 BACKENDS = {"zarr": ZarrBackend, "hdf5": Hdf5Backend}
 HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -43,13 +44,16 @@ class FeatureStore:
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path, meta: dict, format: str | None = None) -> "FeatureStore":
-        """A writer: creates the store, or opens an existing one whose metadata matches ``meta``."""
+    def create(cls, path, meta: dict, format: str | None = None,
+               storage_options: dict | None = None) -> "FeatureStore":
+        """A writer: creates the store, or opens an existing one whose metadata matches ``meta``.
+        ``storage_options`` go to the file system of a URL store (store/urls.py)."""
         location = _location(path)
+        options = check_storage_options(location, storage_options)
         requested = new_meta(meta)
         format = _format_for_writing(location, format)
         with storage_errors(location, "cannot create or open the store"):
-            backend = BACKENDS[format].create_or_open(location, requested)
+            backend = BACKENDS[format].create_or_open(location, requested, **_backend_options(options))
             stored = _read_checked_meta(backend, location)
         differences = meta_differences(stored, requested)
         if differences:
@@ -60,14 +64,15 @@ class FeatureStore:
         return cls(backend, stored, writable=True)
 
     @classmethod
-    def open(cls, path) -> "FeatureStore":
-        """A reader (the format is detected)."""
+    def open(cls, path, storage_options: dict | None = None) -> "FeatureStore":
+        """A reader (the format is detected); ``storage_options`` as for ``create``."""
         location = _location(path)
+        options = check_storage_options(location, storage_options)
         format = _existing_format(location)
         if format is None:
             raise input_error(location, "no such feature store")
         with storage_errors(location, "cannot read the store"):
-            backend = BACKENDS[format](location, writable=False)
+            backend = BACKENDS[format](location, writable=False, **_backend_options(options))
             meta = _read_checked_meta(backend, location)
         return cls(backend, meta, writable=False)
 
@@ -285,6 +290,11 @@ class FeatureStore:
         """Names (encoded) of video groups without a completion marker; readers ignore them."""
         with storage_errors(self.path, "cannot list the videos"):
             return self._backend.incomplete_videos()
+
+
+def _backend_options(storage_options: dict) -> dict:
+    """Keyword arguments for a backend: only URL stores (Zarr) take storage options."""
+    return {"storage_options": storage_options} if storage_options else {}
 
 
 def _stored_id(name: str, record: dict) -> str:

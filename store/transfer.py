@@ -63,7 +63,8 @@ def _save_atomically(path: str, array: np.ndarray):
 
 def import_features(source_dir: str, store_path: str, *, fps=None, clip_len=16, clip_stride=4,
                     frame_interval=1, annotations=None, format=None, dtype="float32",
-                    backbone=None, progress: bool = False) -> tuple[int, int]:
+                    backbone=None, progress: bool = False,
+                    storage_options: dict | None = None) -> tuple[int, int]:
     """Turn a directory of ``[T, D]`` ``.npy`` files into a last-layer-only store.
 
     Feature times follow the clip-centre convention of the recorded protocol; each video's fps is
@@ -94,7 +95,8 @@ def import_features(source_dir: str, store_path: str, *, fps=None, clip_len=16, 
             "imported_from": os.path.abspath(source_dir)}
     imported = skipped = 0
     off_grid = []
-    with FeatureStore.create(store_path, meta, format=format) as fs, \
+    with FeatureStore.create(store_path, meta, format=format,
+                             storage_options=storage_options) as fs, \
             tqdm(videos, desc="import", unit="video", disable=not progress) as bar:
         for path, video_id, info in bar:
             if video_id in fs:

@@ -32,6 +32,7 @@ import numpy as np
 from losa_tal import input_error
 
 from . import locks
+from .urls import is_url
 
 ROOT_META_KEY = "losa_tal"
 VIDEOS = "videos"
@@ -39,14 +40,10 @@ WRITERS = ".writers"
 METADATA_FILE = "zarr.json"
 
 
-def is_url(location) -> bool:
-    return isinstance(location, str) and "://" in location
-
-
 class ZarrBackend:
     format = "zarr"
 
-    def __init__(self, location, writable: bool):
+    def __init__(self, location, writable: bool, storage_options: dict | None = None):
         import zarr.storage
 
         self.location = str(location)
@@ -54,6 +51,7 @@ class ZarrBackend:
             import fsspec
 
             options = {"auto_mkdir": True} if self.location.startswith("file://") else {}
+            options.update(storage_options or {})
             try:
                 self._fs, self._root = fsspec.core.url_to_fs(self.location, **options)
                 self._store = zarr.storage.FsspecStore.from_url(
@@ -76,10 +74,11 @@ class ZarrBackend:
 
     # -- creation --------------------------------------------------------------------------------
     @classmethod
-    def create_or_open(cls, location, meta: dict) -> "ZarrBackend":
+    def create_or_open(cls, location, meta: dict,
+                       storage_options: dict | None = None) -> "ZarrBackend":
         if is_url(str(location)):
-            backend = cls(location, writable=True)
-            if backend._read_json(METADATA_FILE) is None:
+            backend = cls(location, writable=True, storage_options=storage_options)
+            if backend._read_root() is None:
                 backend._create_root(backend._store, meta)
             return backend
         root = os.path.abspath(str(location))
@@ -102,7 +101,7 @@ class ZarrBackend:
 
     def read_meta(self):
         """The raw root metadata (None for a Zarr group that is not a feature store)."""
-        document = self._read_json(METADATA_FILE)
+        document = self._read_root()
         if document is None:
             raise input_error(self.location, "no such feature store (no readable zarr.json)")
         attributes = document.get("attributes")
@@ -155,6 +154,19 @@ class ZarrBackend:
             return []
         # zarr.json and its atomic-write temporaries are not videos.
         return [name for name in names if not name.startswith(METADATA_FILE)]
+
+    def _read_root(self):
+        """The root zarr.json (None if absent). Unlike other documents, a failure to fetch it
+        from a URL (cannot connect, not authorised) is raised: it is not a missing store."""
+        if self._fs is None:
+            return self._read_json(METADATA_FILE)
+        path = f"{self._root}/{METADATA_FILE}"
+        found = self._fs.cat([path], on_error="return").get(path)
+        if isinstance(found, FileNotFoundError):
+            return None
+        if isinstance(found, BaseException):
+            raise found
+        return _parse_json(found)
 
     def _read_json(self, relative: str):
         return self._read_jsons([relative])[0]

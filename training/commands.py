@@ -2,6 +2,7 @@
 import click
 
 from evaluation.commands import topk_option, video_scores_option  # no torch there either
+from store.urls import storage_options_flag
 
 MODEL_CHOICES = ("losa", "head_only")
 
@@ -23,9 +24,10 @@ MODEL_CHOICES = ("losa", "head_only")
               help="Override a config value, e.g. --set optim.lr_head=2e-4 (repeatable).")
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out from its last checkpoint.")
+@storage_options_flag
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(config_path, store_path, annotations_path, out_dir, model_type, epochs, overrides,
-          resume, quiet):
+          resume, storage_options, quiet):
     """Train LoSA adapters and the detection head from a feature store.
 
     Data parallel: torchrun --nproc_per_node N cli.py train ... (the global batch, and so the
@@ -45,7 +47,7 @@ def train(config_path, store_path, annotations_path, out_dir, model_type, epochs
     config = load_config(config_path, overrides)
     out_dir = out_dir or str(Path("runs") / Path(config_path).stem)
     summary = run_training(config, store_path, annotations_path, out_dir, resume=resume,
-                           progress=not quiet)
+                           progress=not quiet, storage_options=storage_options)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, the main process reports
         best = summary["best"]
         best_text = (f", best average mAP {best['average_map']:.4f} at epoch {best['epoch']}"
@@ -69,9 +71,10 @@ def train(config_path, store_path, annotations_path, out_dir, model_type, epochs
 @click.option("--device", default=None, help="torch device (default: cuda if available).")
 @video_scores_option(required=False)
 @topk_option
+@storage_options_flag
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def infer(run_dir, checkpoint_path, store_path, annotations_path, subset, out_path, device,
-          scores_path, topk, quiet):
+          scores_path, topk, storage_options, quiet):
     """Predict action segments for a subset with a trained checkpoint."""
     from losa_tal import InputError
     from training.infer import infer as run_inference
@@ -80,7 +83,8 @@ def infer(run_dir, checkpoint_path, store_path, annotations_path, subset, out_pa
         raise InputError("--run/--checkpoint: give exactly one of them")
     predictions = run_inference(run_dir or checkpoint_path, store_path, annotations_path, subset,
                                 out_path, device=device, progress=not quiet,
-                                video_scores=scores_path, topk=topk)
+                                video_scores=scores_path, topk=topk,
+                                storage_options=storage_options)
     count = sum(len(v) for v in predictions["results"].values())
     click.echo(f"wrote {count} segments for {len(predictions['results'])} videos to {out_path}")
 

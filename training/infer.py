@@ -32,7 +32,7 @@ from training.inputs import open_annotations, open_store, resolve_subset
 
 def infer(run_or_checkpoint, store_path=None, annotations_path=None, subset=None,
           out_path=None, device=None, progress: bool = False, video_scores=None,
-          topk=None) -> dict:
+          topk=None, storage_options=None) -> dict:
     """Predict every video of ``subset`` that the store holds; optionally write the JSON file.
 
     With ``video_scores`` (a scores file, the ActivityNet protocol), the detections are labelled
@@ -43,7 +43,7 @@ def infer(run_or_checkpoint, store_path=None, annotations_path=None, subset=None
     config = Config.from_dict(state["config"], f"{path} (config)")
     store_path = store_path or config.data.store
     annotations_path = annotations_path or config.data.annotations
-    store = open_store(store_path, config.data.dataset)
+    store = open_store(store_path, config.data.dataset, storage_options)
     ckpt.check_store_matches(state["store"], store, store_path, path)
     annotations = open_annotations(annotations_path)
     layers = state["store"]["layers"]

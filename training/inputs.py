@@ -6,16 +6,16 @@ from pathlib import Path
 from losa_tal import input_error
 
 
-def open_store(path, dataset: str):
+def open_store(path, dataset: str, storage_options: dict | None = None):
     """Open a feature store (a path or an fsspec URL) for reading; a missing one says how to
     make it."""
     from store import FeatureStore
-    from store.zarr_backend import is_url
+    from store.urls import is_url
 
     if not is_url(str(path)) and not Path(path).exists():
         raise input_error(path, f"feature store not found; run `make extract DATASET={dataset}` "
                           "first (or pass --store)")
-    return FeatureStore.open(path)
+    return FeatureStore.open(path, storage_options)
 
 
 def open_annotations(path):

@@ -39,13 +39,14 @@ RESUME_FREE_KEYS = {"data.store", "data.annotations", "data.num_workers"}
 
 
 def train(config: Config, store_path=None, annotations_path=None, out_dir="runs/train",
-          resume: bool = False, progress: bool = True) -> dict:
-    """Train a detector; returns the final log record (epoch, step, best mAP, run directory)."""
+          resume: bool = False, progress: bool = True, storage_options=None) -> dict:
+    """Train a detector; returns the final log record (epoch, step, best mAP, run directory).
+    ``storage_options`` (for a URL store) are used, never saved: they may hold credentials."""
     world = distributed.start(prefer_cuda=True)
     try:
         with exclusive_run_directory(Path(out_dir), world):
             return Trainer(world, config, store_path, annotations_path, out_dir, resume,
-                           progress).run()
+                           progress, storage_options).run()
     finally:
         distributed.stop(world)
 
@@ -78,7 +79,8 @@ def exclusive_run_directory(out_dir: Path, world):
 
 
 class Trainer:
-    def __init__(self, world, config, store_path, annotations_path, out_dir, resume, progress):
+    def __init__(self, world, config, store_path, annotations_path, out_dir, resume, progress,
+                 storage_options=None):
         self.world = world
         self.config = config
         self.out_dir = Path(out_dir)
@@ -86,7 +88,7 @@ class Trainer:
         self.store_path = store_path or config.data.store
         self.annotations_path = annotations_path or config.data.annotations
 
-        self.store = open_store(self.store_path, config.data.dataset)
+        self.store = open_store(self.store_path, config.data.dataset, storage_options)
         self.annotations = open_annotations(self.annotations_path)
         self.classes = head_classes(self.annotations, config.data)
         self.layers = needed_layers(config, self.store, self.store_path)
