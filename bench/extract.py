@@ -11,6 +11,12 @@ dependency), then extracts them three ways in one run, with the same random-init
                 as the official TAL script does (each frame four times), encode, write;
   compute only  the backbone alone on as many clips, already in memory.
 
+Then the clip reader alone (decode + resize, no backbone; ``--decode-frames`` frames per video at
+29.97 fps, where resampling to 15 fps skips frames unevenly), at the native rate and at 15 fps,
+two ways: *before* issue 15 (decord alone, frames fetched by index: seeks, which land on wrong
+frames in open-GOP streams) and *after* (a PyAV demux pass, then a front-to-back decode keeping
+the frames wanted). It prints clips/s and the after/before time ratio for each rate.
+
 Each is run ``--repeats`` times, interleaved, and the fastest run counts (the machine may be
 shared). It prints clips/s for each, the pipeline's speed-up over the naive loop, and the ratio
 of pipeline time to compute-only time (1.0 = decoding and writing fully hidden; the goal is
@@ -33,7 +39,9 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from extract import clips as clip_reader  # noqa: E402
 from extract.backbone import build_backbone, count_parameters  # noqa: E402
+from extract.decoding import VideoSource  # noqa: E402
 from extract.pipeline import (Encoder, ExtractionSettings, pick_device,  # noqa: E402
                               run_extraction, store_meta)
 from extract.pooling import parse_tokens  # noqa: E402
@@ -41,6 +49,7 @@ from extract.protocol import SamplingProtocol  # noqa: E402
 from store import FeatureStore  # noqa: E402
 from tests.videos import write_video  # noqa: E402
 
+NTSC = 30000 / 1001
 # Dense bf16 tensor-core peaks (FLOP/s) for the model-FLOP utilisation figure.
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
@@ -56,6 +65,8 @@ def parse_args():
     parser.add_argument("--tokens", default="2x2x2")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gpu-clips", type=int, default=256, help="ViT-g clips timed on CUDA")
+    parser.add_argument("--decode-frames", type=int, default=600,
+                        help="frames per video for the clip-reader timing")
     return parser.parse_args()
 
 
@@ -102,6 +113,57 @@ def official_clip(frames, start, size):
     """The official TAL transform of one clip: [T, H, W, C] uint8 -> [C, T, S, S] in [0, 1]."""
     clip = frames[start:start + 16].permute(3, 0, 1, 2).float() / 255
     return F.interpolate(clip, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def seeking_source(path, num_threads=1):
+    """The reader before issue 15: decord alone, every wanted frame fetched by its index."""
+    import decord
+
+    reader = decord.VideoReader(str(path), num_threads=num_threads)
+    height, width = reader[0].shape[:2]
+    source = VideoSource(path=str(path), decoder="decord", num_frames=len(reader),
+                         fps=float(reader.get_avg_fps()), height=height, width=width,
+                         _reader=reader)
+
+    def by_index(wanted, per_call):
+        for begin in range(0, len(wanted), per_call):
+            yield reader.get_batch(wanted[begin:begin + per_call]).asnumpy()
+
+    source._read_decord = by_index
+    return source
+
+
+def run_reader(videos, protocol, reader):
+    """Clips/s of the clip reader alone (decode + resize) with ``reader`` as ``open_video``."""
+    original, clip_reader.open_video = clip_reader.open_video, reader
+    try:
+        started, count = time.perf_counter(), 0
+        for video_id, path in videos:
+            for chunk in clip_reader.iter_chunks(video_id, path, protocol, clips_per_chunk=32):
+                count += len(chunk["index"])
+        return count, time.perf_counter() - started
+    finally:
+        clip_reader.open_video = original
+
+
+def time_readers(folder, args):
+    """The clip reader before and after issue 15, at the native rate and at 15 fps."""
+    videos = []
+    for index in range(args.videos):
+        path = os.path.join(folder, f"ntsc_{index}.mp4")
+        write_video(path, args.decode_frames, height=180, width=320, fps=NTSC, seed=index)
+        videos.append((f"ntsc_{index}", path))
+    print(f"clip reader alone (decode + resize to 224, no backbone): {args.videos} videos x "
+          f"{args.decode_frames} frames 320x180 H.264 at 29.97 fps, best of {args.repeats}")
+    for name, protocol in (("native", SamplingProtocol()), ("15 fps", SamplingProtocol(fps=15.0))):
+        best = {}
+        for _ in range(args.repeats):
+            for label, reader in (("before", seeking_source), ("after", clip_reader.open_video)):
+                run = run_reader(videos, protocol, reader)
+                best[label] = min(best.get(label, run), run, key=lambda r: r[1])
+        rates = {label: count / seconds for label, (count, seconds) in best.items()}
+        print(f"  {name:<7} before {rates['before']:6.2f} clips/s, after {rates['after']:6.2f} "
+              f"clips/s: after/before time {rates['before'] / rates['after']:.2f}")
 
 
 def run_compute_only(settings, encoder, num_clips):
@@ -169,12 +231,14 @@ def main():
             for name, (clips, seconds) in runs.items():
                 results[name] = min(results.get(name, (clips, seconds)), (clips, seconds),
                                     key=lambda run: run[1])
-    for name, (clips, seconds) in results.items():
-        print(f"  {name:<13} {clips} clips in {seconds:6.1f} s = {clips / seconds:6.2f} clips/s")
+    for name, (count, seconds) in results.items():
+        print(f"  {name:<13} {count} clips in {seconds:6.1f} s = {count / seconds:6.2f} clips/s")
     pipeline, naive, compute = (results[k][1] / results[k][0] for k in results)
     print(f"  pipeline speed-up over the naive loop: {naive / pipeline:.2f}x")
     print(f"  pipeline time / compute-only time: {pipeline / compute:.2f} (goal <= 1.15; "
           f"{args.num_workers} decoding worker(s) share the CPU with the backbone here)")
+    with tempfile.TemporaryDirectory() as folder:
+        time_readers(folder, args)
     if torch.cuda.is_available():
         gpu_vit_g(args.gpu_clips)
     else:

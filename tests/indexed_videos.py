@@ -7,7 +7,6 @@ pattern every lossy codec keeps at 64x48, so :func:`read_index` recovers ``i`` f
 """
 from __future__ import annotations
 
-import fractions
 import json
 import subprocess
 import sys
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import av
 import numpy as np
+
+from tests.videos import encode
 
 BITS = 8  # up to 256 frames
 WIDTH, HEIGHT = 64, 48  # stripes of 8 px
@@ -71,20 +72,9 @@ def write_indexed(path, num_frames: int, encoding: str, fps=30, frame_times=None
         # decord bundles its own libvpx, and once it is loaded PyAV's VP9 encoder fails to open
         # (decoding is unaffected): write the file from a fresh interpreter instead.
         return _write_elsewhere(path, num_frames, encoding, fps, frame_times, images)
-    with av.open(str(path), "w", format=form) as container:
-        stream = container.add_stream(codec, rate=fractions.Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, pix_fmt
-        stream.options = dict(options)
-        if frame_times is not None:
-            stream.codec_context.time_base = fractions.Fraction(1, 1000)
-        for i in range(num_frames):
-            image = index_image(i) if images is None else images[i]
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            if frame_times is not None:
-                frame.pts = int(round(frame_times[i] * 1000))
-                frame.time_base = fractions.Fraction(1, 1000)
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
+    frames = np.stack([index_image(i) for i in range(num_frames)]) if images is None \
+        else np.asarray(images[:num_frames])
+    encode(path, frames, form, codec, pix_fmt, options, fps, frame_times)
     return path
 
 

@@ -37,13 +37,21 @@ def write_video(path, num_frames: int, height: int = 48, width: int = 64, fps=30
     """
     path = Path(path)
     codec, pix_fmt, options = CODECS[codec_ext or path.suffix]
-    rate = fractions.Fraction(fps).limit_denominator(1001)
     frames = np.stack([frame_image(i, height, width, seed) for i in range(num_frames)]) \
         if num_frames else np.zeros((0, height, width, 3), np.uint8)
     container_format = {".mkv": "matroska", ".mp4": "mp4", ".avi": "avi"}[codec_ext or path.suffix]
+    encode(path, frames, container_format, codec, pix_fmt, options, fps, frame_times)
+    return frames
+
+
+def encode(path, frames: np.ndarray, container_format: str, codec: str, pix_fmt: str,
+           options: dict, fps=30, frame_times=None) -> None:
+    """Encode uint8 RGB frames [F, H, W, 3] into ``path``; ``frame_times`` (seconds) as in
+    :func:`write_video`."""
+    rate = fractions.Fraction(fps).limit_denominator(1001)
     with av.open(str(path), "w", format=container_format) as container:
         stream = container.add_stream(codec, rate=rate)
-        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
         stream.options = dict(options)
         if frame_times is not None:
             stream.codec_context.time_base = fractions.Fraction(1, 1000)
@@ -55,7 +63,6 @@ def write_video(path, num_frames: int, height: int = 48, width: int = 64, fps=30
                 frame.time_base = fractions.Fraction(1, 1000)
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
-    return frames
 
 
 def write_random_bytes(path, size: int = 4096, seed: int = 0) -> None:
