@@ -120,6 +120,9 @@ def _verdict(record: dict, found) -> tuple[str, str]:
     elif found.hidden:
         notes.append(f"edit list hides {found.hidden} frames (decord counts "
                      f"{record['frames_counted']}, {shown} shown); read by PyAV")
+    elif found.undecodable:
+        notes.append(f"cut before its first keyframe: {found.undecodable} frames never decode "
+                     f"(decord counts {record['frames_counted']}, {shown} shown); read by PyAV")
     if record["frame_rate"] == "variable":
         notes.append(f"variable frame rate ({_rate(record['fps_average'])} fps reported, "
                      f"{_rate(record['fps_measured'])} measured); times from timestamps")

@@ -7,8 +7,10 @@ Two decoders, chosen per video (the store records which one and its version):
   nearly every dataset file, and there it is bit-exact and fast.
 - **PyAV** (FFmpeg's libavcodec, with dav1d for AV1) reads the rest: codecs decord's bundled
   FFmpeg lacks (AV1), files whose edit list hides frames (``ffmpeg -ss ... -c copy``, a cut on a
-  non-keyframe: decord counts every packet and returns hidden frames), and variable frame rate
-  (the feature times then come from the frames' own timestamps).
+  non-keyframe: decord counts every packet and returns hidden frames), files cut before their
+  first keyframe (frames listed that no decoder can produce: decord counts them and repeats the
+  last frame; their count is found by decoding once more), and variable frame rate (the
+  feature times then come from the frames' own timestamps).
 
 Either decoder is read front to back and never seeks: decord 0.6 looks keyframes up in decode
 order but frames in display order, so a seek across a keyframe of an open-GOP stream (MPEG-4
@@ -47,6 +49,7 @@ class StreamProbe:
     average_fps: float | None  # the container's average rate (what decord reports)
     frame_times: np.ndarray  # seconds from the first frame shown, float64 [frames shown]
     hidden: int  # packets the container marks discarded (edit lists)
+    undecodable: int = 0  # frames listed but never decoded (a cut before the first keyframe)
 
     @property
     def num_frames(self) -> int:
@@ -86,14 +89,23 @@ def probe(path) -> StreamProbe:
             if not container.streams.video:
                 raise VideoError("cannot open: no video stream")
             stream = container.streams.video[0]
-            ticks, hidden = [], 0
+            ticks, hidden, starts_on_key = [], 0, None
             for packet in container.demux(stream):
                 if packet.size == 0:  # the demuxer's end-of-stream marker
                     continue
+                if starts_on_key is None:
+                    starts_on_key = packet.is_keyframe
                 if packet.is_discard:
                     hidden += 1
                     continue
                 ticks.append(packet.pts if packet.pts is not None else packet.dts)
+            undecodable = 0
+            if ticks and not starts_on_key:
+                # Cut before its first keyframe: the frames that reference what was cut away
+                # never come out of the decoder. Only a decode tells how many: count them.
+                container.seek(0)
+                shown = [frame.pts for frame in container.decode(stream)]
+                undecodable, ticks = len(ticks) - len(shown), shown
             codec = stream.codec_context.codec.canonical_name  # "av1", not the decoder's name
             width, height = stream.codec_context.width, stream.codec_context.height
             rate = stream.average_rate
@@ -113,7 +125,7 @@ def probe(path) -> StreamProbe:
         ordered = np.sort(np.asarray(ticks, dtype=np.int64))
         times = (ordered - ordered[0]).astype(np.float64) * float(time_base)
     return StreamProbe(codec, container_name, int(width), int(height), average_fps, times,
-                       hidden)
+                       hidden, undecodable)
 
 
 @dataclass
@@ -249,7 +261,7 @@ def open_video(path: str | os.PathLike, num_threads: int = 1) -> VideoSource:
     found = probe(path)
     common = dict(path=str(path), codec=found.codec, container=found.container,
                   num_threads=num_threads)
-    if found.hidden == 0 and not found.variable_rate:
+    if found.hidden == found.undecodable == 0 and not found.variable_rate:
         reader = open_decord(path, num_threads)
         if reader is not None and len(reader) == found.num_frames:
             fps = float(reader.get_avg_fps())

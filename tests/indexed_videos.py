@@ -112,3 +112,17 @@ def _write_elsewhere(path, num_frames, encoding, fps, frame_times, images) -> Pa
     subprocess.run([sys.executable, "-c", code, args], cwd=root, check=True,
                    capture_output=True)
     return path
+
+
+def write_cut_before_keyframe(path, source, drop: int, container_format="matroska") -> Path:
+    """``source`` remuxed without its first ``drop`` packets (a cut inside a GOP, no edit
+    list): the frames up to the next keyframe reference frames that are gone."""
+    with av.open(str(source)) as src, av.open(str(path), "w", format=container_format) as dst:
+        stream = src.streams.video[0]
+        out = dst.add_stream_from_template(stream)
+        for number, packet in enumerate(src.demux(stream)):
+            if packet.dts is None or number < drop:
+                continue
+            packet.stream = out
+            dst.mux(packet)
+    return Path(path)

@@ -16,7 +16,7 @@ from extract.decoding import open_video
 from extract.protocol import SamplingProtocol
 from store import LAST, FeatureStore
 from tests.indexed_videos import (ENCODINGS, EXTENSIONS, can_encode, decode_all, read_index,
-                                  write_indexed, write_trimmed)
+                                  write_cut_before_keyframe, write_indexed, write_trimmed)
 
 NTSC = 30000 / 1001
 FRAMES = 150  # 5 s at 30 fps: five GOPs of 30
@@ -89,6 +89,19 @@ def test_frames_an_edit_list_hides_are_not_counted_or_returned(tmp_path):
     protocol = SamplingProtocol(img_size=32)
     got, _ = clip_indices(trimmed, protocol)
     assert np.array_equal(got, 15 + protocol.native_indices(75, 30))  # the last clip ends at 89
+
+
+def test_frames_that_cannot_be_decoded_after_a_cut_are_not_counted(tmp_path):
+    source = write_indexed(tmp_path / "full.mp4", 90, "h264_closed_gop")  # keyframes 0, 30, 60
+    cut = write_cut_before_keyframe(tmp_path / "cut.mkv", source, drop=15)
+    import decord
+
+    assert len(decord.VideoReader(str(cut))) == 75  # 15 of them never decode
+    video = open_video(cut)
+    assert (video.decoder, video.num_frames, video.info["frame_rate"]) == ("pyav", 60, "constant")
+    protocol = SamplingProtocol(img_size=32)
+    got, _ = clip_indices(cut, protocol)
+    assert np.array_equal(got, 30 + protocol.native_indices(60, 30))
 
 
 # Frames alternately 20, 50 and 30 ms apart: 30 fps on average, never evenly spaced.

@@ -8,7 +8,8 @@ from click.testing import CliRunner
 
 from cli import main
 from extract import decoding
-from tests.indexed_videos import can_encode, write_indexed, write_trimmed
+from tests.indexed_videos import (can_encode, write_cut_before_keyframe, write_indexed,
+                                  write_trimmed)
 from tests.videos import write_random_bytes, write_truncated, write_video
 
 VFR_TIMES = np.cumsum([0.0] + [0.02, 0.05, 0.03] * 20)[:60]
@@ -22,8 +23,9 @@ def run(*args):
 
 
 def annotations(path, durations: dict):
-    path.write_text(json.dumps({"database": {
-        vid: {"subset": "test", "duration": d, "annotations": []} for vid, d in durations.items()}}))
+    database = {vid: {"subset": "test", "duration": d, "annotations": []}
+                for vid, d in durations.items()}
+    path.write_text(json.dumps({"database": database}))
     return path
 
 
@@ -36,8 +38,9 @@ def folder(tmp_path_factory):
     write_indexed(videos / "open_gop.mkv", 150, "h264_open_gop", fps=30000 / 1001)
     if can_encode("av1"):
         write_indexed(videos / "av1.mkv", 30, "av1")
-    write_trimmed(videos / "trimmed.mp4", write_indexed(root / "full.mp4", 90, "h264_closed_gop"),
-                  cut=15)
+    full = write_indexed(root / "full.mp4", 90, "h264_closed_gop")
+    write_trimmed(videos / "trimmed.mp4", full, cut=15)
+    write_cut_before_keyframe(videos / "midgop.mkv", full, drop=15)
     write_indexed(videos / "vfr.mkv", 60, "ffv1_lossless", frame_times=VFR_TIMES)
     write_video(root / "long.mkv", 90)
     write_truncated(videos / "cut.mkv", root / "long.mkv", keep=0.5)
@@ -46,21 +49,25 @@ def folder(tmp_path_factory):
 
 
 def test_each_case_gets_its_status_and_one_line_reason(folder, tmp_path):
-    durations = {"open_gop": 5.0, "av1": 1.0, "trimmed": 2.5, "vfr": 2.0, "cut": 3.0,
-                 "noise": 5.0, "gone": 4.0}
+    durations = {"open_gop": 5.0, "av1": 1.0, "trimmed": 2.5, "midgop": 2.0, "vfr": 2.0,
+                 "cut": 3.0, "noise": 5.0, "gone": 4.0}
     gt = annotations(tmp_path / "gt.json", durations)
     report = tmp_path / "out" / "report.json"
     result = run(folder / "videos", "--annotations", gt, "--json", report)
     assert result.exit_code == 1, result.output
     records = {r["video"]: r for r in json.loads(report.read_text())["videos"]}
-    expected = {"open_gop": "ok", "trimmed": "ok", "vfr": "ok", "cut": "wrong", "noise": "fails",
+    expected = {"open_gop": "ok", "trimmed": "ok", "midgop": "ok", "vfr": "ok", "cut": "wrong",
+                "noise": "fails",
                 **({"av1": "ok"} if can_encode("av1") else {})}
     assert {vid: r["status"] for vid, r in records.items()} == expected
     assert records["open_gop"]["decoder"]["name"] == "decord" and not records["open_gop"]["reason"]
     assert records["open_gop"]["probe_mismatches"] == 0 and records["open_gop"]["probe_frames"]
     trimmed = records["trimmed"]
     assert (trimmed["frames_counted"], trimmed["frames_decoded"]) == (90, 75)
-    assert trimmed["reason"] == "edit list hides 15 frames (decord counts 90, 75 shown); read by PyAV"
+    assert trimmed["reason"] == ("edit list hides 15 frames (decord counts 90, 75 shown); "
+                                 "read by PyAV")
+    assert records["midgop"]["reason"] == ("cut before its first keyframe: 15 frames never "
+                                           "decode (decord counts 75, 60 shown); read by PyAV")
     vfr = records["vfr"]
     assert vfr["frame_rate"] == "variable" and vfr["decoder"]["name"] == "pyav"
     assert vfr["fps_measured"] == pytest.approx(30, abs=0.1)
