@@ -123,6 +123,8 @@ def _verdict(record: dict, found) -> tuple[str, str]:
     elif found.undecodable:
         notes.append(f"cut before its first keyframe: {found.undecodable} frames never decode "
                      f"(decord counts {record['frames_counted']}, {shown} shown); read by PyAV")
+    if record["decoder"]["name"] == "pyav" and not notes and record["frame_rate"] != "variable":
+        notes.append("decord fails on its frames; read by PyAV")
     if record["frame_rate"] == "variable":
         notes.append(f"variable frame rate ({_rate(record['fps_average'])} fps reported, "
                      f"{_rate(record['fps_measured'])} measured); times from timestamps")

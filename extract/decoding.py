@@ -6,11 +6,12 @@ Two decoders, chosen per video (the store records which one and its version):
   counts exactly the frames the container shows, and those frames are evenly spaced. That is
   nearly every dataset file, and there it is bit-exact and fast.
 - **PyAV** (FFmpeg's libavcodec, with dav1d for AV1) reads the rest: codecs decord's bundled
-  FFmpeg lacks (AV1), files whose edit list hides frames (``ffmpeg -ss ... -c copy``, a cut on a
-  non-keyframe: decord counts every packet and returns hidden frames), files cut before their
-  first keyframe (frames listed that no decoder can produce: decord counts them and repeats the
-  last frame; their count is found by decoding once more), and variable frame rate (the
-  feature times then come from the frames' own timestamps).
+  FFmpeg lacks (AV1), frame sizes decord fails to copy, files whose edit list hides frames
+  (``ffmpeg -ss ... -c copy``, a cut on a non-keyframe: decord counts every packet and returns
+  hidden frames), files cut before their first keyframe (frames listed that no decoder can
+  produce: decord counts them and repeats the last frame; their count is found by decoding
+  once more), and variable frame rate (the feature times then come from the frames' own
+  timestamps).
 
 Either decoder is read front to back and never seeks: decord 0.6 looks keyframes up in decode
 order but frames in display order, so a seek across a keyframe of an open-GOP stream (MPEG-4
@@ -263,10 +264,12 @@ def open_video(path: str | os.PathLike, num_threads: int = 1) -> VideoSource:
                   num_threads=num_threads)
     if found.hidden == found.undecodable == 0 and not found.variable_rate:
         reader = open_decord(path, num_threads)
-        if reader is not None and len(reader) == found.num_frames:
-            fps = float(reader.get_avg_fps())
-            if np.isfinite(fps) and fps > 0:
-                height, width = reader[0].shape[:2]
+        fps = float(reader.get_avg_fps()) if reader is not None else 0.0
+        if reader is not None and len(reader) == found.num_frames and np.isfinite(fps) \
+                and fps > 0:
+            first = _first_frame(reader)
+            if first is not None:
+                height, width = first.shape[:2]
                 return VideoSource(decoder="decord", num_frames=len(reader), fps=fps,
                                    height=int(height), width=int(width), _reader=reader,
                                    **common)
@@ -277,6 +280,15 @@ def open_video(path: str | os.PathLike, num_threads: int = 1) -> VideoSource:
     return VideoSource(decoder="pyav", num_frames=found.num_frames, fps=float(fps),
                        height=found.height, width=found.width,
                        frame_times=found.frame_times if variable else None, **common)
+
+
+def _first_frame(reader):
+    """Frame 0 through ``get_batch``, the call extraction uses; None where decord fails on it
+    (decord 0.6 cannot copy frames of some widths, 16, 24, 48 or 72 px among them)."""
+    try:
+        return reader.get_batch([0]).asnumpy()[0]
+    except Exception:
+        return None
 
 
 def open_decord(path, num_threads: int = 1):

@@ -15,6 +15,7 @@ from extract.clips import gather_clips, iter_chunks
 from extract.decoding import open_video
 from extract.protocol import SamplingProtocol
 from store import LAST, FeatureStore
+from tests.videos import write_video
 from tests.indexed_videos import (ENCODINGS, EXTENSIONS, can_encode, decode_all, read_index,
                                   write_cut_before_keyframe, write_indexed, write_trimmed)
 
@@ -102,6 +103,13 @@ def test_frames_that_cannot_be_decoded_after_a_cut_are_not_counted(tmp_path):
     protocol = SamplingProtocol(img_size=32)
     got, _ = clip_indices(cut, protocol)
     assert np.array_equal(got, 30 + protocol.native_indices(60, 30))
+
+
+def test_a_width_decord_cannot_copy_is_read_by_pyav(tmp_path):
+    frames = write_video(tmp_path / "w72.mkv", 20, height=36, width=72)  # lossless
+    video = open_video(tmp_path / "w72.mkv")
+    assert video.decoder == "pyav"
+    assert np.array_equal(np.concatenate(list(video.read(np.arange(20)))), frames)
 
 
 # Frames alternately 20, 50 and 30 ms apart: 30 fps on average, never evenly spaced.

@@ -45,19 +45,20 @@ def folder(tmp_path_factory):
     write_video(root / "long.mkv", 90)
     write_truncated(videos / "cut.mkv", root / "long.mkv", keep=0.5)
     write_random_bytes(videos / "noise.mp4")
+    write_video(videos / "w72.mkv", 20, width=72)  # a width decord 0.6 cannot copy
     return root
 
 
 def test_each_case_gets_its_status_and_one_line_reason(folder, tmp_path):
     durations = {"open_gop": 5.0, "av1": 1.0, "trimmed": 2.5, "midgop": 2.0, "vfr": 2.0,
-                 "cut": 3.0, "noise": 5.0, "gone": 4.0}
+                 "cut": 3.0, "noise": 5.0, "w72": 0.67, "gone": 4.0}
     gt = annotations(tmp_path / "gt.json", durations)
     report = tmp_path / "out" / "report.json"
     result = run(folder / "videos", "--annotations", gt, "--json", report)
     assert result.exit_code == 1, result.output
     records = {r["video"]: r for r in json.loads(report.read_text())["videos"]}
     expected = {"open_gop": "ok", "trimmed": "ok", "midgop": "ok", "vfr": "ok", "cut": "wrong",
-                "noise": "fails",
+                "noise": "fails", "w72": "ok",
                 **({"av1": "ok"} if can_encode("av1") else {})}
     assert {vid: r["status"] for vid, r in records.items()} == expected
     assert records["open_gop"]["decoder"]["name"] == "decord" and not records["open_gop"]["reason"]
@@ -68,6 +69,7 @@ def test_each_case_gets_its_status_and_one_line_reason(folder, tmp_path):
                                  "read by PyAV")
     assert records["midgop"]["reason"] == ("cut before its first keyframe: 15 frames never "
                                            "decode (decord counts 75, 60 shown); read by PyAV")
+    assert records["w72"]["reason"] == "decord fails on its frames; read by PyAV"
     vfr = records["vfr"]
     assert vfr["frame_rate"] == "variable" and vfr["decoder"]["name"] == "pyav"
     assert vfr["fps_measured"] == pytest.approx(30, abs=0.1)
