@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import cli
 from evaluation import load_annotations
@@ -112,6 +114,38 @@ def test_fusion_reads_scores_by_name_and_orders_ties_as_actionformer():
     assert [(d["label"], d["segment"][0]) for d in fused] == [
         ("Z", 4.0), ("Z", 2.0), ("X", 4.0), ("X", 2.0)]
     assert {d["score"] for d in fused} == {0.5}
+
+
+def straightforward_fusion(results: dict, scores: dict, classes: list, topk, top_detections):
+    """ActionFormer's rule written out per video: best detections, best classes (equal values:
+    the later one first), every detection once per class with score sqrt(det x cls)."""
+    fused = {}
+    for vid, items in results.items():
+        best = sorted(range(len(items)), key=lambda i: (-items[i]["score"], -i))[:top_detections]
+        top = sorted(range(len(classes)), key=lambda c: (-scores[vid][c], -c))[:topk]
+        fused[vid] = [{"segment": [float(x) for x in items[i]["segment"]], "label": classes[c],
+                       "score": math.sqrt(scores[vid][c] * items[i]["score"])}
+                      for c in top for i in best]
+    return fused
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_fusion_equals_the_straightforward_rule(data):
+    values = st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.9, 1.0])  # few values: many ties
+    classes = ["X", "Y", "Z", "W"][:data.draw(st.integers(1, 4))]
+    videos = [f"v{i}" for i in range(data.draw(st.integers(1, 3)))]
+    results = {vid: [{"segment": [float(s), float(s + d)], "label": AGNOSTIC_LABEL,
+                      "score": data.draw(values)}
+                     for s, d in data.draw(st.lists(st.tuples(st.integers(0, 50),
+                                                              st.integers(0, 9)), max_size=8))]
+               for vid in videos}
+    scores = {vid: [data.draw(values) for _ in classes] for vid in videos}
+    topk, top_detections = data.draw(st.integers(1, 5)), data.draw(st.integers(1, 9))
+    fused = fuse_predictions({"results": results}, {"results": scores, "class": classes},
+                             topk, top_detections)
+    assert fused["results"] == straightforward_fusion(results, scores, classes, topk,
+                                                      top_detections)
 
 
 @pytest.mark.parametrize("pred_id, score_id", [("v_abc", "abc"), ("abc", "v_abc"),
