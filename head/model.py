@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from head.blocks import (GLOBAL_WINDOW, ConvNormReLU, MaskedConv1d, Scale, TransformerBlock,
-                         zero_padding)
+                         downsample_mask, zero_padding)
 from head.losses import diou_loss, sigmoid_focal_loss
 from head.postprocess import postprocess
 from head.targets import assign_targets, make_points
@@ -279,6 +279,14 @@ class ActionFormerHead(nn.Module):
         reg_loss = diou_loss(offsets[positive], reg_targets[positive]).sum() / normalizer
         total = cls_loss + self.reg_loss_weight * reg_loss
         return {"cls": cls_loss, "reg": reg_loss, "total": total, "num_positives": count}
+
+    @torch.no_grad()
+    def count_positives(self, mask, targets) -> int:
+        """How many positive points ``loss`` will find for inputs with this mask [B, T]."""
+        mask = F.pad(mask, (0, self.padded_length(mask.shape[1]) - mask.shape[1]), value=False)
+        masks = [downsample_mask(mask, stride) for stride in self.strides]
+        cls, _ = self.assign({"masks": masks}, targets)
+        return int((torch.cat(masks, dim=1) & (cls.sum(-1) > 0)).sum())
 
     @torch.no_grad()
     def update_loss_normalizer(self, num_positives) -> None:

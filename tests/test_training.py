@@ -168,7 +168,7 @@ def test_real_thumos_ground_truth_reaches_the_head_as_multi_label_targets(tmp_pa
     store_path = write_store(tmp_path / "thumos.zarr", {vid: {
         "times": times, "last": np.random.default_rng(0).normal(size=(num_clips, 8))}}, dim=8)
     annotations = load_annotations(thumos)
-    config = tiny_config(data={"max_seq_len": 2304})
+    config = tiny_config(data={"max_seq_len": 2304, "crop_ratio": None})  # the whole video
     with pytest.warns(UserWarning, match="199 of 200 'Validation' videos in .* not in the store"):
         dataset = StoreDataset(FeatureStore.open(store_path), store_path, annotations, thumos,
                                "Validation", annotations.classes, [], config.data, train=True)
@@ -239,7 +239,7 @@ def test_training_windows_keep_actions_inside_and_read_only_what_is_needed(datas
     assert dataset[0]["step_offset"] == a
     assert len({(dataset.set_epoch(e), dataset[0]["step_offset"])[1] for e in range(8)}) > 1
 
-    head_only = make_dataset(*dataset_files, layers=())
+    head_only = make_dataset(*dataset_files, layers=(), crop_ratio=None)
     sample = head_only[0]
     assert head_only.store.reads == [(("last",), 0, 96)] and sample["inter"] is None
 

@@ -38,6 +38,10 @@ class DataConfig:
     infer_window: int | None = None  # window mode: None runs each video whole at inference
     infer_overlap: float = 0.25  # fraction shared by consecutive inference windows
     num_workers: int = 0  # DataLoader worker processes
+    # Window mode: a video no longer than max_seq_len is cropped to a random length in
+    # [crop_ratio[0], crop_ratio[1]] of its own (ActionFormer's jitter); null: used whole.
+    crop_ratio: list[float] | None = field(default_factory=lambda: [0.9, 1.0])
+    window_tries: int = 200  # random crops tried until one keeps an action
     # Standardise every feature channel (last layer and each intermediate layer) with the mean
     # and std of the training videos, kept in the checkpoint. For backbones whose features are
     # a large constant plus a small variation (random or unfamiliar weights).
@@ -103,7 +107,10 @@ class OptimConfig:
     lr_head: float = 1e-4
     lr_adapter: float = 1e-4
     weight_decay: float = 0.05
-    warmup_epochs: float = 5.0  # linear warmup, then cosine decay to zero
+    # Stepped per iteration as in ActionFormer: linear warmup from lr 0, then a cosine down to
+    # min_lr at the end of train.epochs (which counts the warmup epochs too).
+    warmup_epochs: float = 5.0
+    min_lr: float = 1e-8
     clip_grad: float = 1.0  # max global gradient norm; 0 disables clipping
     ema_decay: float = 0.999  # exponential moving average of the weights, used for evaluation
 
@@ -115,6 +122,9 @@ class TrainConfig:
     micro_batch: int = 2  # videos per forward pass; the rest is gradient accumulation
     seed: int = 0
     amp: bool = True  # bf16 autocast on CUDA (CPU always runs in float32)
+    # The loss normaliser's EMA takes the global batch's positive count "before" the losses are
+    # divided by it (ActionFormer), or "after" the step (saves a collective per step).
+    normalizer_update: str = "before"
 
 
 @dataclass
@@ -270,6 +280,13 @@ def _check_values(config: Config, source: str) -> None:
         ("data.infer_window", config.data.infer_window is None or config.data.infer_window > 0,
          "positive or null"),
         ("data.num_workers", config.data.num_workers >= 0, "zero or more"),
+        ("data.crop_ratio", config.data.crop_ratio is None or (
+            len(config.data.crop_ratio) == 2
+            and 0 < config.data.crop_ratio[0] <= config.data.crop_ratio[1] <= 1),
+         "null or [low, high] with 0 < low <= high <= 1"),
+        ("data.window_tries", config.data.window_tries > 0, "positive"),
+        ("train.normalizer_update", config.train.normalizer_update in ("before", "after"),
+         "before or after"),
         ("head.regression_bounds", config.head.regression_bounds is None
          or len(config.head.regression_bounds) == config.head.num_levels,
          "null or one lower bound per level (head.num_levels)"),
@@ -283,7 +300,8 @@ def _check_values(config: Config, source: str) -> None:
         ("optim.ema_decay", 0 <= config.optim.ema_decay < 1, "in [0, 1)"),
         *((f"optim.{name}", _finite_and_at_least(getattr(config.optim, name), 0),
            "finite and zero or more")
-          for name in ("lr_head", "lr_adapter", "weight_decay", "warmup_epochs", "clip_grad")),
+          for name in ("lr_head", "lr_adapter", "weight_decay", "warmup_epochs", "clip_grad",
+                       "min_lr")),
         ("eval.every", config.eval.every >= 0, "zero or more"),
         ("eval.max_videos", config.eval.max_videos is None or config.eval.max_videos > 0,
          "positive or null"),

@@ -116,7 +116,9 @@ def our_config(af: dict, path, feature_dim: int, store_path: str, annotations_pa
     return {
         "data": {"dataset": af["dataset_name"] or "actionformer", "store": store_path,
                  "annotations": annotations_path, "mode": "resize" if resize else "window",
-                 "max_seq_len": seq_len, "resize_len": seq_len, "class_agnostic": num_classes == 1},
+                 "max_seq_len": seq_len, "resize_len": seq_len, "class_agnostic": num_classes == 1,
+                 "crop_ratio": af["dataset"].get("crop_ratio"),
+                 "min_action_inside": af["dataset"].get("trunc_thresh", 0.5)},
         "model": {"type": "head_only"},
         "head": head,
         "optim": {"lr_head": af["opt"]["learning_rate"], "weight_decay": af["opt"]["weight_decay"],

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 from losa_tal import input_error
 
-WINDOW_TRIES = 8  # random crops tried before settling for one that keeps no action
 AGNOSTIC_LABEL = "action"  # the one class of a data.class_agnostic head
 
 
@@ -152,12 +151,21 @@ class StoreDataset(torch.utils.data.Dataset):
     # -- which stretch of a video ------------------------------------------------------------
 
     def _training_window(self, vid, rng):
+        """ActionFormer's crop (truncate_feats): a video longer than max_seq_len gets a window
+        of max_seq_len steps; a shorter one a window of a random length in crop_ratio of its
+        own (whole if that comes out at its length); starts are drawn up to window_tries times
+        until the window keeps an action."""
         num_steps = self.truth[vid].num_steps
-        length = self.config.max_seq_len
-        if self.config.mode == "resize" or num_steps <= length:
+        length, ratio = self.config.max_seq_len, self.config.crop_ratio
+        if self.config.mode == "resize" or (num_steps <= length and ratio is None):
             return 0, num_steps
+        if num_steps <= length:
+            length = int(rng.integers(max(round(ratio[0] * num_steps), 1),
+                                      min(round(ratio[1] * num_steps), num_steps) + 1))
+            if length == num_steps:
+                return 0, num_steps
         segments = self.truth[vid].segments
-        for _ in range(WINDOW_TRIES):
+        for _ in range(self.config.window_tries):
             start = int(rng.integers(0, num_steps - length + 1))
             if _kept_inside(segments, start, start + length, self.config.min_action_inside).any():
                 break

@@ -69,12 +69,17 @@ class Detector(nn.Module):
     def loss(self, outputs, batch: dict) -> dict:
         """The head's losses for a batch ("total", "cls", "reg", "num_positives").
 
-        The head normalises by an EMA of the positive count. It stays frozen during a step and
-        moves once afterwards with the count of the whole global batch
-        (:meth:`update_loss_normalizer`), so the update does not depend on how the batch was
-        split into micro-batches and processes.
+        The head normalises by an EMA of the positive count. It stays frozen during the step;
+        the recipe moves it once per step with the count of the whole global batch
+        (:meth:`update_loss_normalizer`), before the step as ActionFormer does, so the update
+        does not depend on how the batch was split into micro-batches and processes.
         """
         return self.head.loss(outputs, batch["targets"], update_normalizer=False)
+
+    def count_positives(self, batch: dict) -> int:
+        """The positive points the batch's targets give (what ``loss`` counts), without a
+        forward pass."""
+        return self.head.count_positives(batch["mask"], batch["targets"])
 
     def update_loss_normalizer(self, num_positives: float) -> None:
         self.head.update_loss_normalizer(num_positives)

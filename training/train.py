@@ -208,9 +208,11 @@ class Trainer:
         factor ``world.size``.
         """
         config = self.config
-        factor = learning_rate_factor(self.step, self._warmup_steps(), self._total_steps())
         for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
+            group["lr"] = learning_rate(self.step, group["base_lr"], self._warmup_steps(),
+                                        self._total_steps(), config.optim.min_lr)
+        if config.train.normalizer_update == "before":  # ActionFormer: this step's count first
+            self.model.update_loss_normalizer(self._global_positives(micro_batches))
         # Loss and positive points, summed on the device: the step's one host sync is below.
         totals = torch.zeros(2, dtype=torch.float64, device=self.world.device)
         for k, batch in enumerate(micro_batches):
@@ -237,10 +239,17 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.optim.clip_grad)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.model.update_loss_normalizer(num_positives)
+        if config.train.normalizer_update == "after":
+            self.model.update_loss_normalizer(num_positives)
         update_ema(self.ema, self.model, config.optim.ema_decay)
         self.step += 1
         return loss
+
+    def _global_positives(self, micro_batches) -> float:
+        """Positive points of the whole global batch, known from the targets alone."""
+        count = sum(self.model.count_positives(batch) for batch in micro_batches)
+        return float(distributed.sum_across(
+            self.world, torch.as_tensor(count, dtype=torch.float64, device=self.world.device)))
 
     def _fused_adamw(self) -> bool:
         """One kernel for the whole update on CUDA; CPU keeps the reference implementation."""
@@ -350,12 +359,15 @@ class Trainer:
 # ---------------------------------------------------------------------------------------------
 # Small pure pieces of the recipe.
 
-def learning_rate_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warmup to 1 over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+def learning_rate(step: int, base_lr: float, warmup_steps: int, total_steps: int,
+                  min_lr: float) -> float:
+    """ActionFormer's per-iteration schedule (its LinearWarmupCosineAnnealingLR): step 0 at lr 0,
+    a linear warmup of slope base_lr / (warmup_steps - 1) reaching base_lr at warmup_steps - 1,
+    then a cosine from base_lr at warmup_steps down to ``min_lr`` at ``total_steps``."""
     if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return base_lr * step / max(1, warmup_steps - 1)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()
