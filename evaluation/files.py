@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import orjson
 
-from losa_tal import input_error
+from losa_tal import TOO_DEEP, input_error
 
 
 def read_json_object(source, what: str):
@@ -31,6 +31,8 @@ def read_json_object(source, what: str):
         raise input_error(name, f"not valid JSON ({err.msg} at line {err.lineno})") from None
     except UnicodeDecodeError:
         raise input_error(name, "not valid JSON (not UTF-8 text)") from None
+    except RecursionError:
+        raise input_error(name, f"not valid JSON ({TOO_DEEP})") from None
     if not isinstance(data, dict):
         raise input_error(name, f"expected a JSON object, found {type(data).__name__}")
     return name, data

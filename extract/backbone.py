@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import inspect
+import math
 import operator
 import pickle
 import re
@@ -342,8 +343,42 @@ def backbone_config(spec: str | Mapping, *, source: str = "backbone", **override
         raise input_error(source, f"unknown backbone argument(s) {', '.join(unknown)} "
                           f"(accepted: preset, {', '.join(CONSTRUCTOR_ARGS)})")
     signature = inspect.signature(VideoMAEv2)
-    return {name: kwargs.get(name, parameter.default)
-            for name, parameter in signature.parameters.items()}
+    config = {name: kwargs.get(name, parameter.default)
+              for name, parameter in signature.parameters.items()}
+    _check_kinds(config, source)
+    return config
+
+
+# Constructor arguments by kind, checked before anything is built ("false", a string, would
+# otherwise be a true flag; sizes are checked by the constructor itself, _check_config).
+_FLAGS = ("qkv_bias", "use_mean_pooling", "use_learnable_pos_emb", "with_cp", "cos_attn")
+_RATES = ("drop_rate", "attn_drop_rate", "drop_path_rate", "head_drop_rate")
+_FINITE = ("init_values", "init_scale")
+
+
+def _check_kinds(config: dict, source: str) -> None:
+    def refuse(name, kind):
+        raise input_error(source, f"{name} must be {kind}, got {config[name]!r}")
+
+    for name in _FLAGS:
+        if not isinstance(config[name], bool):
+            refuse(name, "true or false")
+    for name in _RATES:
+        if not (_is_number(config[name]) and 0 <= config[name] < 1):
+            refuse(name, "a number in [0, 1)")
+    for name in _FINITE:
+        if not (_is_number(config[name]) and math.isfinite(config[name])):
+            refuse(name, "a finite number")
+    if not (_is_number(config["mlp_ratio"]) and math.isfinite(config["mlp_ratio"])
+            and config["mlp_ratio"] > 0):
+        refuse("mlp_ratio", "a positive number")
+    scale = config["qk_scale"]
+    if scale is not None and not (_is_number(scale) and math.isfinite(scale) and scale > 0):
+        refuse("qk_scale", "null or a positive number")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def build_backbone(spec: str | Mapping, *, source: str = "backbone", **overrides) -> VideoMAEv2:

@@ -135,18 +135,18 @@ def _read_preset(name: str) -> dict:
 
 def _read_mapping(path) -> dict:
     """A JSON or YAML file holding one object."""
-    from losa_tal import input_error
+    import yaml
+
+    from losa_tal import TOO_DEEP, input_error, load_yaml
 
     try:
         text = Path(path).read_text()
-        if str(path).lower().endswith((".yaml", ".yml")):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except (OSError, UnicodeDecodeError, ValueError) as err:
+        data = load_yaml(text) if str(path).lower().endswith((".yaml", ".yml")) else \
+            json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
         raise input_error(path, f"cannot read: {' '.join(str(err).split())[:200]}") from None
+    except RecursionError:
+        raise input_error(path, f"cannot read: {TOO_DEEP}") from None
     if not isinstance(data, dict):
         raise input_error(path, "expected an object of settings")
     return data

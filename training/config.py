@@ -19,7 +19,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from losa_tal import InputError, input_error
+from losa_tal import TOO_DEEP, InputError, input_error
 
 MODEL_TYPES = ("losa", "head_only")
 DATA_MODES = ("window", "resize")
@@ -176,6 +176,8 @@ def load_config(path, overrides=()) -> Config:
         raise input_error(path, f"cannot read config ({err})") from None
     except json.JSONDecodeError as err:
         raise input_error(path, f"not valid JSON ({err})") from None
+    except RecursionError:
+        raise input_error(path, f"not valid JSON ({TOO_DEEP})") from None
     if not isinstance(raw, dict):
         raise input_error(path, "a config must be a JSON object of sections")
     for item in overrides:
@@ -192,6 +194,8 @@ def parse_override(item: str):
         value = json.loads(text)
     except json.JSONDecodeError:
         value = text  # bare words are strings: --set model.type=head_only
+    except RecursionError:
+        raise InputError(f"--set {key.strip()}: {TOO_DEEP}") from None
     return key.strip().split("."), value
 
 

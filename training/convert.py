@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from losa_tal import input_error
+from losa_tal import TOO_DEEP, input_error, load_yaml
 
 # ActionFormer's defaults (libs/core/config.py) for the keys read below.
 DEFAULTS = {
@@ -47,11 +47,13 @@ def read_actionformer_config(path) -> dict:
 
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except FileNotFoundError:
         raise input_error(path, "config file not found") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise input_error(path, f"not a readable YAML file ({str(err).splitlines()[0]})") from None
+    except RecursionError:
+        raise input_error(path, f"not a readable YAML file ({TOO_DEEP})") from None
     if not isinstance(raw, dict):
         raise input_error(path, "an ActionFormer config must be a YAML mapping of sections")
     merged = {}
