@@ -227,9 +227,9 @@ def test_training_windows_keep_actions_inside_and_read_only_what_is_needed(datas
             # least one is (the videos have an action every 24 steps).
             segments = sample["segments"].numpy()
             assert len(segments) >= 1
-            assert (segments >= 0).all() and (segments <= 31).all()
+            assert (segments >= 0).all() and (segments <= 32).all()   # ActionFormer's [0, L]
             truth = dataset.truth[sample["video"]].segments
-            inside = np.minimum(truth[:, 1], stop - 1) - np.maximum(truth[:, 0], start)
+            inside = np.minimum(truth[:, 1], stop) - np.maximum(truth[:, 0], start)
             expected = (inside >= 0.5 * (truth[:, 1] - truth[:, 0]) - 1e-9).sum()
             assert len(segments) == expected
     # The same (seed, epoch, index) gives the same window; another epoch moves it.

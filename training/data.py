@@ -192,7 +192,7 @@ class StoreDataset(torch.utils.data.Dataset):
             inter = torch.from_numpy(np.stack([read[i] for i in self.layers]).astype(np.float32))
         truth = self.truth[vid]
         inside = _kept_inside(truth.segments, start, stop, self.config.min_action_inside)
-        segments = np.clip(truth.segments[inside], start, stop - 1) - start
+        segments = np.clip(truth.segments[inside], start, stop) - start
         labels = truth.labels[inside]
         scale = 1.0
         if self.config.mode == "resize":
@@ -210,8 +210,9 @@ class StoreDataset(torch.utils.data.Dataset):
 
 
 def _kept_inside(segments, start, stop, min_inside) -> np.ndarray:
-    """Segments that keep at least ``min_inside`` of their length inside [start, stop)."""
-    overlap = np.minimum(segments[:, 1], stop - 1) - np.maximum(segments[:, 0], start)
+    """Segments that keep at least ``min_inside`` of their length inside [start, stop], the
+    window as ActionFormer measures it (its end one step past the last step it holds)."""
+    overlap = np.minimum(segments[:, 1], stop) - np.maximum(segments[:, 0], start)
     length = segments[:, 1] - segments[:, 0]
     return overlap >= min_inside * length - 1e-9
 
