@@ -5,9 +5,12 @@ Each command lives in the package that owns it (``<package>/commands.py``) and i
 when it is run or listed, and those modules import torch and friends inside their functions, so
 ``--help`` and ``evaluate`` start in a fraction of a second.
 """
+import contextlib
 import importlib
 import os
+import signal
 import sys
+import threading
 import warnings
 
 import click
@@ -51,7 +54,7 @@ class LazyGroup(click.Group):
 
     def invoke(self, ctx):
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), stopped_by_sigterm():
                 warnings.simplefilter("default")
                 warnings.showwarning = show_warning_line
                 return super().invoke(ctx)
@@ -59,6 +62,31 @@ class LazyGroup(click.Group):
             # Bad input is the user's to fix: one line naming the file, never a traceback.
             click.echo(f"error: {err}", err=True)
             ctx.exit(err.exit_code)
+        except (KeyboardInterrupt, Terminated) as err:
+            # Cleanup (finally blocks) has run; a stop is not a failure (exit 1) but a signal.
+            sig = signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT
+            click.echo(f"\nstopped by {sig.name}", err=True)
+            ctx.exit(128 + sig)
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so that a terminated command cleans up (drops
+    unfinished work, stops its workers) as on Ctrl-C, and says that it stopped."""
+
+
+@contextlib.contextmanager
+def stopped_by_sigterm():
+    def terminate(_signum, _frame):
+        raise Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach the main thread only
+        return
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

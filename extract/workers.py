@@ -37,7 +37,10 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 def _rebuild(parent_pid: int, state: bytes):
-    """Unpickled first in the worker: the signal, then the process (and its heavy imports)."""
+    """Unpickled first in the worker: the signal, then the process (and its heavy imports).
+    Ctrl-C reaches the whole process group; the main process handles it and its workers end
+    with it, so a worker ignores it rather than print a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent(parent_pid)
     process = object.__new__(SpawnProcess)
     process.__dict__.update(pickle.loads(state))

@@ -55,10 +55,11 @@ def extraction_inputs(tmp_path_factory):
     return videos, backbone
 
 
-def kill_while_workers_start(videos, store, backbone, sig, delay, workers):
-    """Start extract, send ``sig`` ``delay`` s after its first decoding worker appears; return
-    the processes of its session still alive ``GONE_WITHIN_S`` later (killed then) and the
-    main process's exit status."""
+def kill_while_workers_start(videos, store, backbone, sig, delay, workers, group=False):
+    """Start extract, send ``sig`` ``delay`` s after its first decoding worker appears (to the
+    whole process group, as a terminal's Ctrl-C does, with ``group``); return the processes of
+    its session still alive ``GONE_WITHIN_S`` later (killed then), the main process's exit
+    status and its stderr."""
     process = subprocess.Popen(
         [sys.executable, "cli.py", *cli_args(videos, store, backbone, "--num-workers", workers)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
@@ -68,7 +69,7 @@ def kill_while_workers_start(videos, store, backbone, sig, delay, workers):
             assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
             time.sleep(0.01)
         time.sleep(delay)
-        os.kill(process.pid, sig)
+        (os.killpg if group else os.kill)(process.pid, sig)
         deadline = time.monotonic() + GONE_WITHIN_S
         while session_processes(process.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -97,6 +98,21 @@ def test_killed_while_workers_start_leaves_no_process(extraction_inputs, tmp_pat
     videos, backbone = extraction_inputs
     left, _, _ = kill_while_workers_start(videos, tmp_path / "s.zarr", backbone, sig, delay, workers)
     assert not left, left
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, group, code", [(signal.SIGINT, True, 130),
+                                              (signal.SIGTERM, False, 143)])
+def test_stopped_while_workers_start_says_so_in_one_line(extraction_inputs, tmp_path, sig,
+                                                          group, code):
+    """Ctrl-C printed ~100 lines of worker tracebacks and exited 1 ("some videos failed");
+    SIGTERM ended the command without a word."""
+    videos, backbone = extraction_inputs
+    left, returncode, stderr = kill_while_workers_start(videos, tmp_path / "s.zarr", backbone,
+                                                        sig, 1.0, 2, group=group)
+    assert not left, left
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert returncode == code and lines == [f"stopped by {sig.name}"], (returncode, stderr)
 
 
 def test_a_decoding_worker_imports_neither_the_backbone_nor_the_store():
