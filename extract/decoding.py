@@ -41,7 +41,8 @@ class VideoError(Exception):
 
 @dataclass
 class StreamProbe:
-    """What the container says about the first video stream, from its packets alone."""
+    """What the container says about the first video stream: its packets (and, for a file cut
+    before its first keyframe, the frames that actually decode)."""
 
     codec: str
     container: str
@@ -82,7 +83,8 @@ def frame_times_duration(frame_times: np.ndarray, fps: float | None) -> float | 
 
 
 def probe(path) -> StreamProbe:
-    """Demux the first video stream (no decoding) with PyAV; problems become VideoError."""
+    """Demux the first video stream with PyAV, decoding only where a cut before the first
+    keyframe makes the packet count wrong; problems become VideoError."""
     import av
 
     try:
