@@ -159,7 +159,7 @@ def load_annotations(source) -> Annotations:
 
 
 def _load(source) -> Annotations:
-    name, data = read_json_object(source, "annotations")
+    name, data = read_json_object(source, "annotations", warn_duplicate_keys=True)
     database = require_key(name, data, "database")
     videos, cleaning = {}, {}
     for vid, entry in database.items():
@@ -202,27 +202,40 @@ def clean_ground_truth(segments, labels):
     """Drop Ambiguous, too-short and duplicate segments; keeps the file order of the rest."""
     counts = {"too_short": 0, "duplicate": 0, "ambiguous": 0}
     kept_segments, kept_labels = [], []
+    kept_cells = {}  # (label, start cell, end cell) -> kept (start, end) in that cell
     for (start, end), label in zip(segments, labels):
         if label == AMBIGUOUS:
             counts["ambiguous"] += 1
         elif end - start < MIN_SEGMENT_SECONDS:
             counts["too_short"] += 1
-        elif _is_duplicate(start, end, label, kept_segments, kept_labels):
+        elif _is_duplicate(start, end, label, kept_cells):
             counts["duplicate"] += 1
         else:
             kept_segments.append((start, end))
             kept_labels.append(label)
+            kept_cells.setdefault((label, *_cell(start, end)), []).append((start, end))
     array = np.array(kept_segments, dtype=np.float64).reshape(-1, 2)
     return array, kept_labels, CleaningCounts(**counts)
 
 
-def _is_duplicate(start, end, label, kept_segments, kept_labels) -> bool:
-    # Identical segments with different labels are genuine (THUMOS: CricketBowling/CricketShot).
+def _cell(start, end) -> tuple[int, int]:
+    return math.floor(start / DUPLICATE_TOLERANCE_SECONDS), \
+        math.floor(end / DUPLICATE_TOLERANCE_SECONDS)
+
+
+def _is_duplicate(start, end, label, kept_cells) -> bool:
+    """Within the tolerance of a kept segment of the same label, at both ends. Kept segments
+    are filed by tolerance-sized cells of (start, end), so only the neighbouring cells are
+    searched (linear in the segments, not quadratic), with the same result as comparing with
+    every kept one. Identical segments with different labels are genuine (THUMOS:
+    CricketBowling/CricketShot)."""
+    start_cell, end_cell = _cell(start, end)
     return any(
-        kept_label == label
-        and abs(start - kept_start) <= DUPLICATE_TOLERANCE_SECONDS
+        abs(start - kept_start) <= DUPLICATE_TOLERANCE_SECONDS
         and abs(end - kept_end) <= DUPLICATE_TOLERANCE_SECONDS
-        for (kept_start, kept_end), kept_label in zip(kept_segments, kept_labels)
+        for near_start in range(start_cell - 2, start_cell + 3)
+        for near_end in range(end_cell - 2, end_cell + 3)
+        for kept_start, kept_end in kept_cells.get((label, near_start, near_end), ())
     )
 
 

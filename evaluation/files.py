@@ -3,6 +3,7 @@ import gc
 import json
 import os
 import tempfile
+import warnings
 from contextlib import contextmanager
 
 import orjson
@@ -10,17 +11,24 @@ import orjson
 from losa_tal import TOO_DEEP, input_error
 
 
-def read_json_object(source, what: str):
+def read_json_object(source, what: str, warn_duplicate_keys: bool = False):
     """Return ``(name, dict)`` for a JSON file path or an already-loaded dict.
 
-    ``name`` is what error messages call the input: the path, or ``<what>`` for a dict.
+    ``name`` is what error messages call the input: the path, or ``<what>`` for a dict. With
+    ``warn_duplicate_keys`` a key given twice in one object (a video id in an annotation file,
+    where the last one would silently win) is a warning naming it; this parses with the
+    standard parser, so it is for files of modest size.
     """
     if isinstance(source, dict):
         return f"<{what}>", source
     name = os.fspath(source)
     try:
         with open(name, "rb") as file:
-            data = parse_json(file.read())
+            text = file.read()
+        if warn_duplicate_keys:
+            data = json.loads(text, object_pairs_hook=_DuplicateKeys(name))
+        else:
+            data = parse_json(text)
     except FileNotFoundError:
         raise input_error(name, "no such file") from None
     except IsADirectoryError:
@@ -36,6 +44,26 @@ def read_json_object(source, what: str):
     if not isinstance(data, dict):
         raise input_error(name, f"expected a JSON object, found {type(data).__name__}")
     return name, data
+
+
+class _DuplicateKeys:
+    """``object_pairs_hook`` that builds each object as ``json`` does (the last value of a key
+    wins) and warns once per key given twice."""
+
+    def __init__(self, name):
+        self.name, self.warned = name, set()
+
+    def __call__(self, pairs):
+        data = dict(pairs)
+        if len(data) < len(pairs):
+            seen = set()
+            for key, _ in pairs:
+                if key in seen and key not in self.warned:
+                    self.warned.add(key)
+                    warnings.warn(f"{self.name}: key {key!r} appears more than once in one "
+                                  "object; only its last value is used", stacklevel=2)
+                seen.add(key)
+        return data
 
 
 def parse_json(text: bytes):
