@@ -382,3 +382,20 @@ def batched_soft_nms(segs, scores, labels, max_seg_num=200, sigma=0.5, min_score
                                            min_score)[:max_seg_num]]
     rows.sort(key=lambda r: -r[2])
     return rows[:max_seg_num]
+
+
+def seg_voting(rows, segs, scores, iou_threshold):
+    """Class-agnostic voting: each kept segment becomes the mean of all candidates overlapping
+    it by at least the threshold, weighted by score x IoU (plain IoU, no length offset)."""
+    voted = []
+    for start, end, score, label in rows:
+        total, acc_start, acc_end = 0.0, 0.0, 0.0
+        for (s, e), p in zip(segs.tolist(), scores.tolist()):
+            inter = max(0.0, min(end, e) - max(start, s))
+            iou = inter / ((end - start) + (e - s) - inter)
+            if iou >= iou_threshold:
+                total += p * iou
+                acc_start += p * iou * s
+                acc_end += p * iou * e
+        voted.append((acc_start / total, acc_end / total, score, label))
+    return voted

@@ -6,7 +6,7 @@ import torch
 
 from head import ActionFormerHead
 from head.actionformer import actionformer_name, load_actionformer_weights
-from tests.reference_actionformer import PtTransformer, batched_soft_nms
+from tests.reference_actionformer import PtTransformer, batched_soft_nms, seg_voting
 
 IN_DIM, CLASSES = 16, 3
 RECIPES = {
@@ -17,10 +17,10 @@ RECIPES = {
 }
 
 
-def reference(recipe, **extra):
+def reference(recipe, num_classes=CLASSES, **extra):
     torch.manual_seed(0)
     options = RECIPES[recipe]
-    model = PtTransformer(IN_DIM, CLASSES, dim=32, n_head=2, max_seq_len=128,
+    model = PtTransformer(IN_DIM, num_classes, dim=32, n_head=2, max_seq_len=128,
                           window=options["window"], use_abs_pe=options["use_abs_pe"],
                           path_pdrop=0.1, **extra)
     with torch.no_grad():  # trained-looking weights: every norm, scale and bias matters
@@ -34,9 +34,9 @@ def reference(recipe, **extra):
     return model.eval()
 
 
-def ours(recipe, state, **extra):
+def ours(recipe, state, num_classes=CLASSES, **extra):
     options = RECIPES[recipe]
-    head = ActionFormerHead(IN_DIM, CLASSES, embed_dim=32, num_heads=2, max_seq_len=128,
+    head = ActionFormerHead(IN_DIM, num_classes, embed_dim=32, num_heads=2, max_seq_len=128,
                             window=options["window"], use_abs_pe=options["use_abs_pe"],
                             drop_path=0.1, **extra)
     load_actionformer_weights(head, state)
@@ -66,6 +66,27 @@ def test_same_weights_give_actionformers_outputs_and_detections(recipe, length):
     got = torch.cat([det["segments"], det["scores"][:, None], det["labels"][:, None].float()], 1)
     assert got.shape[0] == len(rows) > 50
     assert torch.allclose(got, torch.tensor(rows), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("length", [300])
+def test_class_agnostic_soft_nms_with_voting_gives_actionformers_detections(length):
+    # ActivityNet: one class, Gaussian Soft-NMS (sigma 0.75), at most 100, then voting (0.9 in
+    # the recipe; 0.5 here, where random weights give few segments that overlap by 0.9).
+    ref = reference("anet", num_classes=1)
+    head = ours("anet", ref.state_dict(), num_classes=1)
+    x = video(length, seed=length)
+    with torch.no_grad():
+        ref_out = ref.network([x.T])
+        out = head(x[None], torch.ones(1, length, dtype=torch.bool))
+    segs, scores, labels = ref.candidates(*ref_out)
+    rows = seg_voting(batched_soft_nms(segs, scores, labels, max_seg_num=100, sigma=0.75),
+                      segs, scores, 0.5)
+    (det,) = head.predict(out, sigma=0.75, max_segments=100, voting_iou=0.5)
+    got = torch.cat([det["segments"], det["scores"][:, None], det["labels"][:, None].float()], 1)
+    assert got.shape[0] == len(rows) > 50
+    assert torch.allclose(got, torch.tensor(rows), atol=1e-4, rtol=0)
+    (unvoted,) = head.predict(out, sigma=0.75, max_segments=100)
+    assert (unvoted["segments"] - det["segments"]).abs().max() > 1e-2   # voting moved some
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
