@@ -214,6 +214,9 @@ class Claims:
     def next(self):
         """The next video this process now owns, as ``(video_id, path)``; None when none is left."""
         for video_id, path in self._pending:
+            if video_id in self.store:  # finished: skipped without a claim, which a user who
+                self.summary.already.append(video_id)  # may only read the store cannot take
+                continue
             stack = contextlib.ExitStack()
             if not stack.enter_context(self.store.claim(video_id)):
                 stack.close()

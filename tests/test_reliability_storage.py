@@ -319,3 +319,29 @@ def test_hdf5_on_a_really_full_disk_is_one_line_and_loses_nothing(tmp_path):
         assert_refused(record["refused"], record["store"], "no space left on the device")
         assert record["unchanged"] and record["verify"] == 0, record
     assert last["refused"]["exit"] == 0 and last["verify"] == 0, last
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_rerunning_a_finished_extraction_without_write_access_does_nothing(tmp_path, suffix):
+    """A lab member who may only read a shared store re-runs the extraction that filled it:
+    nothing is left to do, so it must say so (it failed with ``cannot claim video ...``,
+    claiming before looking whether the video was finished)."""
+    from test_extract_pipeline import REPO, TINY, cli_args, write_videos
+    from test_reliability_concurrency import read_only_view
+
+    if subprocess.run([*read_only_view(tmp_path), "true"], capture_output=True).returncode:
+        pytest.skip("no private mount namespace with a read-only bind mount here (unshare -rm)")
+    write_videos(tmp_path / "videos", {"a.mp4": (24, 30), "b.mkv": (20, 30)})
+    backbone = tmp_path / "tiny.json"
+    backbone.write_text(json.dumps(TINY))
+    (tmp_path / "shared").mkdir()
+    command = [sys.executable, "cli.py", *cli_args(tmp_path / "videos", tmp_path / "shared" /
+                                                    f"s{suffix}", backbone)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    owner = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
+    assert owner.returncode == 0, owner.stderr[-2000:]
+    reader = subprocess.run([*read_only_view(tmp_path / "shared"), *command], cwd=REPO,
+                            capture_output=True, text=True, env=env)
+    assert reader.returncode == 0, reader.stderr[-2000:]
+    assert "extracted 0 videos" in reader.stdout and "2 already in the store" in reader.stdout
