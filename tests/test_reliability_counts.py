@@ -36,7 +36,7 @@ CATEGORIES = [  # (category, file, test-name regex); the first match wins
     ("hostile inputs", "test_reliability_inputs.py", r""),
     ("hostile inputs", "test_reliability_checkpoints.py", r""),
     ("hostile inputs", "test_reliability_stores.py", r""),
-    ("hostile inputs", "test_reliability_nesting.py", r""),
+    ("hostile inputs", "test_reliability_configs.py", r""),
     ("hostile inputs", "test_reliability_annotations.py", r""),
     ("hostile inputs", "test_store.py", r"test_(opening_what_is_not|malformed_root_metadata|"
                                         r"metadata_that_lies|video_records_and_times_that_lie|"

@@ -296,6 +296,9 @@ def _check_values(config: Config, source: str) -> None:
          "null or one lower bound per level (head.num_levels)"),
         ("model.tokens", config.model.tokens is None or len(config.model.tokens) == 3,
          "a list [t, h, w]"),
+        ("model.layers", config.model.layers is None
+         or len(set(config.model.layers)) == len(config.model.layers),
+         "null or a list of distinct layers (two adapters on one block is a typo)"),
         ("train.epochs", config.train.epochs > 0, "positive"),
         ("train.batch_size", config.train.batch_size > 0, "positive"),
         ("train.micro_batch", config.train.micro_batch > 0

@@ -1,7 +1,8 @@
-"""Files and values nested too deeply, YAML alias bombs, and backbone arguments of the wrong
-type, through the real command line: each is one ``error:`` line naming the file or option
-(exit 2), quickly, never a RecursionError traceback, minutes of expansion or a model built
-from a string."""
+"""Config and input files that are well-formed but hostile: nested too deeply, YAML alias
+bombs, backbone arguments of the wrong type, a layer listed twice. Through the real command
+line each is one ``error:`` line naming the file or option (exit 2), quickly: never a
+RecursionError traceback, minutes of expansion, or a model built from a string or with two
+adapters on one block."""
 import json
 import time
 
@@ -109,3 +110,12 @@ def test_backbone_arguments_of_the_wrong_type_are_refused(name, value, words):
     with pytest.raises(InputError, match="^tiny.json: " + re.escape(words)), \
             torch.device("meta"):
         build_backbone(spec, source="tiny.json")
+
+
+def test_a_layer_listed_twice_is_refused():
+    """``--set model.layers=[1,1]`` trained two adapters on one block (extract refuses the
+    same duplicate in --layers)."""
+    config = REPO / "configs" / "train" / "thumos_vitg_losa.json"
+    result, _ = run_cli("train", "--config", config, "--set", "model.layers=[1,1]")
+    assert_one_line(result, config, "model.layers")
+    assert "distinct" in result.output
