@@ -6,6 +6,7 @@ export never writes outside its directory and an import of an export gives back 
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
@@ -15,6 +16,7 @@ import numpy as np
 from losa_tal import input_error
 
 from .errors import storage_errors
+from .journal import write_all
 from .meta import LAST
 from .names import decode_video_id, encode_video_id
 
@@ -51,10 +53,14 @@ def _layer_as_sequence(fs, video_id, layer) -> np.ndarray:
 
 
 def _save_atomically(path: str, array: np.ndarray):
+    # Serialised in memory and written with write_all: numpy's own short-write error
+    # ("3136 requested and 2016 written") has no errno, so a full disk could not be named.
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
     partial = path + ".partial"
     try:
-        with open(partial, "wb") as handle:
-            np.save(handle, array, allow_pickle=False)
+        with open(partial, "wb", buffering=0) as handle:
+            write_all(handle.fileno(), buffer.getbuffer())
         os.replace(partial, path)
     finally:
         if os.path.exists(partial):

@@ -287,6 +287,16 @@ def hdf5_full_disk_child(work: str):
             break  # published: enough space was left
     print(json.dumps({"leave": "all", "refused": store_import(second), "store": str(store),
                       "verify": store_verify(store)}), flush=True)
+    # store export into a disk with two pages free: the numbers of a short write were all it
+    # said ("65536 requested and 2016 written").
+    filler = fill(mnt, 8192)
+    export = subprocess.run([sys.executable, str(TESTS_DIR.parent / "cli.py"), "store",
+                             "export", str(store), "--out", str(mnt / "export")],
+                            capture_output=True, text=True)
+    filler.unlink()
+    print(json.dumps({"export": {"exit": export.returncode, "stderr": export.stderr[-3000:]},
+                      "out": str(mnt / "export"), "left": sorted(os.listdir(mnt / "export"))}),
+          flush=True)
 
 
 def store_verify(store) -> int:
@@ -298,7 +308,8 @@ def store_verify(store) -> int:
 def test_hdf5_on_a_really_full_disk_is_one_line_and_loses_nothing(tmp_path):
     """It crashed: ``SystemError`` during publication, pages of "Exception ignored" and a
     segfault when full while staging. Each append must be refused in one line naming the store,
-    leave the file as it was, and succeed once space is back."""
+    leave the file as it was, and succeed once space is back. Then ``store export`` into the
+    full disk must say so (it said ``cannot write: 3136 requested and 2016 written``)."""
     probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip("no private mount namespace here (unshare -rm)")
@@ -310,7 +321,9 @@ def test_hdf5_on_a_really_full_disk_is_one_line_and_loses_nothing(tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    *attempts, last = records
+    *attempts, last, export = records
+    assert_refused(export["export"], export["out"], "no space left on the device")
+    assert not any(name.endswith(".partial") for name in export["left"]), export
     assert len(attempts) >= 3, records  # several amounts of free space were refused
     for record in attempts:
         if record["refused"]["exit"] == 0:
