@@ -53,7 +53,7 @@ def test_class_agnostic_dataset_gives_every_action_the_one_class(anet_files):
 def test_class_agnostic_training_learns_one_class_and_infer_labels_it(anet_files, tmp_path):
     store_path, annotations_path = anet_files
     config = tiny_config(data={"class_agnostic": True}, model={"type": "head_only"},
-                         train={"epochs": 20}, eval={"subset": "training", "every": 20},
+                         train={"epochs": 30}, eval={"subset": "training", "every": 30},
                          head={"drop_path": 0.0})
     summary = train(config, store_path, annotations_path, tmp_path / "run", progress=False)
     # scored against every action relabelled as the one class
