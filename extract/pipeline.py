@@ -19,6 +19,7 @@ import contextlib
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,11 +90,12 @@ def find_videos(folder, ids=None) -> tuple[list, list]:
         raise input_error(folder, "video folder not found")
     by_stem = {}
     for path in sorted(folder.iterdir()):
-        if path.suffix.lower() in VIDEO_EXTENSIONS and path.is_file():
-            if path.stem in by_stem:
-                raise input_error(folder, f"two files for video {path.stem!r}: "
-                                  f"{by_stem[path.stem].name} and {path.name}; keep one")
-            by_stem[path.stem] = path
+        if path.suffix.lower() in VIDEO_EXTENSIONS and _is_usable(path):
+            stem = _text_id(path)
+            if stem in by_stem:
+                raise input_error(folder, f"two files for video {stem!r}: "
+                                  f"{by_stem[stem].name} and {path.name}; keep one")
+            by_stem[stem] = path
     if ids is None:
         if not by_stem:
             raise input_error(folder, f"no video files ({', '.join(VIDEO_EXTENSIONS)})")
@@ -106,6 +108,39 @@ def find_videos(folder, ids=None) -> tuple[list, list]:
         raise input_error(folder, f"none of the {len(missing)} annotated videos is here "
                           f"(e.g. {missing[0]!r})" if missing else "no annotated videos")
     return sorted(found), missing
+
+
+def _is_usable(path: Path) -> bool:
+    """A video file we can take; a warning names each entry with a video extension that is not
+    one (it used to be passed over without a word)."""
+    problem = None
+    if path.is_symlink() and not path.exists():
+        problem = "a symbolic link to nothing"
+    elif path.is_dir():
+        problem = "a directory"
+    elif not path.is_file():
+        problem = "not a regular file"
+    if problem:
+        warnings.warn(f"{_shown(path)}: skipped: {problem}", stacklevel=3)
+    return problem is None
+
+
+def _text_id(path: Path) -> str:
+    """The video id: the file name without its extension. A name that is not UTF-8 would give
+    an id no JSON file can hold (lone surrogates); its bytes are escaped instead (``caf\\xe9``
+    for Latin-1 ``café``), with a warning saying so."""
+    try:
+        path.stem.encode("utf-8")
+        return path.stem
+    except UnicodeEncodeError:
+        video_id = _shown(Path(path.stem))
+        warnings.warn(f"{_shown(path)}: the file name is not UTF-8; its video id is "
+                      f"{video_id!r}", stacklevel=3)
+        return video_id
+
+
+def _shown(path: Path) -> str:
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def annotated_durations(path, subset=None) -> dict:

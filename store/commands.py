@@ -59,12 +59,15 @@ def _format_info(summary: dict) -> str:
            if summary["incomplete_videos"] else ""),
     ]
     if summary["videos"]:
-        width = max(len(vid) for vid in summary["videos"])
+        # An id with a newline or other control character is shown escaped: one row per video.
+        shown = {vid: vid if vid.isprintable() else repr(vid) for vid in summary["videos"]}
+        width = max(len(name) for name in shown.values())
         lines.append(f"  {'video':<{width}}  {'clips':>7}  {'fps':>7}  {'duration':>9}")
         for vid, video in summary["videos"].items():
             fps = "-" if video["fps"] is None else f"{video['fps']:.3f}"
             duration = "-" if video["duration"] is None else f"{video['duration']:.2f}s"
-            lines.append(f"  {vid:<{width}}  {video['num_clips']:>7}  {fps:>7}  {duration:>9}")
+            lines.append(f"  {shown[vid]:<{width}}  {video['num_clips']:>7}  {fps:>7}  "
+                         f"{duration:>9}")
     return "\n".join(lines)
 
 

@@ -38,6 +38,7 @@ CATEGORIES = [  # (category, file, test-name regex); the first match wins
     ("hostile inputs", "test_reliability_stores.py", r""),
     ("hostile inputs", "test_reliability_configs.py", r""),
     ("hostile inputs", "test_reliability_annotations.py", r""),
+    ("hostile inputs", "test_reliability_names.py", r""),
     ("hostile inputs", "test_store.py", r"test_(opening_what_is_not|malformed_root_metadata|"
                                         r"metadata_that_lies|video_records_and_times_that_lie|"
                                         r"damaged_bytes|hostile_video_ids|encoded_ids|"
