@@ -151,10 +151,11 @@ def run_side_by_side(jobs: dict, on_tick=None, tick_seconds: float = 0.5) -> Non
     itself (its traceback printed by the child), a child that died without a word (killed, out
     of memory) as a RuntimeError naming the job. ``on_tick`` is called every ``tick_seconds``.
     """
-    import multiprocessing
+    from extract.workers import SpawnContext
 
-    # spawn, not fork: a forked child would inherit torch's thread pool in an unknown state.
-    context = multiprocessing.get_context("spawn")
+    # spawn, not fork: a forked child would inherit torch's thread pool in an unknown state;
+    # and children that die with this process, however it dies (extract/workers.py).
+    context = SpawnContext()
     children = {}
     try:
         for name, (function, args) in jobs.items():

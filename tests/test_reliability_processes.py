@@ -132,3 +132,37 @@ def test_a_decoding_worker_imports_neither_the_backbone_nor_the_store():
     heavy = [m for m in modules if m.split(".")[0] in ("timm", "zarr", "h5py", "store")
              or m == "extract.backbone"]
     assert not heavy, heavy
+
+
+SIDE_BY_SIDE = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from synth.demo import run_side_by_side
+run_side_by_side({{"a": (time.sleep, (120,)), "b": (time.sleep, (120,))}})
+"""
+
+
+@pytest.mark.slow
+def test_the_demos_trainings_die_with_a_killed_demo(tmp_path):
+    """``make demo`` runs its two trainings in spawned processes: a SIGKILLed demo left them
+    training to the end, orphaned."""
+    process = subprocess.Popen([sys.executable, "-c", SIDE_BY_SIDE.format(repo=str(REPO))],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while sum(map(is_worker, session_processes(process.pid).values())) < 2:
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.05)
+        time.sleep(1.0)  # both children running their job
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        deadline = time.monotonic() + GONE_WITHIN_S
+        while session_processes(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not session_processes(process.pid), session_processes(process.pid)
+    finally:
+        for pid in session_processes(process.pid):
+            os.kill(pid, signal.SIGKILL)
+        process.kill()
+        process.wait()
