@@ -105,9 +105,12 @@ def convert():
               help="Annotation JSON naming the classes (default: the YAML's dataset.json_file).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Run directory to write (best.pt, config.json).")
-def convert_actionformer(checkpoint_path, config_path, store_path, annotations_path, out_dir):
+@storage_options_flag
+def convert_actionformer(checkpoint_path, config_path, store_path, annotations_path, out_dir,
+                         storage_options):
     """An official ActionFormer checkpoint and config -> a head-only run directory."""
     from training.convert import convert_actionformer as run_conversion
 
-    path = run_conversion(checkpoint_path, config_path, store_path, out_dir, annotations_path)
+    path = run_conversion(checkpoint_path, config_path, store_path, out_dir, annotations_path,
+                          storage_options)
     click.echo(f"wrote {path}; predict with: python cli.py infer --run {out_dir} ...")

@@ -152,8 +152,9 @@ def class_names(annotations_path, num_classes: int) -> list:
 
 
 def convert_actionformer(checkpoint_path, config_path, store_path, out_dir,
-                         annotations_path=None) -> Path:
-    """Write ``out_dir``/best.pt and config.json; returns the checkpoint path."""
+                         annotations_path=None, storage_options=None) -> Path:
+    """Write ``out_dir``/best.pt and config.json; returns the checkpoint path.
+    ``storage_options`` (for a URL store) are used, never saved."""
     import torch
 
     from head.actionformer import load_actionformer_weights
@@ -168,7 +169,7 @@ def convert_actionformer(checkpoint_path, config_path, store_path, out_dir,
         raise input_error(out_dir, "already holds a run; choose another --out")
     af = read_actionformer_config(config_path)
     annotations_path = str(annotations_path or af["dataset"].get("json_file") or "")
-    store = open_store(store_path, af["dataset_name"] or "actionformer")
+    store = open_store(store_path, af["dataset_name"] or "actionformer", storage_options)
     config = Config.from_dict(our_config(af, config_path, store.feature_dim, str(store_path),
                                          annotations_path), str(config_path))
     num_classes = af["dataset"].get("num_classes")
