@@ -161,11 +161,13 @@ class FeatureStore:
             self._refuse(video_id, "feature times are not strictly increasing")
         return times
 
-    def read(self, video_id: str, layers=None, start: int = 0, stop: int | None = None) -> dict:
-        """Clips ``start:stop`` of the given layers (default: all), float32.
+    def read(self, video_id: str, layers=None, start: int = 0, stop: int | None = None,
+             dtype=np.float32) -> dict:
+        """Clips ``start:stop`` of the given layers (default: all), as ``dtype``.
 
         ``{LAST: [t, D], block index: [t, K, D]}``; only those layers' chunks that overlap the
-        clip range are read.
+        clip range are read. ``dtype=None`` keeps each layer's stored dtype (float16, or
+        float32 for a layer promoted on overflow), which halves what training moves around.
         """
         record = self._checked_record(video_id)
         num_clips = record["num_clips"]
@@ -182,7 +184,7 @@ class FeatureStore:
             for layer in layers:
                 with self._reading(video_id, array_key(layer)):
                     array = self._checked_array(video_id, record, layer)
-                    features[layer] = np.asarray(array[start:stop], dtype=np.float32)
+                    features[layer] = np.asarray(array[start:stop], dtype=dtype)
         for layer, values in features.items():
             if not np.isfinite(values).all():
                 self._refuse(video_id, f"layer {layer} clips {start}:{stop} contain NaN or inf "

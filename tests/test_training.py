@@ -62,12 +62,12 @@ def synthetic_videos(count, subset, first=0, num_steps=96, seed=0):
     return videos
 
 
-def write_store(path, videos, layers=LAYERS, tokens=TOKENS, dim=DIM, seed=0):
+def write_store(path, videos, layers=LAYERS, tokens=TOKENS, dim=DIM, seed=0, dtype="float32"):
     meta = {"backbone": {"preset": None, "kwargs": {"embed_dim": dim}, "checkpoint": None,
                          "random_init_seed": seed},
             "protocol": {"clip_len": 16, "frame_interval": 1, "clip_stride": 4},
             "layers": list(layers), "tokens": list(tokens) if layers else None,
-            "feature_dim": dim, "dtype": "float32"}
+            "feature_dim": dim, "dtype": dtype}
     store = FeatureStore.create(path, meta)
     rng = np.random.default_rng(seed)
     num_tokens = int(np.prod(tokens))
@@ -199,9 +199,9 @@ class CountingStore:
     def __contains__(self, vid):
         return vid in self.store
 
-    def read(self, vid, layers, start=0, stop=None):
+    def read(self, vid, layers, start=0, stop=None, **options):
         self.reads.append((tuple(layers), start, stop))
-        return self.store.read(vid, layers=layers, start=start, stop=stop)
+        return self.store.read(vid, layers=layers, start=start, stop=stop, **options)
 
 
 def make_dataset(store_path, annotations_path, train=True, layers=LAYERS, **data):

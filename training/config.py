@@ -22,6 +22,7 @@ from pathlib import Path
 from losa_tal import TOO_DEEP, InputError, input_error
 
 MODEL_TYPES = ("losa", "head_only")
+CACHE_KINDS = ("auto", "none", "ram", "pinned", "gpu")
 DATA_MODES = ("window", "resize")
 
 
@@ -37,7 +38,10 @@ class DataConfig:
     resize_len: int = 192  # resize mode: every video is resampled to this many steps
     infer_window: int | None = None  # window mode: None runs each video whole at inference
     infer_overlap: float = 0.25  # fraction shared by consecutive inference windows
-    num_workers: int = 0  # DataLoader worker processes
+    num_workers: int = 0  # DataLoader worker processes (persistent; unused with a cache)
+    # Where a copy of the training split's features lives: "auto" (the first of gpu, pinned,
+    # ram that it fits in, else none), "gpu", "pinned", "ram" or "none" (training/cache.py).
+    cache: str = "auto"
     # Window mode: a video no longer than max_seq_len is cropped to a random length in
     # [crop_ratio[0], crop_ratio[1]] of its own (ActionFormer's jitter); null: used whole.
     crop_ratio: list[float] | None = field(default_factory=lambda: [0.9, 1.0])
@@ -291,6 +295,7 @@ def _check_values(config: Config, source: str) -> None:
         ("data.window_tries", config.data.window_tries > 0, "positive"),
         ("train.normalizer_update", config.train.normalizer_update in ("before", "after"),
          "before or after"),
+        ("data.cache", config.data.cache in CACHE_KINDS, f"one of {', '.join(CACHE_KINDS)}"),
         ("head.regression_bounds", config.head.regression_bounds is None
          or len(config.head.regression_bounds) == config.head.num_levels,
          "null or one lower bound per level (head.num_levels)"),

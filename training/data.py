@@ -15,6 +15,8 @@ resumed and multi-process runs repeat an uninterrupted single-process run exactl
 """
 from __future__ import annotations
 
+import functools
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -96,8 +98,12 @@ def video_truth(annotation, times, class_index: dict) -> VideoTruth:
 class StoreDataset(torch.utils.data.Dataset):
     """Samples of the annotated videos of one subset that the store holds.
 
-    ``train=True`` gives one random sample per video per epoch (call :meth:`set_epoch`);
+    ``train=True`` gives one random sample per video per epoch (call :meth:`set_epoch`, or
+    index with ``(epoch, index)``, which reaches persistent DataLoader workers too);
     ``train=False`` gives every inference piece of every video, in a fixed order.
+
+    Features keep the store's dtype (float16) until the device converts them (:func:`batch_to`).
+    With ``cache`` set (``training/cache.py``) they come from memory instead of the store.
     """
 
     def __init__(self, store, store_path, annotations, annotations_path, subset: str,
@@ -111,6 +117,7 @@ class StoreDataset(torch.utils.data.Dataset):
         self.train = train
         self.seed = seed
         self.epoch = 0
+        self.cache = None  # {video: (last, inter)} from training.cache.build_cache
         wanted = annotations.videos(subset)
         index = {name: i for i, name in enumerate(classes)}
         self.class_index = {label: index[head_label(label, data_config)]
@@ -141,8 +148,9 @@ class StoreDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         if self.train:
+            epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
             vid = self.videos[index]
-            rng = np.random.default_rng([self.seed, self.epoch, index])
+            rng = np.random.default_rng([self.seed, epoch, index])
             start, stop = self._training_window(vid, rng)
         else:
             vid, start, stop = self.pieces[index]
@@ -182,21 +190,28 @@ class StoreDataset(torch.utils.data.Dataset):
 
     # -- reading it ----------------------------------------------------------------------------
 
-    def _sample(self, vid, start, stop) -> dict:
+    def _features(self, vid, start, stop):
+        """last [t, D] and inter [L, t, K, D] (or None) in the stored dtype."""
         from store import LAST
 
-        read = self.store.read(vid, layers=(LAST, *self.layers), start=start, stop=stop)
-        last = torch.from_numpy(np.ascontiguousarray(read[LAST], np.float32))
-        inter = None
-        if self.layers:
-            inter = torch.from_numpy(np.stack([read[i] for i in self.layers]).astype(np.float32))
+        if self.cache is not None:  # views, no copy: collate copies them into the batch
+            last, inter = self.cache[vid]
+            return last[start:stop], None if inter is None else inter[:, start:stop]
+        read = self.store.read(vid, layers=(LAST, *self.layers), start=start, stop=stop,
+                               dtype=None)
+        inter = torch.from_numpy(np.stack([read[i] for i in self.layers])) if self.layers else None
+        return torch.from_numpy(read[LAST]), inter
+
+    def _sample(self, vid, start, stop) -> dict:
+        last, inter = self._features(vid, start, stop)
         truth = self.truth[vid]
         inside = _kept_inside(truth.segments, start, stop, self.config.min_action_inside)
         segments = np.clip(truth.segments[inside], start, stop) - start
         labels = truth.labels[inside]
         scale = 1.0
-        if self.config.mode == "resize":
-            last, inter, scale = _resample(last, inter, self.config.resize_len)
+        if self.config.mode == "resize":  # resampled in float32, as the official loaders do
+            last, inter, scale = _resample(last.float(), None if inter is None else inter.float(),
+                                           self.config.resize_len)
             segments = (segments + 0.5) * scale - 0.5
         return {
             "video": vid,
@@ -278,22 +293,34 @@ def _merge_moments(a, b):
 # ---------------------------------------------------------------------------------------------
 # Batching.
 
-def collate(samples) -> dict:
-    """Pad samples to the longest one, with a validity mask (True = a real feature step)."""
-    length = max(s["last"].shape[0] for s in samples)
-    batch_size = len(samples)
-    last = samples[0]["last"].new_zeros((batch_size, length, samples[0]["last"].shape[1]))
-    mask = torch.zeros(batch_size, length, dtype=torch.bool)
+def collate(samples, pin: bool = False, buffers: "HostBuffers | None" = None) -> dict:
+    """Pad samples to the longest one, with a validity mask (True = a real feature step).
+
+    Each feature byte is copied once, into the batch: in a DataLoader worker the batch is
+    allocated in shared memory (so it is not copied again to reach the main process), with
+    ``pin`` in page-locked memory (so the copy to the GPU is asynchronous), from ``buffers``
+    when given, and next to the samples when they are on the GPU (a GPU cache). Only the
+    padding is zeroed.
+    """
+    lengths = [s["last"].shape[0] for s in samples]
+    length = max(lengths)
+    first = samples[0]
+    last = _batch_buffer((len(samples), length, first["last"].shape[1]),
+                         _common_dtype(s["last"] for s in samples), first["last"].device, pin,
+                         buffers)
     inter = None
-    if samples[0]["inter"] is not None:
-        layers, _, tokens, dim = samples[0]["inter"].shape
-        inter = last.new_zeros((batch_size, layers, length, tokens, dim))
-    for i, sample in enumerate(samples):
-        steps = sample["last"].shape[0]
+    if first["inter"] is not None:
+        layers, _, tokens, dim = first["inter"].shape
+        inter = _batch_buffer((len(samples), layers, length, tokens, dim),
+                              _common_dtype(s["inter"] for s in samples), first["inter"].device,
+                              pin, buffers)
+    mask = torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]
+    for i, (sample, steps) in enumerate(zip(samples, lengths)):
         last[i, :steps] = sample["last"]
-        mask[i, :steps] = True
+        last[i, steps:] = 0
         if inter is not None:
             inter[i, :, :steps] = sample["inter"]
+            inter[i, :, steps:] = 0
     return {
         "last": last,
         "inter": inter,
@@ -303,18 +330,97 @@ def collate(samples) -> dict:
     }
 
 
-def batch_to(batch: dict, device, low_precision: bool = False) -> dict:
-    """The batch on ``device``; with ``low_precision`` the intermediate layers travel in bf16.
+class EpochBatches:
+    """A batch sampler whose micro-batches of ``(epoch, index)`` keys the trainer replaces at
+    the start of each epoch, so that one DataLoader (and its workers) serves the whole run."""
 
-    ``inter`` is by far the largest tensor (L x K times the last layer) and autocast would
-    compute with it in bf16 anyway, so casting it first halves its memory on the GPU.
+    def __init__(self, batches=()):
+        self.batches = list(batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def training_loader(dataset, batches: EpochBatches, device, cache_kind: str):
+    """The training DataLoader: persistent workers reading the store, pinned batches on CUDA.
+
+    From a cache there is nothing for workers to do but a memcpy, which would then be copied
+    again to reach this process, so this process collates, straight into pinned memory on
+    CUDA (into GPU memory from a GPU cache).
+    """
+    cuda = torch.device(device).type == "cuda"
+    workers = 0 if dataset.cache is not None else dataset.config.num_workers
+    pin_in_collate = cuda and workers == 0 and cache_kind != "gpu"
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, num_workers=workers,
+        collate_fn=functools.partial(collate, pin=pin_in_collate, buffers=HostBuffers()),
+        pin_memory=cuda and workers > 0, persistent_workers=workers > 0)
+
+
+def _common_dtype(tensors) -> torch.dtype:
+    """float16, or float32 when any sample holds a layer the store promoted on overflow."""
+    dtypes = {t.dtype for t in tensors}
+    return torch.float32 if torch.float32 in dtypes else dtypes.pop()
+
+
+def _batch_buffer(shape, dtype, device, pin: bool, buffers=None) -> torch.Tensor:
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    if torch.utils.data.get_worker_info() is not None:
+        storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+        return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+    if buffers is not None and not pin:
+        return buffers.take(shape, dtype)
+    return torch.empty(shape, dtype=dtype, pin_memory=pin)
+
+
+class HostBuffers:
+    """Batch buffers in ordinary host memory that are reused once nothing refers to them.
+
+    A fresh 200 MB tensor per batch costs page faults (the kernel maps and zeroes every page)
+    that take longer than the copy into it. Pinned memory needs no such pool (PyTorch's caching
+    host allocator reuses it, and knows about copies still in flight), nor do workers (their
+    batches travel in shared memory). A buffer is free when its storage has no user but this
+    pool: every tensor viewing it (a batch, a slice of one) holds a use.
+    """
+
+    def __init__(self, limit: int = 4):
+        self.limit = limit  # buffers kept; beyond it a batch gets a fresh tensor
+        self.pool: list[torch.Tensor] = []  # flat uint8 buffers
+
+    def take(self, shape, dtype) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        for buffer in self.pool:
+            # Uses: this pool's tensor and the storage object made to ask.
+            if buffer.numel() >= nbytes and \
+                    torch._C._storage_Use_Count(buffer.untyped_storage()._cdata) == 2:
+                return buffer[:nbytes].view(dtype).view(shape)
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        if len(self.pool) < self.limit:
+            self.pool.append(buffer)
+        elif self.pool:  # keep the larger buffers: windows are mostly full length
+            smallest = min(range(len(self.pool)), key=lambda i: self.pool[i].numel())
+            if self.pool[smallest].numel() < nbytes:
+                self.pool[smallest] = buffer
+        return buffer.view(dtype).view(shape)
+
+
+def batch_to(batch: dict, device, low_precision: bool = False) -> dict:
+    """The batch on ``device`` in the model's dtypes, converted there (float16 crosses PCIe).
+
+    ``last`` becomes float32; ``inter``, by far the largest tensor (L x K times the last
+    layer), becomes bf16 with ``low_precision`` (autocast would compute with it in bf16 anyway,
+    and it halves its memory on the GPU), else float32.
     """
     moved = dict(batch)
-    moved["last"] = batch["last"].to(device, non_blocking=True)
+    moved["last"] = batch["last"].to(device, non_blocking=True).float()
     moved["mask"] = batch["mask"].to(device, non_blocking=True)
     if batch["inter"] is not None:
-        dtype = torch.bfloat16 if low_precision else batch["inter"].dtype
-        moved["inter"] = batch["inter"].to(device, dtype=dtype, non_blocking=True)
+        dtype = torch.bfloat16 if low_precision else torch.float32
+        moved["inter"] = batch["inter"].to(device, non_blocking=True).to(dtype)
     moved["targets"] = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
     return moved
 

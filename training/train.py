@@ -16,6 +16,7 @@ import contextlib
 import copy
 import json
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -29,13 +30,13 @@ from store.errors import storage_errors
 from training import checkpoint as ckpt
 from training import distributed
 from training.config import Config
-from training.data import (StoreDataset, batch_to, channel_statistics, collate, head_classes,
-                           needed_layers)
+from training.data import (EpochBatches, StoreDataset, batch_to, channel_statistics,
+                           head_classes, needed_layers, training_loader)
 from training.detector import Detector, parameter_groups, trainable_parameters
 from training.inputs import open_annotations, open_store, resolve_subset
 
 # Paths may move between a run and its resumption; nothing else in the config may change.
-RESUME_FREE_KEYS = {"data.store", "data.annotations", "data.num_workers"}
+RESUME_FREE_KEYS = {"data.store", "data.annotations", "data.num_workers", "data.cache"}
 
 
 def train(config: Config, store_path=None, annotations_path=None, out_dir="runs/train",
@@ -100,6 +101,8 @@ class Trainer:
                               "store holds have no ground-truth segments to evaluate against "
                               "(eval.subset, eval.max_videos)")
         self.steps_per_epoch, self.accum_steps = self._batch_plan()
+        self.cache_plan = self._cache_training_split()
+        self.loader, self.epoch_batches = None, EpochBatches()
 
         torch.manual_seed(config.train.seed)
         self.model = Detector(self.store.feature_dim, len(self.classes), len(self.layers),
@@ -142,27 +145,53 @@ class Trainer:
                               f"fewer than train.batch_size {train.batch_size}")
         return steps, micro_per_step // self.world.size
 
+    def _cache_training_split(self):
+        """Copy the training split into memory when it fits (``data.cache``, training/cache.py)."""
+        from training.cache import build_cache, plan_cache, split_bytes
+
+        plan = plan_cache(self.config.data.cache, split_bytes(
+            self.store, self.train_set.videos, self.layers), self.world.device)
+        if self.progress:
+            print(plan.message(), file=sys.stderr)
+        self.train_set.cache = build_cache(self.store, self.train_set.videos, self.layers,
+                                           plan.kind, self.world.device)
+        return plan
+
     def _loader(self, epoch):
         """This process's micro-batches of one epoch, in step order (the last partial batch is
-        dropped so that every step has the full global batch)."""
+        dropped so that every step has the full global batch).
+
+        One DataLoader serves the whole run, so its workers persist; the epoch travels in the
+        sample keys.
+        """
         train = self.config.train
-        self.train_set.set_epoch(epoch)
         order = np.random.default_rng([train.seed, epoch]).permutation(len(self.train_set))
         micro = order[: self.steps_per_epoch * train.batch_size].reshape(-1, train.micro_batch)
         per_step = micro.reshape(self.steps_per_epoch, -1, train.micro_batch)
         mine = per_step[:, self.world.rank * self.accum_steps:(self.world.rank + 1) * self.accum_steps]
-        return torch.utils.data.DataLoader(
-            self.train_set, batch_sampler=mine.reshape(-1, train.micro_batch).tolist(),
-            collate_fn=collate, num_workers=self.config.data.num_workers)
+        self.epoch_batches.batches = [[(epoch, int(i)) for i in keys]
+                                      for keys in mine.reshape(-1, train.micro_batch)]
+        if self.loader is None:
+            self.loader = training_loader(self.train_set, self.epoch_batches, self.world.device,
+                                          self.cache_plan.kind)
+        return self.loader
 
     # -- the run ------------------------------------------------------------------------------
 
     def run(self) -> dict:
-        config = self.config
         self._log({"event": "start", "world_size": self.world.size, "device": str(self.world.device),
                    "train_videos": len(self.train_set), "eval_videos": len(self.eval_set.videos),
-                   "steps_per_epoch": self.steps_per_epoch,
+                   "steps_per_epoch": self.steps_per_epoch, "cache": self.cache_plan.message(),
                    "trainable_parameters": trainable_parameters(self.model)})
+        try:
+            self._run_epochs()
+        finally:
+            self.loader = None  # shuts its persistent workers down
+        return {"epoch": self.epoch, "step": self.step, "best": self.best,
+                "run_dir": str(self.out_dir)}
+
+    def _run_epochs(self):
+        config = self.config
         while self.epoch < config.train.epochs:
             loss = self._train_epoch(self.epoch)
             self.epoch += 1
@@ -176,8 +205,6 @@ class Trainer:
                     self.best = {"epoch": self.epoch, "average_map": average_map}
             self._save_checkpoints(improved)
             self._log(record)
-        return {"epoch": self.epoch, "step": self.step, "best": self.best,
-                "run_dir": str(self.out_dir)}
 
     def _train_epoch(self, epoch) -> float:
         from tqdm import tqdm
