@@ -248,9 +248,13 @@ class VideoMAEv2(nn.Module):
         return x, taps
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fc_norm is not None:
-            return self.fc_norm(x.mean(1))
-        return self.norm(x[:, 0])
+        """The stored feature, in float32 whatever the activations' dtype: with bf16 weights a
+        bf16 mean of 2048 tokens would round before the norm re-scales it."""
+        norm, x = (self.fc_norm, x.float().mean(1)) if self.fc_norm is not None \
+            else (self.norm, x[:, 0].float())
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x, norm.normalized_shape, norm.weight.float(), norm.bias.float(),
+                                norm.eps)
 
     @torch.compiler.disable  # a cache lookup: keep it out of compiled graphs
     def _position_table(self, num_tokens: int, device: torch.device,

@@ -186,7 +186,9 @@ class Encoder:
             check_grid(self.tokens, self.grid)
         self.feature_dim = model.embed_dim
         self.device = device
-        self.model = model.eval().requires_grad_(False).to(device)
+        # bf16 weights on CUDA: autocast would otherwise re-cast every fp32 weight each forward.
+        # LayerNorms still compute in fp32 (autocast), and so does the stored feature (_pool).
+        self.model = model.eval().requires_grad_(False).to(device, dtype=weight_dtype(device))
         self._taps = torch.compile(self.model.forward_taps) if settings.compile \
             else self.model.forward_taps
 
@@ -211,7 +213,21 @@ class Encoder:
         return {layer: values.cpu().numpy() for layer, values in features.items()}
 
 
+def weight_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def pick_device(name: str) -> torch.device:
+    """The extraction device; a CUDA one becomes the process's current device, so that the
+    DataLoader's pin thread and every implicit allocation of a torchrun rank use its own GPU
+    rather than each making a context on GPU 0."""
+    device = _named_device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def _named_device(name: str) -> torch.device:
     if name == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")
@@ -223,6 +239,8 @@ def pick_device(name: str) -> torch.device:
             from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise input_error("--device", f"{name} requested but no CUDA device is available")
+    if device.type == "cuda" and device.index is None:  # "cuda": this rank's GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return device
 
 

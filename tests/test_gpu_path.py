@@ -1,0 +1,52 @@
+"""The GPU path's CPU-testable pieces: extraction's device pick and the backbone's precision.
+
+No GPU is lent to this project; where CUDA itself is needed the CUDA calls are wrapped and
+recorded, and bf16 runs on the CPU, which has the same rounding.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from extract.backbone import VideoMAEv2
+from extract.pipeline import pick_device, weight_dtype
+
+from test_backbone import TINY, clips, random_state
+
+
+def test_pick_device_makes_the_ranks_gpu_current(monkeypatch):
+    """Without set_device the DataLoader's pin thread of every torchrun rank makes a CUDA
+    context on GPU 0."""
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert pick_device("auto") == torch.device("cuda", 3)
+    assert pick_device("cuda") == torch.device("cuda", 3)  # bare "cuda" is this rank's GPU
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    assert current == [torch.device("cuda", 3)] * 2 + [torch.device("cuda", 1)]
+    assert pick_device("cpu") == torch.device("cpu") and len(current) == 3
+    assert weight_dtype(torch.device("cuda", 0)) == torch.bfloat16
+    assert weight_dtype(torch.device("cpu")) == torch.float32
+
+
+def test_the_stored_feature_is_pooled_and_normed_in_float32_with_bf16_weights():
+    model = VideoMAEv2(**dict(TINY, embed_dim=128, num_heads=4)).eval()
+    model.load_state_dict(random_state(model))
+    exact_model = VideoMAEv2(**dict(TINY, embed_dim=128, num_heads=4)).eval()
+    exact_model.load_state_dict(model.state_dict())
+    model = model.to(torch.bfloat16)  # what the Encoder does on CUDA
+    x = clips(16, 32, 32, batch=4)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pooled, (tap,) = model.forward_taps(x, [2])
+        exact = exact_model.forward_features(x)
+    assert tap.dtype == torch.bfloat16 and pooled.dtype == torch.float32
+    norm = model.fc_norm
+    expected = F.layer_norm(tap.float().mean(1), norm.normalized_shape, norm.weight.float(),
+                            norm.bias.float(), norm.eps)
+    assert torch.equal(pooled, expected)  # the mean and the norm of the bf16 tokens, in fp32
+    rounded = norm(tap.mean(1))  # the old order: a bf16 mean, then the norm
+    error = lambda v: ((v.float() - exact).norm() / exact.norm()).item()  # noqa: E731
+    assert error(pooled) < error(rounded)
+    assert error(pooled) < 0.05
