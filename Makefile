@@ -14,7 +14,7 @@ STORE ?=
 ANNOTATIONS ?=
 OUT ?=
 
-.PHONY: setup test test-fast demo extract train bench clean
+.PHONY: setup test test-fast demo extract train bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,11 @@ bench: $(STAMP)
 	$(PY) bench/eval_speed.py
 	$(PY) bench/extract.py
 	$(PY) bench/train.py
+	$(PY) bench/loader.py
+
+# Under 8 minutes on one H100/H200; a reduced version at toy sizes without CUDA.
+gpu-check: $(STAMP)
+	PY=$(PY) bench/gpu_check.sh
 
 clean:
 	rm -rf demo_out .pytest_cache .hypothesis

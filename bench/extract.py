@@ -21,18 +21,23 @@ Each is run ``--repeats`` times, interleaved, and the fastest run counts (the ma
 shared). It prints clips/s for each, the pipeline's speed-up over the naive loop, and the ratio
 of pipeline time to compute-only time (1.0 = decoding and writing fully hidden; the goal is
 <= 1.15). The pipeline's time includes starting its decoding workers (seconds, once per run). With CUDA it also times ViT-g in bf16 (clips/s, peak GPU memory, model-FLOP
-utilisation against the device's dense bf16 peak); without, it says those figures were skipped.
+utilisation against the device's own dense bf16 peak, SXM and PCIe boards apart) and runs the
+real pipeline with ViT-g on CUDA (decoding workers included) next to the backbone alone; without
+CUDA, it says those figures were skipped.
 
     python bench/extract.py [--backbone vit_s] [--videos 2] [--frames 48] [--batch-size 8]
                             [--num-workers 1] [--layers 3,7] [--tokens 2x2x2] [--repeats 3]
                             [--gpu-clips 256]
 """
 import argparse
+import json
 import os
+import resource
 import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,15 +48,33 @@ from extract import clips as clip_reader  # noqa: E402
 from extract.backbone import build_backbone, count_parameters  # noqa: E402
 from extract.decoding import VideoSource  # noqa: E402
 from extract.pipeline import (Encoder, ExtractionSettings, pick_device,  # noqa: E402
-                              run_extraction, store_meta)
+                              run_extraction, store_meta, weight_dtype)
 from extract.pooling import parse_tokens  # noqa: E402
 from extract.protocol import SamplingProtocol  # noqa: E402
 from store import FeatureStore  # noqa: E402
 from tests.videos import write_video  # noqa: E402
 
 NTSC = 30000 / 1001
-# Dense bf16 tensor-core peaks (FLOP/s) for the model-FLOP utilisation figure.
-BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+# Dense bf16 tensor-core peaks (FLOP/s, no sparsity) for the model-FLOP utilisation figure,
+# matched in this order against torch.cuda.get_device_name: the PCIe and NVL boards of a chip
+# run slower clocks (and power) than its SXM board.
+BF16_PEAK = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12),
+             ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12),
+             ("L40S", 362e12), ("A10", 125e12)]
+
+
+def bf16_peak(name: str):
+    """The dense bf16 peak of the device named ``name`` (FLOP/s), or None if unknown."""
+    return next((value for key, value in BF16_PEAK if key in name), None)
+
+
+def clip_flops(model, frames=16) -> float:
+    """Analytical FLOPs of one clip through the backbone: 2 per multiply-add of every weight
+    with every token, plus the attention products (QK^T and AV: 4 N^2 D per block). About
+    5.09 TFLOP for ViT-g/14 on 16 x 224 x 224."""
+    tokens = int(np.prod(model.token_grid_for(frames, *model.img_size)))
+    return 2 * tokens * count_parameters(model) + 4 * len(model.blocks) * tokens ** 2 * \
+        model.embed_dim
 
 
 def parse_args():
@@ -166,42 +189,69 @@ def time_readers(folder, args):
               f"clips/s: after/before time {rates['before'] / rates['after']:.2f}")
 
 
-def run_compute_only(settings, encoder, num_clips):
+def run_compute_only(settings, encoder, num_clips, device=torch.device("cpu")):
     size, length = settings.protocol.img_size, settings.protocol.clip_len
-    clips = torch.rand(settings.batch_size, 3, length, size, size)
+    clips = torch.rand(settings.batch_size, 3, length, size, size, device=device)
+    if device.type == "cuda":
+        encoder(clips)  # warm-up: kernel choice, allocator (nothing comparable on the CPU)
     started = time.perf_counter()
     for first in range(0, num_clips, settings.batch_size):
-        encoder(clips[:min(settings.batch_size, num_clips - first)])
+        encoder(clips[:min(settings.batch_size, num_clips - first)])  # ends with a D2H copy
     return num_clips, time.perf_counter() - started
 
 
-def gpu_vit_g(num_clips, batch_size=32):
-    """ViT-g bf16 on the first CUDA device: clips/s, peak memory, model-FLOP utilisation."""
-    device = torch.device("cuda")
+def backbone_speed(device, spec="vit_g", batch_size=32, num_clips=256, layers=(7, 15, 23, 31),
+                   img_size=224) -> str:
+    """The backbone as extraction runs it (bf16 weights and autocast on CUDA, fp32 on the CPU):
+    clips/s, model-FLOP utilisation against the device's own bf16 peak, peak memory."""
     torch.manual_seed(0)
-    model = build_backbone("vit_g").eval().requires_grad_(False).to(device)
-    clips = torch.rand(batch_size, 3, 16, 224, 224, device=device)
-    name = torch.cuda.get_device_name(device)
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-        model.forward_taps(clips, [7, 15, 23, 31])  # warm-up: kernel choice, allocator
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
-        done = 0
+    model = build_backbone(spec, img_size=img_size).eval().requires_grad_(False)
+    model = model.to(device, weight_dtype(device))
+    clips = torch.rand(batch_size, 3, 16, img_size, img_size, device=device)
+    cuda = device.type == "cuda"
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        model.forward_taps(clips, layers)  # warm-up: kernel choice, allocator
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        started, done = time.perf_counter(), 0
         while done < num_clips:
-            model.forward_taps(clips, [7, 15, 23, 31])
+            model.forward_taps(clips, layers)
             done += batch_size
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
-    rate = done / seconds
-    tokens = 8 * 16 * 16
-    dim, depth = model.embed_dim, model.depth
-    # Per clip: 2 FLOPs per multiply-add over the parameters for every token, plus attention.
-    flops = 2 * tokens * count_parameters(model) + 4 * depth * tokens * tokens * dim
-    peak = next((value for key, value in BF16_PEAK.items() if key in name), None)
-    mfu = f"{100 * rate * flops / peak:.0f}%" if peak else "unknown peak"
-    print(f"{name}: ViT-g bf16 {rate:.1f} clips/s (batch {batch_size}), peak memory "
-          f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB, MFU {mfu}")
+        if cuda:
+            torch.cuda.synchronize(device)
+        rate = done / (time.perf_counter() - started)
+    flops = clip_flops(model)
+    if cuda:
+        name = torch.cuda.get_device_name(device)
+        peak = bf16_peak(name)
+        mfu = f"MFU {100 * rate * flops / peak:.0f}% of {peak / 1e12:.0f} TFLOP/s" if peak \
+            else "MFU unknown (device peak not in bench/extract.py)"
+        memory = f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+        precision = "bf16"
+    else:
+        name, mfu, precision = f"CPU ({torch.get_num_threads()} threads)", "MFU n/a", "fp32"
+        memory = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB"
+    label = spec if isinstance(spec, str) else json.dumps(spec)
+    return (f"{name}: {label} {precision} {rate:.2f} clips/s (batch {batch_size}, {img_size} px, "
+            f"{flops / 1e12:.3f} TFLOP per clip), {mfu}, {memory}")
+
+
+def gpu_pipeline(folder, num_clips_hint=600, batch_size=32, num_workers=8):
+    """The real pipeline on CUDA (decoding workers included) with ViT-g, on generated videos,
+    next to the backbone alone on as many clips: where the pipeline/compute ratio matters."""
+    device = torch.device("cuda", 0)
+    videos = write_videos(folder, 4, num_clips_hint)
+    settings = ExtractionSettings(
+        videos=videos, store=os.path.join(folder, "gpu.zarr"), backbone="vit_g",
+        protocol=SamplingProtocol(), layers=[7, 15, 23, 31], tokens=(2, 2, 2),
+        batch_size=batch_size, num_workers=num_workers, device=str(device))
+    clips, seconds = run_pipeline(settings)
+    encoder = Encoder(settings, device)
+    _, compute = run_compute_only(settings, encoder, clips, device)
+    print(f"{torch.cuda.get_device_name(device)}: pipeline ViT-g bf16 {clips / seconds:.1f} "
+          f"clips/s ({num_workers} decoding workers, batch {batch_size}), backbone alone "
+          f"{clips / compute:.1f} clips/s, pipeline/compute {seconds / compute:.2f}")
 
 
 def main():
@@ -240,7 +290,9 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         time_readers(folder, args)
     if torch.cuda.is_available():
-        gpu_vit_g(args.gpu_clips)
+        print(backbone_speed(torch.device("cuda", 0), num_clips=args.gpu_clips))
+        with tempfile.TemporaryDirectory() as folder:
+            gpu_pipeline(folder)
     else:
         print("GPU figures (ViT-g bf16 clips/s, peak memory, MFU) skipped: no CUDA device")
 

@@ -78,8 +78,10 @@ def write_store(path, args, layers, tokens):
                 features[layer] = rng.standard_normal((clips, num_tokens, args.dim), np.float32)
             times = (np.arange(clips) * 4 + 8) / 30.0
             store.write_video(vid, features, times, {"fps": 30.0, "duration": times[-1] + 0.3})
-            database[vid] = {"subset": "validation", "duration": float(times[-1] + 0.3),
-                             "annotations": [{"segment": [10.0, 20.0], "label": "Jump"}]}
+            duration = float(times[-1] + 0.3)
+            database[vid] = {"subset": "validation", "duration": duration, "annotations": [
+                {"segment": [round(0.2 * duration, 2), round(0.5 * duration, 2)],
+                 "label": "Jump"}]}
     (path / "gt.json").write_text(json.dumps({"database": database}))
     return path / "store.zarr", path / "gt.json"
 

@@ -58,7 +58,7 @@ def wrap_collectives(monkeypatch, device, calls, emulate=False):
 
 def test_helpers_hand_collectives_tensors_on_the_ranks_cuda_device(monkeypatch):
     cuda = torch.device("cuda", 0)
-    world = World(rank=0, size=2, device=cuda)
+    world = World(rank=0, size=2, device=cuda, joined=True)
     calls = []
     wrap_collectives(monkeypatch, cuda, calls, emulate=True)
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -108,7 +108,7 @@ def predict_on_rank(rank, size, port, store_path, annotations_path, out_dir):
         calls = []
         with pytest.MonkeyPatch.context() as monkeypatch:
             wrap_collectives(monkeypatch, torch.device("cpu"), calls)
-            world = World(rank=rank, size=size, device=torch.device("cpu"))
+            world = World(rank=rank, size=size, device=torch.device("cpu"), joined=True)
             predictions, pieces = seeded_predictions(store_path, annotations_path, world)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(
             {"predictions": predictions, "pieces": pieces, "calls": calls, "pid": os.getpid()}))

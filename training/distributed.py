@@ -23,6 +23,9 @@ class World:
     rank: int = 0
     size: int = 1
     device: torch.device = torch.device("cpu")
+    # In a process group: the collectives run (in a one-process group too, which is how
+    # bench/gpu_check.py exercises NCCL on one GPU). Outside one they are no-ops.
+    joined: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -41,16 +44,16 @@ def start(prefer_cuda: bool = True) -> World:
         return World(device=device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return World(rank=dist.get_rank(), size=dist.get_world_size(), device=device)
+    return World(rank=dist.get_rank(), size=dist.get_world_size(), device=device, joined=True)
 
 
 def stop(world: World) -> None:
-    if world.size > 1 and dist.is_initialized():
+    if world.joined and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def barrier(world: World) -> None:
-    if world.size > 1:
+    if world.joined:
         # NCCL's barrier otherwise guesses the device from the rank number.
         cuda = world.device.type == "cuda"
         dist.barrier(device_ids=[world.device.index] if cuda else None)
@@ -59,7 +62,7 @@ def barrier(world: World) -> None:
 def sum_across(world: World, value: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over all processes; returns a new tensor on ``world.device``."""
     value = value.detach().to(world.device, copy=True)
-    if world.size > 1:
+    if world.joined:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
 
@@ -70,7 +73,7 @@ def gather_json(world: World, value) -> list:
     The values travel as UTF-8 JSON bytes in uint8 tensors on the rank's device (never pickled,
     unlike ``all_gather_object``), padded to the longest.
     """
-    if world.size == 1:
+    if not world.joined:
         return [value]
     payload = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
     sizes = gather_tensors(world, torch.tensor([payload.numel()], dtype=torch.int64))
@@ -84,7 +87,7 @@ def gather_json(world: World, value) -> list:
 def gather_tensors(world: World, value: torch.Tensor) -> list[torch.Tensor]:
     """``value`` of every process (all of one shape and dtype), in rank order, on ``world.device``."""
     value = value.detach().to(world.device)
-    if world.size == 1:
+    if not world.joined:
         return [value]
     parts = [torch.empty_like(value) for _ in range(world.size)]
     dist.all_gather(parts, value)
