@@ -272,11 +272,11 @@ class Trainer:
         self.step += 1
         return loss
 
-    def _global_positives(self, micro_batches) -> float:
-        """Positive points of the whole global batch, known from the targets alone."""
+    def _global_positives(self, micro_batches) -> torch.Tensor:
+        """Positive points of the whole global batch, known from the (host) targets alone; left
+        on the device, so that the step keeps its one host sync."""
         count = sum(self.model.count_positives(batch) for batch in micro_batches)
-        return float(distributed.sum_across(
-            self.world, torch.as_tensor(count, dtype=torch.float64, device=self.world.device)))
+        return distributed.sum_across(self.world, torch.tensor(count, dtype=torch.float64))
 
     def _fused_adamw(self) -> bool:
         """One kernel for the whole update on CUDA; CPU keeps the reference implementation."""
