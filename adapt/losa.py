@@ -35,6 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+# Which adapters each layer runs (the ``adapters`` argument): LoSA is "both"; the single-range
+# variants exist for the ablation (bench/ablate.py), to see what each range adds.
+ADAPTER_RANGES = {"both": ("short", "long"), "short": ("short",), "long": ("long",)}
+
 
 class BottleneckCrossAttention(nn.Module):
     """Pre-norm multi-head cross-attention in width ``bottleneck`` with a residual from the query.
@@ -178,6 +182,7 @@ class LoSA(nn.Module):
             head-only model: "fuse" (the projection, gates at one; learns from step one) or
             "gates" (a random projection; slower to open, but gentler when the intermediate
             layers carry little, see docs/losa.md).
+        adapters: "both" (LoSA), or "short" / "long" for one range only (an ablation).
 
     forward(last [B, T, D], inter [B, L, T, K, D], mask [B, T] bool, True = valid) -> [B, T, D].
     Output at padded steps equals ``last``.
@@ -195,6 +200,7 @@ class LoSA(nn.Module):
         dropout: float = 0.1,
         checkpoint_layers: bool = False,
         zero_init: str = "fuse",
+        adapters: str = "both",
     ):
         super().__init__()
         # Values come from user configs: refuse them by name rather than crash inside torch.
@@ -206,6 +212,9 @@ class LoSA(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if zero_init not in ("fuse", "gates"):
             raise ValueError(f'zero_init must be "fuse" or "gates", got {zero_init!r}')
+        if adapters not in ADAPTER_RANGES:
+            raise ValueError(f"adapters must be one of {', '.join(map(repr, ADAPTER_RANGES))}, "
+                             f"got {adapters!r}")
         for name, window in (("short_window", short_window), ("long_window", long_window)):
             if window is not None and (window < 1 or window % 2 == 0):
                 raise ValueError(f"{name} must be a positive odd number of clips, got {window}")
@@ -214,18 +223,17 @@ class LoSA(nn.Module):
         self.checkpoint_layers = checkpoint_layers
         self.memory_norm = nn.LayerNorm(dim)
         self.memory_down = nn.Linear(dim, bottleneck)
-        self.short = nn.ModuleList(
-            ShortRangeAdapter(dim, bottleneck, num_heads, num_tokens, short_window, dropout)
-            for _ in range(num_layers)
-        )
-        self.long = nn.ModuleList(
-            LongRangeAdapter(dim, bottleneck, num_heads, long_window, dropout)
-            for _ in range(num_layers)
-        )
+        self.ranges = ADAPTER_RANGES[adapters]
+        build = {"short": lambda: ShortRangeAdapter(dim, bottleneck, num_heads, num_tokens,
+                                                    short_window, dropout),
+                 "long": lambda: LongRangeAdapter(dim, bottleneck, num_heads, long_window,
+                                                  dropout)}
+        for name in self.ranges:
+            setattr(self, name, nn.ModuleList(build[name]() for _ in range(num_layers)))
         self.output_dropout = nn.Dropout(dropout)
-        # Per-channel gates, [short|long, layer, d], and a projection without bias: one of them
-        # starts at zero, so LoSA starts as the head-only model (module docstring: which one).
-        self.gates = nn.Parameter(torch.ones(2, num_layers, bottleneck))
+        # Per-channel gates, [range (short, long), layer, d], and a projection without bias: one
+        # of them starts at zero, so LoSA starts as the head-only model (module docstring: which).
+        self.gates = nn.Parameter(torch.ones(len(self.ranges), num_layers, bottleneck))
         self.fuse = nn.Linear(bottleneck, dim, bias=False)
         if zero_init == "fuse":
             nn.init.zeros_(self.fuse.weight)
@@ -247,9 +255,9 @@ class LoSA(nn.Module):
 
     def _layer(self, i, tokens, memory, mask):
         """Gated sum of layer i's short- and long-range adapter outputs, [B, T, d]."""
-        short = self.output_dropout(self.short[i](tokens, memory, mask))
-        long = self.output_dropout(self.long[i](tokens, memory, mask))
-        return self.gates[0, i] * short + self.gates[1, i] * long
+        outputs = (self.output_dropout(getattr(self, name)[i](tokens, memory, mask))
+                   for name in self.ranges)
+        return sum(self.gates[g, i] * out for g, out in enumerate(outputs))
 
     def _check_shapes(self, last, inter, mask):
         batch, length, dim = last.shape

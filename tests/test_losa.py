@@ -165,3 +165,28 @@ def test_wrong_shapes_are_refused_with_the_expected_layout():
         losa(last, inter, mask.float())
     with pytest.raises(ValueError, match="odd"):
         small_losa(short_window=4)
+
+
+@pytest.mark.parametrize("kept", ["short", "long"])
+def test_one_range_variant_is_losa_with_the_other_range_shut(kept):
+    """The ablation's single-range LoSA computes what full LoSA does with the other range's
+    gates at zero: same weights, same output; and it starts as head-only too."""
+    torch.manual_seed(0)
+    full = open_fusion(small_losa()).eval()
+    one = small_losa(adapters=kept).eval()
+    last, inter, mask = features()
+    assert torch.equal(one(last, inter, mask), last)
+    row = ("short", "long").index(kept)
+    state = {k: v for k, v in full.state_dict().items()
+             if not k.startswith(("short.", "long.")) or k.startswith(kept + ".")}
+    state["gates"] = full.gates[row:row + 1].detach().clone()
+    one.load_state_dict(state)
+    with torch.no_grad():
+        full.gates[1 - row].zero_()
+        assert torch.allclose(one(last, inter, mask), full(last, inter, mask), atol=1e-6)
+    assert not hasattr(one, ("short", "long")[1 - row])
+
+
+def test_unknown_adapters_choice_is_refused_by_name():
+    with pytest.raises(ValueError, match="adapters must be one of"):
+        small_losa(adapters="medium")

@@ -66,6 +66,7 @@ class LosaConfig:
     dropout: float = 0.1
     checkpoint_layers: bool = False  # recompute adapter activations in backward (saves memory)
     zero_init: str = "fuse"  # "fuse" or "gates": which side of the fusion starts at zero
+    adapters: str = "both"  # "both" (LoSA), "short" or "long": one range only, for ablations
 
 
 @dataclass
