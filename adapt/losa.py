@@ -76,12 +76,18 @@ class BottleneckCrossAttention(nn.Module):
     def keys_values(self, memory: torch.Tensor):
         return self.key(memory), self.value(memory)
 
-    def attend(self, q, keys, values, allowed) -> torch.Tensor:
-        """Projected queries q [N, Q, d] attend to keys/values [N, M, d]; returns q + attention."""
+    def attend(self, q, keys, values, allowed, bias=None) -> torch.Tensor:
+        """Projected queries q [N, Q, d] attend to keys/values [N, M, d]; returns q + attention.
+
+        ``bias`` [heads, Q, M], if given, is added to the attention logits where allowed.
+        """
         heads = lambda x: x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # noqa: E731
+        mask = allowed.unsqueeze(1)
+        if bias is not None:
+            mask = torch.where(mask, bias.to(q.dtype), torch.finfo(q.dtype).min)
         attended = F.scaled_dot_product_attention(
             heads(q), heads(keys), heads(values),
-            attn_mask=allowed.unsqueeze(1),
+            attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
         )
         return q + self.out(attended.transpose(1, 2).flatten(2))
@@ -123,12 +129,24 @@ class ShortRangeAdapter(nn.Module):
 
 
 class LongRangeAdapter(nn.Module):
-    """One layer's clip sequence attends to the last-layer sequence, globally or in a band."""
+    """One layer's clip sequence attends to the last-layer sequence, globally or in a band.
 
-    def __init__(self, dim, bottleneck, num_heads, window=None, dropout=0.0):
+    Attention by content alone cannot tell a key 5 s *before* the query from one 5 s after, or
+    from one in another part of the window. ``relative_bias`` (band only) adds a learned logit
+    per head and offset (key step - query step), starting at zero, so the adapter can learn
+    *where* to look as well as what for (as Swin's or T5's relative position bias does).
+    """
+
+    def __init__(self, dim, bottleneck, num_heads, window=None, dropout=0.0,
+                 relative_bias=False):
         super().__init__()
         self.radius = None if window is None else window // 2
         self.cross = BottleneckCrossAttention(dim, bottleneck, num_heads, dropout)
+        self.relative_bias = None
+        if relative_bias:
+            if window is None:
+                raise ValueError("long_relative_bias needs a long_window (a band of offsets)")
+            self.relative_bias = nn.Parameter(torch.zeros(num_heads, 2 * self.radius + 1))
 
     def forward(self, tokens, memory, mask):
         """tokens [B, T, K, D], memory [B, T, d], mask [B, T] -> [B, T, d]."""
@@ -138,11 +156,15 @@ class LongRangeAdapter(nn.Module):
             # Key mask only, [B, 1, T], so attention kernels broadcast it over queries. A video
             # with no valid step at all may attend anywhere (its output is discarded).
             allowed = (mask | ~mask.any(dim=1, keepdim=True)).unsqueeze(1)
-        else:
-            positions = torch.arange(mask.shape[1], device=mask.device)
-            band = (positions[:, None] - positions[None, :]).abs() <= self.radius
-            allowed = (mask.unsqueeze(1) & band) | ~mask.unsqueeze(-1)  # see ShortRangeAdapter
-        return self.cross.attend(q, keys, values, allowed)
+            return self.cross.attend(q, keys, values, allowed)
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        offsets = positions[None, :] - positions[:, None]                # key - query, [T, T]
+        band = offsets.abs() <= self.radius
+        allowed = (mask.unsqueeze(1) & band) | ~mask.unsqueeze(-1)  # see ShortRangeAdapter
+        bias = None
+        if self.relative_bias is not None:
+            bias = self.relative_bias[:, offsets.clamp(-self.radius, self.radius) + self.radius]
+        return self.cross.attend(q, keys, values, allowed, bias)
 
 
 def recompute_in_backward(function, *args):
@@ -183,6 +205,8 @@ class LoSA(nn.Module):
             "gates" (a random projection; slower to open, but gentler when the intermediate
             layers carry little, see docs/losa.md).
         adapters: "both" (LoSA), or "short" / "long" for one range only (an ablation).
+        long_relative_bias: a learned bias per head and offset in the long-range attention
+            (needs ``long_window``; see LongRangeAdapter and docs/losa.md).
 
     forward(last [B, T, D], inter [B, L, T, K, D], mask [B, T] bool, True = valid) -> [B, T, D].
     Output at padded steps equals ``last``.
@@ -201,6 +225,7 @@ class LoSA(nn.Module):
         checkpoint_layers: bool = False,
         zero_init: str = "fuse",
         adapters: str = "both",
+        long_relative_bias: bool = False,
     ):
         super().__init__()
         # Values come from user configs: refuse them by name rather than crash inside torch.
@@ -227,7 +252,7 @@ class LoSA(nn.Module):
         build = {"short": lambda: ShortRangeAdapter(dim, bottleneck, num_heads, num_tokens,
                                                     short_window, dropout),
                  "long": lambda: LongRangeAdapter(dim, bottleneck, num_heads, long_window,
-                                                  dropout)}
+                                                  dropout, long_relative_bias)}
         for name in self.ranges:
             setattr(self, name, nn.ModuleList(build[name]() for _ in range(num_layers)))
         self.output_dropout = nn.Dropout(dropout)

@@ -190,3 +190,31 @@ def test_one_range_variant_is_losa_with_the_other_range_shut(kept):
 def test_unknown_adapters_choice_is_refused_by_name():
     with pytest.raises(ValueError, match="adapters must be one of"):
         small_losa(adapters="medium")
+
+
+def test_long_range_relative_bias_starts_as_the_plain_band_and_learns_where_to_look():
+    torch.manual_seed(0)
+    plain = LongRangeAdapter(DIM, 16, 2, window=9).eval()
+    biased = LongRangeAdapter(DIM, 16, 2, window=9, relative_bias=True).eval()
+    biased.load_state_dict({**plain.state_dict(), "relative_bias": torch.zeros(2, 9)})
+    _, inter, mask = features(batch=2, valid=(LENGTH, 40))
+    memory = torch.randn(2, LENGTH, 16)
+    with torch.no_grad():
+        assert torch.equal(biased(inter[:, 0], memory, mask), plain(inter[:, 0], memory, mask))
+        # A large bias on offset -3 (the key three steps earlier) makes every query with a
+        # valid key there attend to it alone: the output is then that key's value.
+        biased.relative_bias[:, 4 - 3] = 50.0
+        out = biased(inter[:, 0], memory, mask)
+        q = biased.cross.project_query(inter[:, 0], pool_tokens=True)
+        _, values = biased.cross.keys_values(memory)
+        expected = q[:, 3:] + biased.cross.out(values[:, :-3])
+        assert torch.allclose(out[0, 3:], expected[0], atol=1e-5)
+        assert torch.allclose(out[1, 3:40], expected[1, :37], atol=1e-5)
+    biased.train()
+    biased(inter[:, 0], memory, mask).sum().backward()
+    assert biased.relative_bias.grad.abs().sum() > 0
+
+
+def test_relative_bias_needs_a_band():
+    with pytest.raises(ValueError, match="needs a long_window"):
+        small_losa(long_relative_bias=True)

@@ -67,6 +67,7 @@ class LosaConfig:
     checkpoint_layers: bool = False  # recompute adapter activations in backward (saves memory)
     zero_init: str = "fuse"  # "fuse" or "gates": which side of the fusion starts at zero
     adapters: str = "both"  # "both" (LoSA), "short" or "long": one range only, for ablations
+    long_relative_bias: bool = False  # learned per-offset bias in the long-range band
 
 
 @dataclass
