@@ -234,6 +234,42 @@ def plot_sensitivity(diagnosis: dict, path) -> str:
     return save_figure(figure, path)
 
 
+def plot_sensitivity_comparison(models: dict, path) -> str:
+    """Models side by side: ``{name: [diagnosis["sensitivity"], ...]}``, one entry per run
+    (training seed); bars are the mean normalised average mAP per bin, error bars the spread."""
+    from .plots import new_figure, save_figure
+
+    figure = new_figure(11, 3.8)
+    width = 0.8 / len(models)
+    for axes, (key, title) in zip(figure.subplots(1, 2), (("length", "action length"),
+                                                          ("instances", "instances per video"))):
+        first = next(iter(models.values()))[0][key]
+        bins = first["bins"]
+        x = np.arange(len(bins))
+        for i, (name, runs) in enumerate(models.items()):
+            values = 100 * np.array([[b["average_mAP_N"] if b["average_mAP_N"] is not None
+                                      else np.nan for b in run[key]["bins"]] for run in runs])
+            # A bin without ground truth in a run is nan there: average over the runs that have
+            # some (an empty bin draws as 0).
+            seen = ~np.isnan(values)
+            count = np.maximum(seen.sum(axis=0), 1)
+            mean = np.where(seen, values, 0).sum(axis=0) / count
+            spread = np.sqrt((np.where(seen, values - mean, 0) ** 2).sum(axis=0)
+                             / np.maximum(count - 1, 1)) if len(runs) > 1 else None
+            overall = 100 * np.mean([run[key]["average_mAP_N"] for run in runs])
+            axes.bar(x + (i - (len(models) - 1) / 2) * width, mean, width, yerr=spread,
+                     capsize=3, label=f"{name} (all: {overall:.1f})")
+        axes.set_xticks(x, [f"{b['name']}\n{_range_text(b['range'])}\n{b['num_gt']} gt"
+                            for b in bins], fontsize=7)
+        axes.set_ylim(0, 110)
+        axes.set_ylabel("normalised average mAP (%)")
+        axes.set_title(f"by {title} ({first['unit']})", fontsize=9)
+        axes.legend(fontsize=7, loc="upper right")
+    runs = len(next(iter(models.values())))
+    figure.suptitle("Sensitivity" + (f", mean +- std over {runs} runs" if runs > 1 else ""))
+    return save_figure(figure, path)
+
+
 def _range_text(bounds) -> str:
     low, high = bounds
     return f"> {low:g}" if high is None else f"({low:g}, {high:g}]"
