@@ -77,6 +77,7 @@ def _run_stages(settings: DemoSettings, out: Path) -> dict:
     with _timed(seconds, "evaluate"):
         results = {model: evaluate_model(model, store, annotations, out, settings)
                    for model in MODELS}
+        plot_sensitivity_side_by_side(out)
     report = {"seed": settings.synth.seed,
               **{model: {"mAP": r["mAP"], "average_mAP": r["average_mAP"],
                          "tiou_thresholds": r["tiou_thresholds"]}
@@ -258,6 +259,15 @@ def evaluate_model(model: str, store: Path, annotations: Path, out: Path,
     return evaluation.report()
 
 
+def plot_sensitivity_side_by_side(out: Path) -> str:
+    """The paper's sensitivity comparison: both models in one figure (sensitivity.png)."""
+    from evaluation.diagnosis import plot_sensitivity_comparison
+
+    diagnoses = {model: [json.loads((out / model / "diagnosis" / "diagnosis.json").read_text())
+                         ["sensitivity"]] for model in MODELS}
+    return plot_sensitivity_comparison(diagnoses, out / "sensitivity.png")
+
+
 def timeline_video(ground_truth) -> str:
     """The test video with the most actions: the busiest timeline to look at."""
     videos = ground_truth.videos("test")
@@ -296,7 +306,9 @@ def report_markdown(report: dict, results: dict) -> str:
         cells = [f"{100 * sum(ap) / len(ap):.2f}"
                  for ap in (results[m]["per_class_AP"][label] for m in MODELS)]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "Seconds: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()), ""]
+    lines += ["", "Seconds: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()), "",
+              "Normalised mAP by action length and by instances per video, both models:", "",
+              "![sensitivity](sensitivity.png)", ""]
     for model in MODELS:
         lines += [f"## {model}", "", f"![timeline]({model}/timeline.png)",
                   f"![false positives]({model}/diagnosis/false_positives.png)",

@@ -54,6 +54,7 @@ def test_demo_writes_the_report_figures_and_diagnosis(tmp_path):
     markdown = (out / "report.md").read_text()
     assert "| losa |" in markdown and "| head_only |" in markdown
     assert "losa/timeline.png" in markdown
+    assert _is_png(out / "sensitivity.png") and "(sensitivity.png)" in markdown
     # The side-by-side table is printed, one row per model.
     assert "head_only" in result.stdout and "average" in result.stdout
 

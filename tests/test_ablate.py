@@ -1,0 +1,105 @@
+"""The ablation (bench/ablate.py) and the long-range measurements (bench/long_range.py): the
+quick ablation through the real command (real benchmark, store, trainings), its resume and
+refusals, the summary's arithmetic, and the head's receptive field worked out by hand."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from synth.ablate import VARIANTS, summarise, table_markdown
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _ablate(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "ablate.py"), *args,
+                           "--no-progress"], capture_output=True, text=True, env=env)
+
+
+def _is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_quick_ablation_trains_every_variant_tabulates_and_resumes(tmp_path):
+    out = tmp_path / "ablate"
+    result = _ablate("--quick", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == list(VARIANTS)
+    for variant, s in summary.items():
+        assert s["seeds"] == [0] and 0.0 <= s["mean"] <= 1.0 and s["std"] == 0.0
+        assert f"| {variant} | 1 |" in result.stdout  # the table is printed
+    # Each variant trained what it says: the checkpoints hold exactly its modules.
+    keys = {v: set(torch.load(out / "runs" / v / "seed0" / "last.pt",
+                              weights_only=True)["model"]) for v in VARIANTS}
+    assert not any(k.startswith("losa.") for k in keys["head_only"])
+    assert any(k.startswith("losa.short.") for k in keys["short"])
+    assert not any(k.startswith("losa.long.") for k in keys["short"])
+    assert any(k.startswith("losa.long.") for k in keys["long"])
+    assert not any(k.startswith("losa.short.") for k in keys["long"])
+    assert "losa.long.0.relative_bias" in keys["losa_relpos"]
+    assert "losa.long.0.relative_bias" not in keys["losa"]
+    for figure in ("ablation.png", "sensitivity.png"):
+        assert _is_png(out / figure)
+    assert (out / "table.md").read_text().count("\n") == len(VARIANTS) + 2
+
+    # A rerun with the same settings trains nothing again; other settings are refused.
+    result_file = out / "runs" / "losa" / "seed0" / "result.json"
+    written = result_file.stat().st_mtime_ns
+    again = _ablate("--quick", "--out", str(out))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert result_file.stat().st_mtime_ns == written
+    refused = _ablate("--quick", "--epochs", "3", "--out", str(out))
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (f"error: {out}: holds an ablation with other settings "
+                                      "(benchmark or epochs); choose another --out or delete it")
+
+
+def test_bad_options_are_one_line_errors(tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    cases = [(["--variants", "losa,medium"], "error: --variants: unknown variant 'medium'"),
+             (["--train-seeds", "0,x"], "error: --train-seeds: expected comma-separated"),
+             (["--out", str(foreign)], f"error: {foreign}: exists and holds no ablation")]
+    for args, message in cases:
+        result = _ablate("--quick", *(args if "--out" in args
+                                      else [*args, "--out", str(tmp_path / "new")]))
+        assert result.returncode == 2 and result.stderr.startswith(message), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert (foreign / "notes.txt").read_text() == "mine" and len(list(foreign.iterdir())) == 1
+
+
+def test_summary_is_mean_and_sample_spread_over_seeds():
+    def run(seed, score, dash):
+        return {"seed": seed, "average_mAP": score, "train_seconds": 10.0, "sensitivity": {},
+                "per_class_AP": {"dash": dash, "orbit_cw": 0.5}}
+
+    summary = summarise({"losa": [run(0, 0.30, 0.1), run(1, 0.40, 0.3), run(2, 0.20, 0.2)],
+                         "short": [], "long": [run(3, 0.25, 0.0)]})
+    assert list(summary) == ["losa", "long"]                      # no finished run: no row
+    assert summary["losa"]["mean"] == pytest.approx(0.30)
+    assert summary["losa"]["std"] == pytest.approx(0.10)          # sqrt(0.02 / (3 - 1))
+    assert summary["losa"]["per_class_mean"]["dash"] == pytest.approx(0.2)
+    assert summary["losa"]["per_class_std"]["dash"] == pytest.approx(0.1)
+    assert summary["long"]["std"] == 0.0                          # one seed: no spread
+    table = table_markdown(summary)
+    assert "| losa | 3 | 30.0 +- 10.0 | 20.0 | 50.0 |" in table
+
+
+def test_head_receptive_field_matches_the_layers_worked_out_by_hand():
+    """Level 0: two embedding convs (k3: 2 steps), two stem blocks (q/k/v conv k3 + local
+    attention of window 9: 1 + 4 steps each) and the tower (3 convs k3: 3 steps): 15. Level 1
+    adds a strided block on the stem's 12 (k/v conv k3 stride 2: 1 step, attention 4 level-1
+    steps = 8) and a tower of 3 level-1 steps (6): 12 + 9 + 6 = 27."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from long_range import receptive_field
+
+    reach = receptive_field()
+    assert [(r["steps_before"], r["steps_after"]) for r in reach[:2]] == [(15, 15), (27, 27)]
