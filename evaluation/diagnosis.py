@@ -259,14 +259,18 @@ def plot_sensitivity_comparison(models: dict, path) -> str:
             overall = 100 * np.mean([run[key]["average_mAP_N"] for run in runs])
             axes.bar(x + (i - (len(models) - 1) / 2) * width, mean, width, yerr=spread,
                      capsize=3, label=f"{name} (all: {overall:.1f})")
-        axes.set_xticks(x, [f"{b['name']}\n{_range_text(b['range'])}\n{b['num_gt']} gt"
-                            for b in bins], fontsize=7)
+        runs_of_first = next(iter(models.values()))
+        counts = [sum(run[key]["bins"][j]["num_gt"] for run in runs_of_first)
+                  for j in range(len(bins))]
+        axes.set_xticks(x, [f"{b['name']}\n{_range_text(b['range'])}\n{n} gt"
+                            for b, n in zip(bins, counts)], fontsize=7)
         axes.set_ylim(0, 110)
         axes.set_ylabel("normalised average mAP (%)")
         axes.set_title(f"by {title} ({first['unit']})", fontsize=9)
         axes.legend(fontsize=7, loc="upper right")
     runs = len(next(iter(models.values())))
-    figure.suptitle("Sensitivity" + (f", mean +- std over {runs} runs" if runs > 1 else ""))
+    figure.suptitle("Sensitivity" + (f", mean +- std over {runs} runs (gt: all runs)"
+                                     if runs > 1 else ""))
     return save_figure(figure, path)
 
 
