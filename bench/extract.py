@@ -11,11 +11,13 @@ dependency), then extracts them three ways in one run, with the same random-init
                 as the official TAL script does (each frame four times), encode, write;
   compute only  the backbone alone on as many clips, already in memory.
 
-Then the clip reader alone (decode + resize, no backbone; ``--decode-frames`` frames per video at
-29.97 fps, where resampling to 15 fps skips frames unevenly), at the native rate and at 15 fps,
-two ways: *before* issue 15 (decord alone, frames fetched by index: seeks, which land on wrong
-frames in open-GOP streams) and *after* (a PyAV demux pass, then a front-to-back decode keeping
-the frames wanted). It prints clips/s and the after/before time ratio for each rate.
+Then the clip reader alone (open, decode to RGB the frames the clips use, no resize, in CPU
+seconds; ``--decode-frames`` frames per video at 29.97 fps, where resampling to 15 fps skips
+frames unevenly), at the native rate and at 15 fps, three ways: *before* issue 15 (decord alone,
+frames fetched by index: seeks, which land on wrong frames in open-GOP streams), *decord front to
+back* (the new reader kept on decord whatever the protocol: it converts every frame it decodes),
+and *after* (as the new reader chooses: decord at the native rate, PyAV when frames are skipped).
+It prints each time and its ratio to *before*.
 
 Each is run ``--repeats`` times, interleaved, and the fastest run counts (the machine may be
 shared). It prints clips/s for each, the pipeline's speed-up over the naive loop, and the ratio
@@ -27,7 +29,7 @@ CUDA, it says those figures were skipped.
 
     python bench/extract.py [--backbone vit_s] [--videos 2] [--frames 48] [--batch-size 8]
                             [--num-workers 1] [--layers 3,7] [--tokens 2x2x2] [--repeats 3]
-                            [--gpu-clips 256]
+                            [--gpu-clips 256] [--decode-frames 600] [--reader-only]
 """
 import argparse
 import json
@@ -44,9 +46,8 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from extract import clips as clip_reader  # noqa: E402
 from extract.backbone import build_backbone, count_parameters  # noqa: E402
-from extract.decoding import VideoSource  # noqa: E402
+from extract.decoding import VideoSource, open_video  # noqa: E402
 from extract.pipeline import (Encoder, ExtractionSettings, pick_device,  # noqa: E402
                               run_extraction, store_meta, weight_dtype)
 from extract.pooling import parse_tokens  # noqa: E402
@@ -90,6 +91,7 @@ def parse_args():
     parser.add_argument("--gpu-clips", type=int, default=256, help="ViT-g clips timed on CUDA")
     parser.add_argument("--decode-frames", type=int, default=600,
                         help="frames per video for the clip-reader timing")
+    parser.add_argument("--reader-only", action="store_true", help="only the clip reader")
     return parser.parse_args()
 
 
@@ -138,7 +140,7 @@ def official_clip(frames, start, size):
     return F.interpolate(clip, size=(size, size), mode="bilinear", align_corners=False)
 
 
-def seeking_source(path, num_threads=1):
+def seeking_source(path, num_threads=1, every_frame=True):
     """The reader before issue 15: decord alone, every wanted frame fetched by its index."""
     import decord
 
@@ -156,17 +158,27 @@ def seeking_source(path, num_threads=1):
     return source
 
 
-def run_reader(videos, protocol, reader):
-    """Clips/s of the clip reader alone (decode + resize) with ``reader`` as ``open_video``."""
-    original, clip_reader.open_video = clip_reader.open_video, reader
-    try:
-        started, count = time.perf_counter(), 0
-        for video_id, path in videos:
-            for chunk in clip_reader.iter_chunks(video_id, path, protocol, clips_per_chunk=32):
-                count += len(chunk["index"])
-        return count, time.perf_counter() - started
-    finally:
-        clip_reader.open_video = original
+def front_to_back_decord(path, num_threads=1, every_frame=True):
+    """The new reader forced onto decord whatever the protocol (what choosing PyAV saves)."""
+    return open_video(path, num_threads, every_frame=True)
+
+
+READERS = {"before (decord, seeks)": seeking_source,
+           "decord front to back": front_to_back_decord,
+           "after (as chosen)": open_video}
+
+
+def run_reader(videos, protocol, opener):
+    """CPU seconds to open each video and decode the frames its clips use (no resize)."""
+    started = time.process_time()
+    for _, path in videos:
+        source = opener(path, every_frame=protocol.uses_every_frame)
+        indices = np.unique(protocol.native_indices(source.num_frames, source.fps,
+                                                    source.frame_times))
+        for _ in source.read(indices):
+            pass
+        source.close()
+    return time.process_time() - started
 
 
 def time_readers(folder, args):
@@ -176,17 +188,17 @@ def time_readers(folder, args):
         path = os.path.join(folder, f"ntsc_{index}.mp4")
         write_video(path, args.decode_frames, height=180, width=320, fps=NTSC, seed=index)
         videos.append((f"ntsc_{index}", path))
-    print(f"clip reader alone (decode + resize to 224, no backbone): {args.videos} videos x "
-          f"{args.decode_frames} frames 320x180 H.264 at 29.97 fps, best of {args.repeats}")
+    repeats = 2 * args.repeats - 1
+    print(f"clip reader alone (open + decode to RGB, no resize; CPU time, best of {repeats}): "
+          f"{args.videos} videos x {args.decode_frames} frames 320x180 H.264 at 29.97 fps")
     for name, protocol in (("native", SamplingProtocol()), ("15 fps", SamplingProtocol(fps=15.0))):
         best = {}
-        for _ in range(args.repeats):
-            for label, reader in (("before", seeking_source), ("after", clip_reader.open_video)):
-                run = run_reader(videos, protocol, reader)
-                best[label] = min(best.get(label, run), run, key=lambda r: r[1])
-        rates = {label: count / seconds for label, (count, seconds) in best.items()}
-        print(f"  {name:<7} before {rates['before']:6.2f} clips/s, after {rates['after']:6.2f} "
-              f"clips/s: after/before time {rates['before'] / rates['after']:.2f}")
+        for _ in range(repeats):
+            for label, opener in READERS.items():
+                best[label] = min(best.get(label, np.inf), run_reader(videos, protocol, opener))
+        before = best["before (decord, seeks)"]
+        print(f"  {name}: " + ", ".join(f"{label} {seconds:.3f} s ({seconds / before:.2f}x)"
+                                        for label, seconds in best.items()))
 
 
 def run_compute_only(settings, encoder, num_clips, device=torch.device("cpu")):
@@ -254,8 +266,8 @@ def gpu_pipeline(folder, num_clips_hint=600, batch_size=32, num_workers=8):
           f"{clips / compute:.1f} clips/s, pipeline/compute {seconds / compute:.2f}")
 
 
-def main():
-    args = parse_args()
+def time_pipeline(args):
+    """The pipeline, the naive loop and the backbone alone (the module docstring)."""
     cpu = pick_device("cpu")
     with tempfile.TemporaryDirectory() as folder:
         videos = write_videos(folder, args.videos, args.frames)
@@ -287,8 +299,16 @@ def main():
     print(f"  pipeline speed-up over the naive loop: {naive / pipeline:.2f}x")
     print(f"  pipeline time / compute-only time: {pipeline / compute:.2f} (goal <= 1.15; "
           f"{args.num_workers} decoding worker(s) share the CPU with the backbone here)")
+
+
+def main():
+    args = parse_args()
+    if not args.reader_only:
+        time_pipeline(args)
     with tempfile.TemporaryDirectory() as folder:
         time_readers(folder, args)
+    if args.reader_only:
+        return
     if torch.cuda.is_available():
         print(backbone_speed(torch.device("cuda", 0), num_clips=args.gpu_clips))
         with tempfile.TemporaryDirectory() as folder:

@@ -58,7 +58,7 @@ def check_video(video_id: str, path, protocol: SamplingProtocol,
         reader = open_decord(path)
         record["frames_counted"] = len(reader) if reader is not None else None
         del reader
-        source = open_video(path)
+        source = open_video(path, every_frame=protocol.uses_every_frame)
     except VideoError as err:
         return {**record, "status": "fails", "reason": str(err)}
     try:
@@ -68,7 +68,7 @@ def check_video(video_id: str, path, protocol: SamplingProtocol,
         return {**record, "status": "fails", "reason": str(err)}
     finally:
         source.close()
-    record["status"], record["reason"] = _verdict(record, found)
+    record["status"], record["reason"] = _verdict(record, found, protocol.uses_every_frame)
     return record
 
 
@@ -102,7 +102,7 @@ def _sequential_frames(path, wanted) -> tuple[list, int]:
     return frames, count
 
 
-def _verdict(record: dict, found) -> tuple[str, str]:
+def _verdict(record: dict, found, every_frame: bool) -> tuple[str, str]:
     """(status, one-line reason) from a filled-in record."""
     shown, decoded = record["frames_shown"], record["frames_decoded"]
     if record["probe_mismatches"]:
@@ -123,7 +123,8 @@ def _verdict(record: dict, found) -> tuple[str, str]:
     elif found.undecodable:
         notes.append(f"cut before its first keyframe: {found.undecodable} frames never decode "
                      f"(decord counts {record['frames_counted']}, {shown} shown); read by PyAV")
-    if record["decoder"]["name"] == "pyav" and not notes and record["frame_rate"] != "variable":
+    if record["decoder"]["name"] == "pyav" and not notes and record["frame_rate"] != "variable" \
+            and every_frame:  # else PyAV reads every video (decoding.py)
         notes.append("decord fails on its frames; read by PyAV")
     if record["frame_rate"] == "variable":
         notes.append(f"variable frame rate ({_rate(record['fps_average'])} fps reported, "

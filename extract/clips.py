@@ -112,7 +112,7 @@ def decode_frames(source: VideoSource, indices: np.ndarray,
 def iter_chunks(video: str, path: str | os.PathLike, protocol: SamplingProtocol,
                 clips_per_chunk: int, num_threads: int = 1):
     """Yield the chunks of one video in clip order (see the module docstring)."""
-    source = open_video(path, num_threads)
+    source = open_video(path, num_threads, every_frame=protocol.uses_every_frame)
     try:
         yield from _chunks_of(source, video, protocol, clips_per_chunk)
     finally:

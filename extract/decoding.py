@@ -2,10 +2,15 @@
 
 Two decoders, chosen per video (the store records which one and its version):
 
-- **decord** (the official VideoMAEv2 extraction's decoder) reads a video when it opens it,
-  counts exactly the frames the container shows, and those frames are evenly spaced. That is
-  nearly every dataset file, and there it is bit-exact and fast.
-- **PyAV** (FFmpeg's libavcodec, with dav1d for AV1) reads the rest: codecs decord's bundled
+- **decord** (the official VideoMAEv2 extraction's decoder) reads a video when the protocol
+  uses every frame (the native rate, as the official protocol), decord opens it, counts exactly
+  the frames the container shows, and those frames are evenly spaced. That is nearly every
+  dataset file, and there it is bit-exact and fast.
+- **PyAV** (FFmpeg's libavcodec, with dav1d for AV1) reads the rest. Every video when the
+  protocol skips frames (``--fps``, ``--frame-interval``): PyAV converts only the frames used
+  to RGB, where decord converts every frame it decodes (its own ``skip_frames`` lands on wrong
+  frames in open-GOP streams, as its seeks do); on 8-bit video both give the same RGB, bit for
+  bit. And whatever the protocol: codecs decord's bundled
   FFmpeg lacks (AV1), frame sizes decord fails to copy, files whose edit list hides frames
   (``ffmpeg -ss ... -c copy``, a cut on a non-keyframe: decord counts every packet and returns
   hidden frames), files cut before their first keyframe (frames listed that no decoder can
@@ -193,7 +198,9 @@ class VideoSource:
                 raise VideoError(f"decoded {raw.shape[0]} frames, expected {len(span)}")
             self._position = span[-1] + 1
             keep = kept[(kept >= begin) & (kept < self._position)] - begin
-            if len(keep):  # frames between wanted ones are decoded all the same, to stay in order
+            if len(keep) == len(span):  # every frame wanted (the native rate): no copy
+                yield raw
+            elif len(keep):  # frames between wanted ones are decoded all the same, in order
                 yield raw[keep]
 
     # -- PyAV: one sequential decode ---------------------------------------------------------
@@ -254,8 +261,10 @@ def decoder_record(name: str) -> dict:
     return {"name": "pyav", "version": f"{av.__version__} (libavcodec {codec})"}
 
 
-def open_video(path: str | os.PathLike, num_threads: int = 1) -> VideoSource:
-    """Probe a video and open it with the decoder that reads it exactly (module docstring)."""
+def open_video(path: str | os.PathLike, num_threads: int = 1,
+               every_frame: bool = True) -> VideoSource:
+    """Probe a video and open it with the decoder that reads it exactly (module docstring);
+    ``every_frame``: whether the protocol uses every frame (else PyAV reads it)."""
     try:
         if os.path.getsize(path) == 0:
             raise VideoError("empty file")
@@ -264,7 +273,7 @@ def open_video(path: str | os.PathLike, num_threads: int = 1) -> VideoSource:
     found = probe(path)
     common = dict(path=str(path), codec=found.codec, container=found.container,
                   num_threads=num_threads)
-    if found.hidden == found.undecodable == 0 and not found.variable_rate:
+    if every_frame and found.hidden == found.undecodable == 0 and not found.variable_rate:
         reader = open_decord(path, num_threads)
         fps = float(reader.get_avg_fps()) if reader is not None else 0.0
         if reader is not None and len(reader) == found.num_frames and np.isfinite(fps) \

@@ -103,6 +103,11 @@ class SamplingProtocol:
         """Sampling-timeline frames covered by one clip, first to last inclusive."""
         return (self.clip_len - 1) * self.frame_interval + 1
 
+    @property
+    def uses_every_frame(self) -> bool:
+        """Do the clips, together, use every native frame up to the last one they use?"""
+        return self.fps is None and self.frame_interval == 1 and self.clip_stride <= self.clip_len
+
     def sampling_fps(self, native_fps: float) -> float:
         return float(self.fps) if self.fps is not None else float(native_fps)
 

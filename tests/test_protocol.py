@@ -115,3 +115,11 @@ def test_variable_rate_times_pick_the_frame_on_screen_and_time_the_clip_centre()
     assert np.allclose(native.feature_times(6, 10.0, times), [0.1, 0.4, 0.5])
     padded = SamplingProtocol(clip_len=4, clip_stride=4, tail="pad")
     assert np.allclose(padded.feature_times(6, 10.0, times), [0.15, 0.6])
+
+
+def test_which_protocols_use_every_frame():
+    assert SamplingProtocol().uses_every_frame  # the official protocol: the decoder reads all
+    assert SamplingProtocol(clip_len=16, clip_stride=16).uses_every_frame
+    assert not SamplingProtocol(clip_len=16, clip_stride=17).uses_every_frame
+    assert not SamplingProtocol(fps=15.0).uses_every_frame
+    assert not SamplingProtocol(frame_interval=2).uses_every_frame

@@ -8,6 +8,7 @@ from click.testing import CliRunner
 
 from cli import main
 from extract import decoding
+from extract.protocol import SamplingProtocol
 from tests.indexed_videos import (can_encode, write_cut_before_keyframe, write_indexed,
                                   write_trimmed)
 from tests.videos import write_random_bytes, write_truncated, write_video
@@ -101,11 +102,13 @@ def test_a_folder_that_extracts_right_exits_zero(folder, tmp_path):
 
 
 def test_the_probe_catches_a_reader_that_seeks(folder, monkeypatch):
-    """With the old index-seeking reader put back, the 15 fps probe flags the open-GOP file."""
+    """With the old reader put back (decord for every protocol, frames fetched by index), the
+    15 fps probe flags the open-GOP file."""
     def seeking(self, wanted, per_call):
         yield self._reader.get_batch(wanted).asnumpy()
 
     monkeypatch.setattr(decoding.VideoSource, "_read_decord", seeking)
+    monkeypatch.setattr(SamplingProtocol, "uses_every_frame", property(lambda self: True))
     only = folder / "only"
     only.mkdir(exist_ok=True)
     (only / "open_gop.mkv").write_bytes((folder / "videos" / "open_gop.mkv").read_bytes())
