@@ -46,7 +46,7 @@ NUM_CLASSES = 20
 
 
 def random_batch(batch, length, num_layers, num_tokens, dim, seed=0):
-    """A collated batch of the store's shapes (float32, as the store reads), all steps valid,
+    """A collated batch of the store's shapes (float32; the model's dtype), all steps valid,
     three segments per video."""
     generator = torch.Generator().manual_seed(seed)
     starts = torch.tensor([0.1, 0.4, 0.7]) * length

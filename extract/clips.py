@@ -187,6 +187,9 @@ class ClipChunks(torch.utils.data.IterableDataset):
                 yield {"kind": "failed", "video": video, "error": f"{Path(path).name}: {err}"}
 
 
+PREFETCH_CHUNKS = 4  # chunks each worker decodes ahead (they wait in shared memory)
+
+
 def make_loader(dataset: ClipChunks, num_workers: int, pin_memory: bool):
     """A DataLoader that decodes ahead of the backbone in ``num_workers`` processes.
 
@@ -201,4 +204,4 @@ def make_loader(dataset: ClipChunks, num_workers: int, pin_memory: bool):
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
         multiprocessing_context=SpawnContext() if num_workers else None,
-        prefetch_factor=4 if num_workers else None, persistent_workers=False)
+        prefetch_factor=PREFETCH_CHUNKS if num_workers else None, persistent_workers=False)

@@ -210,7 +210,61 @@ class Encoder:
             features = {LAST: pooled.float()}
             for layer, tokens in zip(self.layers, taps):
                 features[layer] = pool_tokens(tokens, self.grid, self.tokens)
-        return {layer: values.cpu().numpy() for layer, values in features.items()}
+        return to_host(features)
+
+
+def to_host(features: dict) -> dict:
+    """Float32 device tensors -> numpy arrays. From a GPU: one copy of the whole batch into
+    pinned memory (rather than one synchronous pageable copy per layer), then views of it."""
+    first = next(iter(features.values()))
+    if first.device.type == "cpu":
+        return {layer: values.numpy() for layer, values in features.items()}
+    flat = torch.cat([values.flatten(1) for values in features.values()], dim=1)
+    host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+    host.copy_(flat, non_blocking=True)
+    torch.cuda.current_stream(flat.device).synchronize()
+    arrays, offset = {}, 0
+    for layer, values in features.items():
+        width = values[0].numel()
+        arrays[layer] = host[:, offset:offset + width].reshape(values.shape).numpy()
+        offset += width
+    return arrays
+
+
+SHARED_MEMORY = "/dev/shm"
+
+
+def shared_memory_free(path=SHARED_MEMORY) -> int | None:
+    """Bytes free in the shared-memory filesystem, or None where there is none to ask."""
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+def shared_memory_needed(settings: ExtractionSettings) -> int:
+    """Bytes of frames the decoding workers keep in shared memory at most: each has
+    ``PREFETCH_CHUNKS`` chunks waiting plus the one it is filling; a chunk is the distinct
+    float32 frames of ``batch_size`` consecutive clips."""
+    from extract.clips import PREFETCH_CHUNKS
+
+    protocol = settings.protocol
+    frames = min((settings.batch_size - 1) * protocol.clip_stride * protocol.frame_interval
+                 + protocol.span, settings.batch_size * protocol.clip_len)
+    chunk = frames * 3 * protocol.img_size ** 2 * 4
+    return settings.num_workers * (PREFETCH_CHUNKS + 1) * chunk
+
+
+def check_shared_memory(settings: ExtractionSettings) -> None:
+    """Refuse, in one line, to start workers whose chunks /dev/shm cannot hold (Docker gives a
+    container 64 MB), rather than let them die of SIGBUS mid-video."""
+    free, needed = shared_memory_free(), shared_memory_needed(settings)
+    if free is not None and free < needed:
+        raise input_error(SHARED_MEMORY, f"{free / 2**20:.0f} MB free, but {settings.num_workers}"
+                          f" decoding workers can hold {needed / 2**20:.0f} MB of frames there; "
+                          "give it more (docker run --shm-size=8g, or mount a larger tmpfs) or "
+                          "lower --num-workers or --batch-size")
 
 
 def weight_dtype(device: torch.device) -> torch.dtype:
@@ -485,6 +539,8 @@ def run_extraction(settings: ExtractionSettings, show_progress: bool = True,
     if settings.batch_size < 1 or settings.num_workers < 0:
         raise input_error("--batch-size" if settings.batch_size < 1 else "--num-workers",
                           "must be positive")
+    if settings.num_workers:  # before anything is built or written
+        check_shared_memory(settings)
     device = pick_device(settings.device)
     encoder = Encoder(settings, device)
     videos = rank_share(settings.videos)

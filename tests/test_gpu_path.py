@@ -5,6 +5,7 @@ recorded, and bf16 runs on the CPU, which has the same rounding.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -84,3 +85,39 @@ def test_the_gpu_check_runs_in_its_reduced_form_on_the_cpu():
         result.stdout
     assert re.search(r"^loader: store [\d.]+ GB/s, cached [\d.]+ GB/s, memcpy floor [\d.]+ GB/s "
                      r"\(cached/floor [\d.]+\)$", result.stdout, re.MULTILINE)
+
+
+def test_workers_whose_chunks_dev_shm_cannot_hold_are_refused_in_one_line(tmp_path, monkeypatch):
+    """Docker gives a container 64 MB of /dev/shm; the default 8 workers need about 3.2 GB."""
+    from click.testing import CliRunner
+
+    from cli import main
+    from extract import pipeline
+    from extract.pipeline import ExtractionSettings, shared_memory_needed
+    from test_extract_pipeline import TINY as TINY_BACKBONE
+    from test_extract_pipeline import cli_args
+    from tests.videos import write_video
+
+    thumos = ExtractionSettings(videos=[], store="s", backbone="vit_g", batch_size=32,
+                                num_workers=8)
+    # 32 clips every 4 frames use 31 * 4 + 16 distinct frames of 3 x 224 x 224 float32; each
+    # worker holds 4 chunks ahead and the one it fills.
+    assert shared_memory_needed(thumos) == 8 * 5 * 140 * 3 * 224 * 224 * 4
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    write_video(folder / "a.mkv", 40)
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_BACKBONE))
+    # The tiny protocol's chunks (32 px) need 4 MB; a 1 MB /dev/shm cannot hold them.
+    monkeypatch.setattr(pipeline, "shared_memory_free", lambda: 2 ** 20)
+    store = tmp_path / "out.zarr"
+    result = CliRunner().invoke(main, cli_args(folder, store, tmp_path / "tiny.json",
+                                               "--num-workers", "2"))
+    assert result.exit_code == 2
+    message = result.output.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: /dev/shm: 1 MB free, but 2 decoding workers can hold 4 MB of "
+                        r"frames there; give it more \(docker run --shm-size=8g, or mount a "
+                        r"larger tmpfs\) or lower --num-workers or --batch-size", message), message
+    assert not store.exists()  # refused before anything was written
+    monkeypatch.setattr(pipeline, "shared_memory_free", lambda: 2 ** 40)
+    assert CliRunner().invoke(main, cli_args(folder, store, tmp_path / "tiny.json",
+                                             "--num-workers", "0")).exit_code == 0
