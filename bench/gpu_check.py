@@ -262,10 +262,19 @@ def collectives_section(device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reduced", action="store_true", help="toy sizes even on CUDA")
+    parser.add_argument("--cosine-only", type=int, metavar="PX",
+                        help="only the ViT-g bf16-vs-fp32 cosine, on 2 clips of PX x PX (the "
+                             "docs' CPU figure: 112)")
     args = parser.parse_args()
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if args.cosine_only:
+        sizes = Sizes(reduced=False)
+        sizes.img_size, sizes.cosine_clips = args.cosine_only, 2
+        say("backbone", f"ViT-g random weights, 16x{args.cosine_only}x{args.cosine_only} on "
+                        f"{device}: {cosine_line(device, sizes)}")
+        return
     sizes = Sizes(args.reduced or device.type != "cuda")
     started = time.perf_counter()
     device_section(device)
