@@ -52,6 +52,7 @@ def test_class_agnostic_dataset_gives_every_action_the_one_class(anet_files):
 
 def test_class_agnostic_training_learns_one_class_and_infer_labels_it(anet_files, tmp_path):
     store_path, annotations_path = anet_files
+    # 30 epochs: with ActionFormer's recipe (lr 0 at step 0, crop jitter) 20 reach only 0.83.
     config = tiny_config(data={"class_agnostic": True}, model={"type": "head_only"},
                          train={"epochs": 30}, eval={"subset": "training", "every": 30},
                          head={"drop_path": 0.0})
