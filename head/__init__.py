@@ -1,4 +1,5 @@
-"""The anchor-free ActionFormer-style detection head: model, targets, losses, NMS, post-processing."""
+"""ActionFormer's anchor-free detection head: model, targets, losses, NMS, post-processing,
+and the loading of official ActionFormer weights (head.actionformer)."""
 from head.model import THUMOS_REGRESSION_RANGES, ActionFormerHead
 from head.nms import batched_nms, segment_iou, suppress
 from head.postprocess import postprocess

@@ -215,7 +215,8 @@ class ActionFormerHead(nn.Module):
                                                     masks):
             feature = norm(feature)
             out["cls_logits"].append(self.cls_tower(feature, level_mask))
-            out["offsets"].append(F.relu(outside_autocast(scale, self.reg_tower(feature, level_mask))))
+            offsets = outside_autocast(scale, self.reg_tower(feature, level_mask))
+            out["offsets"].append(F.relu(offsets))
         return out
 
     def padded_length(self, length: int) -> int:

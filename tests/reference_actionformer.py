@@ -242,7 +242,8 @@ class PtTransformer(nn.Module):
         if self.training or max_len <= self.max_seq_len:
             max_len = self.max_seq_len
         else:
-            max_len = (max_len + self.max_div_factor - 1) // self.max_div_factor * self.max_div_factor
+            factor = self.max_div_factor
+            max_len = (max_len + factor - 1) // factor * factor
         batch = feats[0].new_zeros(len(feats), feats[0].shape[0], max_len)
         for f, padded in zip(feats, batch):
             padded[:, :f.shape[-1]] = f
@@ -294,7 +295,8 @@ class PtTransformer(nn.Module):
         """The training losses of a batch (segments/labels: one tensor per video)."""
         cls, off, masks = self.network(feats)
         points = self.points([m.shape[1] for m in masks])
-        targets = [self.label_points_single_video(points, s, lab) for s, lab in zip(segments, labels)]
+        targets = [self.label_points_single_video(points, s, lab)
+                   for s, lab in zip(segments, labels)]
         valid = torch.cat(masks, dim=1)
         gt_cls = torch.stack([t[0] for t in targets])
         pos = (gt_cls.sum(-1) > 0) & valid
@@ -336,7 +338,8 @@ class PtTransformer(nn.Module):
             prob, idx = prob[keep], keep.nonzero(as_tuple=True)[0]
             prob, order = prob.sort(descending=True)
             prob, idx = prob[:topk], idx[order[:topk]]
-            pt, label = torch.div(idx, self.num_classes, rounding_mode="floor"), idx % self.num_classes
+            pt = torch.div(idx, self.num_classes, rounding_mode="floor")
+            label = idx % self.num_classes
             left = p[pt, 0] - o[0][pt, 0] * p[pt, 3]
             right = p[pt, 0] + o[0][pt, 1] * p[pt, 3]
             long_enough = (right - left) > duration

@@ -222,7 +222,8 @@ def test_converted_checkpoint_infers_what_actionformer_predicts(tmp_path):
     predictions = json.loads((tmp_path / "preds.json").read_text())["results"]
     for vid, video in videos.items():
         with torch.no_grad():
-            rows = batched_soft_nms(*ref.candidates(*ref.network([torch.from_numpy(video["last"]).T])))
+            outputs = ref.network([torch.from_numpy(video["last"]).T])
+            rows = batched_soft_nms(*ref.candidates(*outputs))
         duration = float(video["times"][-1] + 0.3)
         expected = []
         for start, end, score, label in rows:  # ActionFormer's grid -> seconds, then clipped
