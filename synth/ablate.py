@@ -132,6 +132,8 @@ def train_and_score(variant: str, seed: int, store: Path, out: Path, epochs) -> 
 
     torch.set_num_threads(1)
     run_dir = _run_dir(out, variant, seed)
+    if (run_dir / RESULT_FILE).is_file():  # another ablation process on this folder got there
+        return json.loads((run_dir / RESULT_FILE).read_text())
     annotations = out / BENCHMARK_DIR / ANNOTATION_FILE
     started = time.perf_counter()
     train(variant_config(variant, seed, epochs), str(store), str(annotations), str(run_dir),
