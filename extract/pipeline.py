@@ -5,7 +5,8 @@ One process (one torchrun rank) works like this:
     claim a video in the store --> DataLoader workers decode it into chunks (clips.py)
       --> clips of several videos fill a batch --> backbone.forward_taps (bf16 on a GPU)
       --> last-layer vector + each chosen layer pooled to K tokens (pooling.py)
-      --> the video's store writer; commit once all its clips are written --> release it
+      --> one copy to pinned host memory (GPU) --> the video's store writer, on a writer
+          thread; commit once all its clips are written --> release it
 
 The main process claims each video (an ``flock`` held until the video is published), so two
 extractors on one store, or torchrun ranks, never do the same video, and a killed run's videos
@@ -23,6 +24,7 @@ import sys
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -360,20 +362,45 @@ class Claims:
 
 
 class OpenVideo:
-    """A video being written: its store writer and how many of its clips are written."""
+    """A video being written: its store writer and how many of its clips are handed to it.
 
-    def __init__(self, store, chunk):
+    The writes run in order on the run's one store-writer thread, so that the main thread feeds
+    the backbone meanwhile; ``commit`` and ``discard`` wait for them first, and a write that
+    failed raises in the main thread (at the next write or at the commit).
+    """
+
+    MAX_PENDING = 4  # batches of features waiting for the writer thread, per video
+
+    def __init__(self, store, chunk, writes: ThreadPoolExecutor):
         self.num_clips = chunk["num_clips"]
         self.times = chunk["times"]
         self.writer = store.video_writer(chunk["video"], self.num_clips, chunk["info"])
         self.written = 0
+        self.writes, self.pending = writes, []
 
     def write(self, start, features) -> bool:
-        """Write clips; True once the whole video is written."""
-        self.writer.write(start, features)
+        """Queue clips for writing; True once the whole video is queued."""
+        while self.pending and (self.pending[0].done() or len(self.pending) >= self.MAX_PENDING):
+            self.pending.pop(0).result()  # raises what the write raised
+        self.pending.append(self.writes.submit(self._write, start, features))
         self.written += len(features[LAST])
-        fault_point("write")
         return self.written == self.num_clips
+
+    def _write(self, start, features):
+        self.writer.write(start, features)
+        fault_point("write")
+
+    def commit(self) -> bool:
+        for pending in self.pending:
+            pending.result()
+        self.pending = []
+        return self.writer.commit(self.times)
+
+    def discard(self):
+        for pending in self.pending:
+            pending.exception()  # waits; the video is dropped whatever went wrong
+        self.pending = []
+        self.writer.discard()
 
 
 
@@ -388,6 +415,7 @@ class Extraction:
         self.summary, self.progress = summary, progress
         self.started = time.perf_counter()
         self.open = {}  # video_id -> OpenVideo
+        self.writes = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
         self.batch = []  # [(video_id, first_clip, clips)] waiting for the backbone
         self.batch_clips = 0
 
@@ -457,7 +485,7 @@ class Extraction:
     def _add_chunk(self, chunk, claims):
         video = chunk["video"]
         if video not in self.open:
-            self.open[video] = OpenVideo(self.store, chunk)
+            self.open[video] = OpenVideo(self.store, chunk, self.writes)
             self._check_duration(video, chunk["info"]["duration"])
         clips = gather_clips(chunk["frames"].to(self.encoder.device, non_blocking=True),
                              chunk["index"].to(self.encoder.device, non_blocking=True))
@@ -497,7 +525,7 @@ class Extraction:
     def _publish(self, video, claims):
         opened = self.open.pop(video)
         fault_point("commit")
-        if opened.writer.commit(opened.times):
+        if opened.commit():
             self.summary.done.append(video)
         else:  # another writer published it first (possible only without claims)
             self.summary.already.append(video)
@@ -508,7 +536,7 @@ class Extraction:
     def _fail(self, video, reason, claims):
         opened = self.open.pop(video, None)
         if opened is not None:  # decoding broke mid-video: drop what was written
-            opened.writer.discard()
+            opened.discard()
         self.batch = [part for part in self.batch if part[0] != video]
         self.batch_clips = sum(len(part[2]) for part in self.batch)
         self.summary.failed[video] = reason
@@ -524,10 +552,12 @@ class Extraction:
             tqdm.write(f"warning: video {video!r} {problem}", file=sys.stderr)
 
     def abandon(self):
-        """After an error: drop the unfinished videos (nothing partial is ever published)."""
+        """At the end, or after an error: drop the unfinished videos (nothing partial is ever
+        published) and stop the writer thread."""
         for opened in self.open.values():
-            opened.writer.discard()
+            opened.discard()
         self.open.clear()
+        self.writes.shutdown(wait=True)
 
     def _tick(self):
         if self.progress is None:

@@ -121,3 +121,39 @@ def test_workers_whose_chunks_dev_shm_cannot_hold_are_refused_in_one_line(tmp_pa
     monkeypatch.setattr(pipeline, "shared_memory_free", lambda: 2 ** 40)
     assert CliRunner().invoke(main, cli_args(folder, store, tmp_path / "tiny.json",
                                              "--num-workers", "0")).exit_code == 0
+
+
+def test_store_writes_run_on_the_writer_thread_and_a_failed_write_stops_the_run(tmp_path,
+                                                                               monkeypatch):
+    import threading
+
+    from extract.pipeline import run_extraction
+    from losa_tal import InputError
+    from store import FeatureStore
+    from store.writer import VideoWriter
+    from test_extract_pipeline import settings_for, write_videos
+
+    videos = write_videos(tmp_path / "videos")
+    threads, real_write = [], VideoWriter.write
+
+    def recording(self, start, features):
+        threads.append(threading.current_thread().name)
+        return real_write(self, start, features)
+
+    monkeypatch.setattr(VideoWriter, "write", recording)
+    summary = run_extraction(settings_for(videos, tmp_path / "ok.zarr", batch_size=3),
+                             show_progress=False)
+    assert len(summary.done) == 3 and len(threads) > 3
+    assert set(threads) == {"store-writer_0"}  # the main thread only feeds the backbone
+
+    def failing(self, start, features):
+        if start > 0:
+            raise InputError(f"{tmp_path / 'bad.zarr'}: no space left on device")
+        return real_write(self, start, features)
+
+    monkeypatch.setattr(VideoWriter, "write", failing)
+    with pytest.raises(InputError, match="no space left on device"):
+        run_extraction(settings_for(videos, tmp_path / "bad.zarr", batch_size=3),
+                       show_progress=False)
+    assert len(FeatureStore.open(tmp_path / "bad.zarr")) == 0  # nothing partial published
+    assert not [t for t in threading.enumerate() if t.name.startswith("store-writer")]
