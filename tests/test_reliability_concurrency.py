@@ -247,7 +247,7 @@ def test_a_reader_without_write_access_reads_while_the_owner_appends(tmp_path, s
     store = write_store(shared / f"store{suffix}", synthetic_videos(2, "training"))
     reader = subprocess.Popen(
         [*read_only_view(shared), sys.executable, "-c", READER.format(tests=str(TESTS_DIR)),
-         str(store), "6"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+         str(store), "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=CHILD_ENV)
     writer = start_writer(store, LATE_IDS, pause=0.05)
     out, err = reader.communicate(timeout=120)

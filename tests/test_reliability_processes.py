@@ -87,8 +87,7 @@ def kill_while_workers_start(videos, store, backbone, sig, delay, workers, group
 
 # (signal, seconds after the first worker appears, workers): the moment it appears is the
 # window the kernel's parent-death signal did not cover; later, the workers are importing.
-KILLS = [(signal.SIGKILL, 0.0, 1), (signal.SIGKILL, 0.0, 4), (signal.SIGKILL, 0.5, 4),
-         (signal.SIGTERM, 0.0, 2)]
+KILLS = [(signal.SIGKILL, 0.0, 1), (signal.SIGKILL, 0.5, 4), (signal.SIGTERM, 0.0, 2)]
 
 
 @pytest.mark.slow
