@@ -249,21 +249,22 @@ def backbone_speed(device, spec="vit_g", batch_size=32, num_clips=256, layers=(7
             f"{flops / 1e12:.3f} TFLOP per clip), {mfu}, {memory}")
 
 
-def gpu_pipeline(folder, num_clips_hint=600, batch_size=32, num_workers=8):
+def gpu_pipeline(folder, device=torch.device("cuda", 0), backbone="vit_g", frames=600,
+                 batch_size=32, num_workers=8, img_size=224):
     """The real pipeline on CUDA (decoding workers included) with ViT-g, on generated videos,
     next to the backbone alone on as many clips: where the pipeline/compute ratio matters."""
-    device = torch.device("cuda", 0)
-    videos = write_videos(folder, 4, num_clips_hint)
+    videos = write_videos(folder, 4, frames)
     settings = ExtractionSettings(
-        videos=videos, store=os.path.join(folder, "gpu.zarr"), backbone="vit_g",
-        protocol=SamplingProtocol(), layers=[7, 15, 23, 31], tokens=(2, 2, 2),
+        videos=videos, store=os.path.join(folder, "gpu.zarr"), backbone=backbone,
+        protocol=SamplingProtocol(img_size=img_size), layers=[7, 15, 23, 31], tokens=(2, 2, 2),
         batch_size=batch_size, num_workers=num_workers, device=str(device))
     clips, seconds = run_pipeline(settings)
     encoder = Encoder(settings, device)
     _, compute = run_compute_only(settings, encoder, clips, device)
-    print(f"{torch.cuda.get_device_name(device)}: pipeline ViT-g bf16 {clips / seconds:.1f} "
-          f"clips/s ({num_workers} decoding workers, batch {batch_size}), backbone alone "
-          f"{clips / compute:.1f} clips/s, pipeline/compute {seconds / compute:.2f}")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{name}: pipeline {backbone} {clips / seconds:.1f} clips/s ({num_workers} decoding "
+          f"workers, batch {batch_size}), backbone alone {clips / compute:.1f} clips/s, "
+          f"pipeline/compute {seconds / compute:.2f}")
 
 
 def time_pipeline(args):
