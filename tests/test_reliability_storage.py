@@ -297,6 +297,23 @@ def hdf5_full_disk_child(work: str):
     print(json.dumps({"export": {"exit": export.returncode, "stderr": export.stderr[-3000:]},
                       "out": str(mnt / "export"), "left": sorted(os.listdir(mnt / "export"))}),
           flush=True)
+    # extract into an HDF5 store on the full disk ("double free or corruption" before).
+    from store import locks
+    from test_extract_pipeline import TINY, cli_args, write_videos
+
+    write_videos(work / "videos", {"a.mp4": (60, 30), "b.mkv": (60, 30)})
+    (work / "tiny.json").write_text(json.dumps(TINY))
+    outcomes = []
+    for leave in (16384, 65536):  # full while staging the first video; while publishing one
+        locks.remove_path(str(mnt / "e.h5"))
+        locks.remove_path(str(mnt / "e.h5.writers"))
+        filler = fill(mnt, leave)
+        extract = subprocess.run([sys.executable, str(TESTS_DIR.parent / "cli.py"),
+                                  *cli_args(work / "videos", mnt / "e.h5", work / "tiny.json")],
+                                 capture_output=True, text=True)
+        filler.unlink()
+        outcomes.append({"exit": extract.returncode, "stderr": extract.stderr[-3000:]})
+    print(json.dumps({"extract": outcomes, "out": str(mnt / "e.h5")}), flush=True)
 
 
 def store_verify(store) -> int:
@@ -309,7 +326,8 @@ def test_hdf5_on_a_really_full_disk_is_one_line_and_loses_nothing(tmp_path):
     """It crashed: ``SystemError`` during publication, pages of "Exception ignored" and a
     segfault when full while staging. Each append must be refused in one line naming the store,
     leave the file as it was, and succeed once space is back. Then ``store export`` into the
-    full disk must say so (it said ``cannot write: 3136 requested and 2016 written``)."""
+    full disk must say so (it said ``cannot write: 3136 requested and 2016 written``), and so
+    must ``extract`` into an HDF5 store there (it aborted: ``double free or corruption``)."""
     probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip("no private mount namespace here (unshare -rm)")
@@ -321,7 +339,9 @@ def test_hdf5_on_a_really_full_disk_is_one_line_and_loses_nothing(tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    *attempts, last, export = records
+    *attempts, last, export, extract = records
+    for outcome in extract["extract"]:  # a segfault, then a SystemError traceback, before
+        assert_refused(outcome, extract["out"], "no space left on the device")
     assert_refused(export["export"], export["out"], "no space left on the device")
     assert not any(name.endswith(".partial") for name in export["left"]), export
     assert len(attempts) >= 3, records  # several amounts of free space were refused
