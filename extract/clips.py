@@ -1,8 +1,10 @@
 """Decode videos into backbone-ready clips (decoding.py picks the decoder), in DataLoader workers.
 
 Each worker takes its share of the videos and yields *chunks*: a run of consecutive clips of one
-video, sent as the distinct frames they use (scaled, float32 [U, 3, S, S]) plus an index map
-[n, clip_len] into those frames. Clips overlap (stride 4 < length 16), so sending frames rather
+video, sent as the distinct frames they use plus an index map [n, clip_len] into those frames.
+The frames are scaled, float32 [U, 3, S, S] by default; with the protocol's ``resize_on
+"device"`` they are the decoded uint8 [U, H, W, 3] (a quarter of the bytes at the same size),
+and :func:`backbone_frames` scales them on the device. Clips overlap (stride 4 < length 16), so sending frames rather
 than clips moves a quarter of the bytes, and every frame is decoded and resized exactly once:
 the frames a chunk shares with the next one are carried over, not decoded again. The main
 process gathers the clips (on the GPU when there is one) and batches them across videos.
@@ -93,20 +95,28 @@ def scale_frames(frames: torch.Tensor, protocol: SamplingProtocol) -> torch.Tens
         planes = _bilinear(planes, (new_h, new_w))[..., top:top + size, left:left + size]
     x = planes.permute(1, 0, 2, 3)
     if protocol.normalise == "imagenet":
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
         x = (x - mean) / std
     return x.contiguous()
 
 
 def decode_frames(source: VideoSource, indices: np.ndarray,
                   protocol: SamplingProtocol) -> torch.Tensor:
-    """Decode and scale the given native frames (sorted, distinct): float32 [len, 3, S, S]."""
-    scaled = []
+    """Decode the given native frames (sorted, distinct) as they travel to the main process:
+    scaled, float32 [len, 3, S, S], or with ``resize_on "device"`` uint8 [len, H, W, 3]."""
+    on_device = protocol.resize_on == "device"
+    frames = []
     for raw in source.read(indices):
         fault_point("decode")
-        scaled.append(scale_frames(torch.from_numpy(raw), protocol))
-    return torch.cat(scaled)
+        raw = torch.from_numpy(raw)
+        frames.append(raw if on_device else scale_frames(raw, protocol))
+    return torch.cat(frames)
+
+
+def backbone_frames(frames: torch.Tensor, protocol: SamplingProtocol) -> torch.Tensor:
+    """A chunk's frames, already on the device, as backbone input: float32 [U, 3, S, S]."""
+    return scale_frames(frames, protocol) if protocol.resize_on == "device" else frames
 
 
 def iter_chunks(video: str, path: str | os.PathLike, protocol: SamplingProtocol,

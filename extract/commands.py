@@ -41,6 +41,9 @@ PRESET_KEYS = {*DEFAULTS, "videos", "store", "checkpoint", "annotations", "proto
               help="Resize straight to the size (official) or short side + centre crop.")
 @click.option("--normalise", type=click.Choice(["none", "imagenet"]),
               help="Pixel normalisation after scaling to [0, 1].  [default: none]")
+@click.option("--resize-on", type=click.Choice(["worker", "device"]),
+              help="Resize in the decoding workers (official CPU transform) or on the device "
+              "(workers send uint8 frames).  [default: worker]")
 @click.option("--tail", type=click.Choice(["drop", "pad"]),
               help="Drop clips past the last frame (official) or pad one more.")
 @click.option("--layers", help="Intermediate blocks to store, e.g. 7,15,23,31 (0-based; "

@@ -33,8 +33,8 @@ from tqdm import tqdm
 
 from extract.backbone import backbone_config, build_backbone, load_checkpoint
 from extract.check import short_duration
-from extract.clips import (VIDEO_EXTENSIONS, ClipChunks, fault_point, gather_clips,
-                           make_loader)
+from extract.clips import (VIDEO_EXTENSIONS, ClipChunks, backbone_frames, fault_point,
+                           gather_clips, make_loader)
 from extract.pooling import check_grid, pool_tokens
 from extract.protocol import SamplingProtocol
 from extract.workers import QueueFeed, SpawnProcess
@@ -487,8 +487,10 @@ class Extraction:
         if video not in self.open:
             self.open[video] = OpenVideo(self.store, chunk, self.writes)
             self._check_duration(video, chunk["info"]["duration"])
-        clips = gather_clips(chunk["frames"].to(self.encoder.device, non_blocking=True),
-                             chunk["index"].to(self.encoder.device, non_blocking=True))
+        device = self.encoder.device
+        frames = backbone_frames(chunk["frames"].to(device, non_blocking=True),
+                                 self.settings.protocol)
+        clips = gather_clips(frames, chunk["index"].to(device, non_blocking=True))
         self.batch.append((video, chunk["first_clip"], clips))
         self.batch_clips += len(clips)
         while self.batch_clips >= self.settings.batch_size:

@@ -30,6 +30,10 @@ from losa_tal import InputError
 RESIZE_MODES = ("direct", "short_side_crop")
 NORMALISATIONS = ("none", "imagenet")
 TAIL_POLICIES = ("drop", "pad")
+# Where frames are resized: in the decoding workers by the official CPU transform (they send
+# float32 frames at img_size), or on the extraction device (they send uint8 frames at native
+# size; on a GPU the resize differs from the CPU one in the last bits, docs/extraction.md).
+RESIZE_PLACES = ("worker", "device")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Recorded so that a reader of the store knows how feature times were derived.
@@ -55,6 +59,8 @@ class SamplingProtocol:
     normalise: ``"none"`` (official: values in [0, 1]) or ``"imagenet"`` mean/std.
     tail: ``"drop"`` clips that would run past the last frame (official), or ``"pad"`` one
         more clip so the end of the video is covered, repeating the last frame.
+    resize_on: ``"worker"`` (official CPU transform in the decoding workers) or ``"device"``
+        (workers send native-size uint8 frames; scaling and resize run on the device).
     """
 
     clip_len: int = 16
@@ -65,6 +71,7 @@ class SamplingProtocol:
     resize: str = "direct"
     normalise: str = "none"
     tail: str = "drop"
+    resize_on: str = "worker"
 
     def __post_init__(self):
         for name in ("clip_len", "clip_stride", "frame_interval", "img_size"):
@@ -75,15 +82,17 @@ class SamplingProtocol:
                                          and math.isfinite(self.fps) and self.fps > 0):
             raise InputError(f"protocol fps: must be a positive number or null, got {self.fps!r}")
         for name, allowed in (("resize", RESIZE_MODES), ("normalise", NORMALISATIONS),
-                              ("tail", TAIL_POLICIES)):
+                              ("tail", TAIL_POLICIES), ("resize_on", RESIZE_PLACES)):
             if getattr(self, name) not in allowed:
                 raise InputError(f"protocol {name}: must be one of {', '.join(allowed)}, "
                                  f"got {getattr(self, name)!r}")
 
     # -- record -----------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "time_convention": TIME_CONVENTION,
-                "decoding": DECODING_POLICY}
+        record = dataclasses.asdict(self)
+        if self.resize_on == RESIZE_PLACES[0]:  # recorded only when not the default, so that
+            del record["resize_on"]  # stores written before the field existed stay appendable
+        return {**record, "time_convention": TIME_CONVENTION, "decoding": DECODING_POLICY}
 
     @classmethod
     def from_dict(cls, record: dict) -> "SamplingProtocol":

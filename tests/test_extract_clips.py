@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from extract import clips, decoding
-from extract.clips import (ClipChunks, gather_clips, iter_chunks, make_loader, open_video,
-                           scale_frames)
+from extract.clips import (ClipChunks, backbone_frames, gather_clips, iter_chunks, make_loader,
+                           open_video, scale_frames)
 from extract.protocol import SamplingProtocol
 from tests.videos import write_empty, write_random_bytes, write_truncated, write_video
 
@@ -37,6 +37,29 @@ def test_clips_equal_the_official_transform_bit_for_bit(tmp_path, clips_per_chun
     assert chunks[0]["info"] == {"num_frames": 41, "fps": 30.0, "duration": 41 / 30.0,
                                  "height": 36, "width": 52, "frame_rate": "constant",
                                  "decoder": {"name": "decord", "version": "0.6.0"}}
+
+
+@pytest.mark.parametrize("normalise", ["none", "imagenet"])
+def test_resize_on_device_sends_uint8_frames_and_gives_the_same_clips(tmp_path, normalise):
+    """Workers send the decoded uint8 frames (a quarter of the float32 bytes at the same size);
+    scaled in the main process on the CPU they give the official clips bit for bit."""
+    frames = write_video(tmp_path / "v.mkv", 41, height=32, width=32)
+    official = SamplingProtocol(img_size=32, normalise=normalise)
+    on_device = SamplingProtocol(img_size=32, normalise=normalise, resize_on="device")
+    sent = list(iter_chunks("v", tmp_path / "v.mkv", official, 3))
+    raw = list(iter_chunks("v", tmp_path / "v.mkv", on_device, 3))
+    for chunk, raw_chunk in zip(sent, raw, strict=True):
+        assert raw_chunk["frames"].dtype == torch.uint8 and raw_chunk["frames"].shape[1:] == \
+            (32, 32, 3)
+        assert chunk["frames"].nbytes == 4 * raw_chunk["frames"].nbytes
+        assert torch.equal(raw_chunk["index"], chunk["index"])
+        assert torch.equal(backbone_frames(raw_chunk["frames"], on_device), chunk["frames"])
+        assert torch.equal(backbone_frames(chunk["frames"], official), chunk["frames"])
+    if normalise == "none":
+        got = torch.cat([gather_clips(backbone_frames(c["frames"], on_device), c["index"])
+                         for c in raw])
+        for row, start in enumerate(range(0, 41 - 15, 4)):
+            assert torch.equal(got[row], official_clip(frames, start, 32))
 
 
 def test_each_frame_is_decoded_once(tmp_path, monkeypatch):

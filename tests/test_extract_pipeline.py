@@ -157,6 +157,19 @@ def test_metadata_records_backbone_protocol_and_layout(zarr_store):
         (LAYERS, list(TOKENS), TINY["embed_dim"], "float16")
 
 
+def test_resize_on_device_stores_the_same_features_on_the_cpu(videos, zarr_store, tmp_path):
+    """Frames sent as uint8 and resized in the main process (with a worker, as in a real run):
+    on the CPU the features equal the official worker-resize store bit for bit; the protocol
+    records the choice, and the default stays unrecorded (older stores stay appendable)."""
+    path = tmp_path / "device.zarr"
+    protocol = SamplingProtocol(img_size=SIZE, resize_on="device")
+    run_extraction(settings_for(videos, path, protocol=protocol, num_workers=1),
+                   show_progress=False)
+    assert_same_contents(store_contents(path), store_contents(zarr_store))
+    assert FeatureStore.open(path).meta["protocol"]["resize_on"] == "device"
+    assert "resize_on" not in FeatureStore.open(zarr_store).meta["protocol"]
+
+
 def test_hdf5_store_holds_the_same_values(videos, zarr_store, tmp_path):
     path = tmp_path / "features.h5"
     run_extraction(settings_for(videos, path), show_progress=False)
@@ -206,6 +219,7 @@ def test_rerun_skips_finished_videos_and_appends_new_ones(videos, zarr_store, tm
     ({"layers": [1, 3]}, "layers"),
     ({"tokens": (1, 1, 1)}, "tokens"),
     ({"protocol": SamplingProtocol(img_size=SIZE, clip_stride=8)}, "protocol.clip_stride"),
+    ({"protocol": SamplingProtocol(img_size=SIZE, resize_on="device")}, "protocol.resize_on"),
     ({"backbone": {**TINY, "depth": 3}}, "backbone.kwargs.depth"),
     ({"seed": 1}, "backbone.random_init_seed"),
 ])
