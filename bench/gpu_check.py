@@ -10,6 +10,8 @@ prints, each on its own line prefixed by its section:
   backbone    ViT-g in bf16 (bf16 weights, autocast): clips/s, MFU against the device's own
               bf16 peak (SXM and PCIe differ), peak memory; and the bf16-vs-fp32 cosine of the
               stored features (last layer and pooled tokens) on the same clips;
+  resize      ``--resize-on device`` against the official CPU transform on a decoded 320x180
+              video: max abs pixel difference and the feature cosine on a small random ViT;
   pipeline    the real extraction pipeline (decoding workers included) on generated 320x180
               videos: clips/s, and its ratio to the backbone alone;
   train       one LoSA step (with and without ``checkpoint_layers``) and one head-only step of
@@ -181,6 +183,49 @@ def cosine_line(device, sizes):
             + ", ".join(f"{1 - c:.1e}" for c in cosines[1:]))
 
 
+# -- the resize on the device ---------------------------------------------------------------------
+
+def resize_section(device, img_size, folder):
+    os.makedirs(folder, exist_ok=True)
+    say("resize", resize_line(device, img_size, folder))
+
+
+def resize_line(device, img_size, folder):
+    """The frames of ``--resize-on device`` (scaled and resized on ``device``) against the
+    official CPU transform, on 16 decoded frames of a generated 320x180 H.264 video; on the CPU
+    also one plain F.interpolate of [F, 3, H, W] (another CPU kernel path), for scale."""
+    from bench.extract import write_videos
+    from extract.clips import _interpolate, scale_frames
+    from extract.decoding import open_video
+    from extract.protocol import SamplingProtocol
+
+    (_, path), = write_videos(folder, 1, 16)
+    source = open_video(path)
+    raw = torch.from_numpy(np.concatenate(list(source.read(np.arange(16)))))
+    source.close()
+    official = scale_frames(raw, SamplingProtocol(img_size=img_size))
+    others = {str(device): scale_frames(raw.to(device), SamplingProtocol(
+        img_size=img_size, resize_on="device")).cpu()}
+    if device.type == "cpu":
+        others["plain F.interpolate"] = _interpolate(
+            raw.permute(0, 3, 1, 2).float() / 255, (img_size, img_size))
+    torch.manual_seed(0)
+    model = build_backbone({"preset": "vit_s", "depth": 2}, img_size=img_size).eval()
+    with torch.inference_mode():
+        features = {name: model.forward_features(frames.permute(1, 0, 2, 3)[None])
+                    for name, frames in {"official": official, **others}.items()}
+    parts = []
+    for name, frames in others.items():
+        pixels = (frames - official).abs().max().item() * 255
+        feature = (features[name] - features["official"]).abs().max().item()
+        cosine = F.cosine_similarity(features[name].double(), features["official"].double())
+        parts.append(f"{name}: max |pixel difference| {pixels:.2g}/255, max |feature "
+                     f"difference| {feature:.2g}, feature 1 - cosine "
+                     f"{max(0.0, 1 - cosine.item()):.1e}")
+    return (f"resize of 16 decoded 320x180 frames to {img_size}x{img_size} against the official "
+            "CPU transform; " + "; ".join(parts))
+
+
 # -- the extraction pipeline ----------------------------------------------------------------------
 
 def pipeline_section(device, sizes, folder):
@@ -265,6 +310,8 @@ def main():
     parser.add_argument("--cosine-only", type=int, metavar="PX",
                         help="only the ViT-g bf16-vs-fp32 cosine, on 2 clips of PX x PX (the "
                              "docs' CPU figure: 112)")
+    parser.add_argument("--resize-only", type=int, metavar="PX",
+                        help="only the resize line, to PX x PX (the docs' CPU figure: 224)")
     args = parser.parse_args()
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
@@ -275,12 +322,17 @@ def main():
         say("backbone", f"ViT-g random weights, 16x{args.cosine_only}x{args.cosine_only} on "
                         f"{device}: {cosine_line(device, sizes)}")
         return
+    if args.resize_only:
+        with tempfile.TemporaryDirectory(prefix="gpu_check_") as folder:
+            resize_section(device, args.resize_only, folder)
+        return
     sizes = Sizes(args.reduced or device.type != "cuda")
     started = time.perf_counter()
     device_section(device)
     sdpa_section(device, sizes)
     backbone_section(device, sizes)
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as folder:
+        resize_section(device, sizes.img_size, os.path.join(folder, "resize"))
         pipeline_section(device, sizes, folder)
         train_section(device, sizes)
         epoch_section(device, sizes, folder)

@@ -71,8 +71,8 @@ def test_the_gpu_check_runs_in_its_reduced_form_on_the_cpu():
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     lines = result.stdout.splitlines()
     sections = [line.split(":")[0] for line in lines]
-    for section in ("device", "sdpa", "backbone", "pipeline", "train", "epoch", "collectives",
-                    "loader", "gpu_check"):
+    for section in ("device", "sdpa", "backbone", "resize", "pipeline", "train", "epoch",
+                    "collectives", "loader", "gpu_check"):
         assert section in sections, (section, result.stdout)
     assert lines[0].startswith("device: CPU only") and "reduced check" in lines[0]
     kernels = {line.split(": ")[1] for line in lines if line.startswith("sdpa: ")}
@@ -83,6 +83,9 @@ def test_the_gpu_check_runs_in_its_reduced_form_on_the_cpu():
     assert any("cached in RAM" in line for line in lines if line.startswith("epoch: "))
     assert "all_reduce, all_gather (tensors, JSON), barrier and a DDP backward ok" in \
         result.stdout
+    # on the CPU, --resize-on device is the official transform itself
+    assert re.search(r"^resize: .* cpu: max \|pixel difference\| 0/255, max \|feature "
+                     r"difference\| 0, ", result.stdout, re.MULTILINE)
     assert re.search(r"^loader: store [\d.]+ GB/s, cached [\d.]+ GB/s, memcpy floor [\d.]+ GB/s "
                      r"\(cached/floor [\d.]+\)$", result.stdout, re.MULTILINE)
 
