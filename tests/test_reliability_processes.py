@@ -55,6 +55,13 @@ def extraction_inputs(tmp_path_factory):
     return videos, backbone
 
 
+def as_from_a_terminal():
+    """A command started from a terminal gets Ctrl-C; one started in the background (``nohup``,
+    ``cmd &`` in a script, some CI runners) inherits SIGINT ignored, and Python then never raises
+    KeyboardInterrupt. Restore the default so the test means the same wherever it runs."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def kill_while_workers_start(videos, store, backbone, sig, delay, workers, group=False):
     """Start extract, send ``sig`` ``delay`` s after its first decoding worker appears (to the
     whole process group, as a terminal's Ctrl-C does, with ``group``); return the processes of
@@ -62,7 +69,8 @@ def kill_while_workers_start(videos, store, backbone, sig, delay, workers, group
     status and its stderr."""
     process = subprocess.Popen(
         [sys.executable, "cli.py", *cli_args(videos, store, backbone, "--num-workers", workers)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        preexec_fn=as_from_a_terminal)
     try:
         deadline = time.monotonic() + 120
         while not any(map(is_worker, session_processes(process.pid).values())):
