@@ -103,3 +103,14 @@ def test_head_receptive_field_matches_the_layers_worked_out_by_hand():
 
     reach = receptive_field()
     assert [(r["steps_before"], r["steps_after"]) for r in reach[:2]] == [(15, 15), (27, 27)]
+
+
+def test_a_run_another_process_finished_is_read_not_retrained(tmp_path):
+    from synth.ablate import train_and_score
+
+    run_dir = tmp_path / "runs" / "long" / "seed3"
+    run_dir.mkdir(parents=True)
+    (run_dir / "result.json").write_text(json.dumps({"variant": "long", "seed": 3}))
+    # No store and no benchmark exist: any training attempt would fail.
+    assert train_and_score("long", 3, tmp_path / "missing.zarr", tmp_path, None) == \
+        {"variant": "long", "seed": 3}
