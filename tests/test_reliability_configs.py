@@ -119,3 +119,13 @@ def test_a_layer_listed_twice_is_refused():
     result, _ = run_cli("train", "--config", config, "--set", "model.layers=[1,1]")
     assert_one_line(result, config, "model.layers")
     assert "distinct" in result.output
+
+
+def test_convert_reads_a_deeply_nested_annotation_file_as_one_line(inputs):
+    """`convert actionformer` read the class names with a bare json.loads: a RecursionError."""
+    from losa_tal import InputError
+    from training.convert import class_names
+
+    with pytest.raises(InputError, match="nested too deeply") as caught:
+        class_names(inputs / "deep_gt.json", 2)
+    assert str(inputs / "deep_gt.json") in str(caught.value)

@@ -138,11 +138,13 @@ def our_config(af: dict, path, feature_dim: int, store_path: str, annotations_pa
 def class_names(annotations_path, num_classes: int) -> list:
     """Class names in ActionFormer's output order: by the file's ``label_id`` where it has them
     (ActionFormer's own annotation files), else sorted."""
+    from evaluation.files import read_json_object
+
+    _, data = read_json_object(annotations_path, "annotations")  # one line for unreadable JSON
     try:
-        database = json.loads(Path(annotations_path).read_text())["database"]
-        ids = {a["label"]: a.get("label_id") for v in database.values()
+        ids = {a["label"]: a.get("label_id") for v in data["database"].values()
                for a in v.get("annotations", [])}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+    except (KeyError, TypeError, AttributeError) as err:
         raise input_error(annotations_path, f"not a readable annotation file ({err})") from None
     names = sorted(ids, key=lambda name: (ids[name] is None, ids[name], name))
     if len(names) != num_classes:
