@@ -41,3 +41,158 @@ def load_yaml(text: str):
             return super().compose_node(parent, index)
 
     return yaml.load(text, Loader=NoAliasLoader)  # noqa: S506 - a SafeLoader
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed configs. Every component (head, LoSA, the data pipeline, extraction, ...) declares its
+# settings as one dataclass beside its code: the only place their defaults live. A dataclass may
+# define ``check()``, which raises ConfigError for a value outside its range; ``build_config``
+# turns plain JSON data into such dataclasses and adds the file and dotted key to any problem.
+# Nothing here imports torch, so a bad config is refused before any model code loads.
+
+
+class ConfigError(ValueError):
+    """A setting outside what its component accepts. ``key`` names the field (dotted below the
+    component, ``"window"`` or ``"losa.num_heads"``); the config edge prefixes its section."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"{key}: {problem}")
+        self.key, self.problem = key, problem
+
+
+def read_config_file(path) -> dict:
+    """The JSON object in a config file, or an InputError naming the file."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise input_error(path, "config file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise input_error(path, f"cannot read config ({err})") from None
+    except json.JSONDecodeError as err:
+        raise input_error(path, f"not valid JSON ({err})") from None
+    except RecursionError:
+        raise input_error(path, f"not valid JSON ({TOO_DEEP})") from None
+    if not isinstance(raw, dict):
+        raise input_error(path, "a config must be a JSON object of sections")
+    return raw
+
+
+def parse_override(item: str):
+    """``"optim.lr_head=2e-4"`` -> ``(["optim", "lr_head"], 2e-4)``: the value is a JSON
+    literal, or a string when it is not valid JSON (``model.type=head_only``)."""
+    import json
+
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise InputError(f"--set {item}: expected key.sub=value")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    except RecursionError:
+        raise InputError(f"--set {key.strip()}: {TOO_DEEP}") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides) -> dict:
+    """Apply ``--set key.sub=value`` items to plain config data, in place."""
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for depth, key in enumerate(keys[:-1]):
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise InputError(f"--set {item}: {'.'.join(keys[:depth + 1])} is not a section")
+        node[keys[-1]] = value
+    return raw
+
+
+def build_config(cls, raw, source: str, prefix: str = ""):
+    """Instantiate dataclass ``cls`` from plain data: unknown keys, wrong types and values its
+    ``check()`` refuses are InputErrors naming ``source`` and the dotted key."""
+    import dataclasses
+    import typing
+
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(raw, dict):
+        raise input_error(source, f"{where}: expected an object, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise input_error(
+            source, f"{prefix}{unknown[0]}: unknown key (known in {where}: {', '.join(sorted(known))})"
+        )
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = build_config(hint, value, source, f"{prefix}{name}.")
+        elif not _matches(value, hint):
+            raise input_error(source, f"{prefix}{name}: expected {_describe(hint)}, "
+                              f"got {_dump(value)}")
+        else:
+            values[name] = value
+    config = cls(**values)
+    check_config(config, source, prefix)
+    return config
+
+
+def check_config(config, source: str, prefix: str = "") -> None:
+    """Run ``config.check()`` (if it has one), naming the file and dotted key of a problem."""
+    check = getattr(config, "check", None)
+    if check is None:
+        return
+    try:
+        check()
+    except ConfigError as err:
+        raise input_error(source, f"{prefix}{err.key}: {err.problem}") from None
+
+
+def _dump(value) -> str:
+    import json
+
+    return json.dumps(value)
+
+
+def _matches(value, hint) -> bool:
+    """Whether plain JSON data fits a type hint; ints count as numbers where floats are
+    expected, booleans never count as numbers."""
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint) -> str:
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    if origin is list:
+        item = typing.get_args(hint)[0]
+        plural = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
+        return f"a list of {plural.get(item) or _describe(item)}"
+    if hint is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[hint]

@@ -12,14 +12,11 @@ The defaults are ActionFormer's THUMOS-14 settings (DESIGN.md section 4).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from losa_tal import TOO_DEEP, InputError, input_error
+from losa_tal import (apply_overrides, build_config, input_error, parse_override,  # noqa: F401
+                       read_config_file)
 
 MODEL_TYPES = ("losa", "head_only")
 CACHE_KINDS = ("auto", "none", "ram", "pinned", "gpu")
@@ -166,112 +163,15 @@ class Config:
     @classmethod
     def from_dict(cls, raw, source: str = "config") -> "Config":
         """Build a config from plain data, checking every key and type against the dataclasses."""
-        config = _build(cls, raw, source, prefix="")
+        config = build_config(cls, raw, source)
         _check_values(config, source)
         return config
 
 
 def load_config(path, overrides=()) -> Config:
     """Read a JSON config file and apply ``key.sub=value`` overrides on top of it."""
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise input_error(path, "config file not found") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise input_error(path, f"cannot read config ({err})") from None
-    except json.JSONDecodeError as err:
-        raise input_error(path, f"not valid JSON ({err})") from None
-    except RecursionError:
-        raise input_error(path, f"not valid JSON ({TOO_DEEP})") from None
-    if not isinstance(raw, dict):
-        raise input_error(path, "a config must be a JSON object of sections")
-    for item in overrides:
-        _apply_override(raw, item)
+    raw = apply_overrides(read_config_file(path), overrides)
     return Config.from_dict(raw, source=str(path))
-
-
-def parse_override(item: str):
-    """``"optim.lr_head=2e-4"`` -> ``(["optim", "lr_head"], 2e-4)``."""
-    key, sep, text = item.partition("=")
-    if not sep or not key.strip():
-        raise InputError(f"--set {item}: expected key.sub=value")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        value = text  # bare words are strings: --set model.type=head_only
-    except RecursionError:
-        raise InputError(f"--set {key.strip()}: {TOO_DEEP}") from None
-    return key.strip().split("."), value
-
-
-def _apply_override(raw: dict, item: str) -> None:
-    keys, value = parse_override(item)
-    node = raw
-    for depth, key in enumerate(keys[:-1]):
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise InputError(f"--set {item}: {'.'.join(keys[:depth + 1])} is not a section")
-    node[keys[-1]] = value
-
-
-def _build(cls, raw, source: str, prefix: str):
-    """Instantiate dataclass ``cls`` from ``raw``; unknown keys and wrong types name the key."""
-    where = prefix.rstrip(".") or "top level"
-    if not isinstance(raw, dict):
-        raise input_error(source, f"{where}: expected an object, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise input_error(
-            source, f"{prefix}{unknown[0]}: unknown key (known in {where}: {', '.join(sorted(known))})"
-        )
-    values = {}
-    for name, value in raw.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, value, source, f"{prefix}{name}.")
-        else:
-            values[name] = _coerce(value, hint, source, f"{prefix}{name}")
-    return cls(**values)
-
-
-def _coerce(value, hint, source: str, key: str):
-    """Check ``value`` against a type hint; ints count as numbers where floats are expected."""
-    if not _matches(value, hint):
-        raise input_error(source, f"{key}: expected {_describe(hint)}, got {json.dumps(value)}")
-    return value
-
-
-def _matches(value, hint) -> bool:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_matches(v, item) for v in value)
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def _describe(hint) -> str:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
-    if origin is list:
-        plural = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
-        return f"a list of {plural[typing.get_args(hint)[0]]}"
-    if hint is type(None):
-        return "null"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[hint]
 
 
 def _finite_and_at_least(value: float, low: float) -> bool:
