@@ -11,7 +11,7 @@ Handled layouts (all ``{"database": {video_id: {...}}}``):
 once, here, so that training targets and evaluation see the same segments.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -137,6 +137,22 @@ class Annotations:
         if video_id not in self._videos:
             raise input_error(self.name, f"no video '{video_id}'")
         return self._videos[video_id]
+
+    def select(self, video_ids, relabel=None) -> "Annotations":
+        """These videos only, each label mapped through ``relabel`` (a function of the label).
+
+        Segments that a relabelling makes duplicates (the same times, two labels become one)
+        are cleaned as on loading, and counted with the segments dropped then.
+        """
+        videos, cleaning = {}, {}
+        for vid in video_ids:
+            video, counts = self.video(vid), self._cleaning[vid]
+            if relabel is not None:
+                segments, labels, more = clean_ground_truth(
+                    video.segments.tolist(), [relabel(label) for label in video.labels])
+                video, counts = replace(video, segments=segments, labels=labels), counts + more
+            videos[vid], cleaning[vid] = video, counts
+        return Annotations(self.name, videos, cleaning)
 
     def cleaning(self, video_ids) -> CleaningCounts:
         """Segments dropped while cleaning these videos."""

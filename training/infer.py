@@ -167,17 +167,10 @@ def evaluate_predictions(annotations, predictions: dict, dataset: StoreDataset,
 
     A class-agnostic head is scored against every action relabelled as its one class.
     """
-    from evaluation import evaluate_map, load_annotations
+    from evaluation import evaluate_map
 
-    videos = annotations.videos(dataset.subset)
-    restricted = {"database": {vid: {
-        "subset": dataset.subset,
-        "duration": videos[vid].duration,
-        "annotations": [{"segment": [float(s), float(e)],
-                         "label": head_label(label, dataset.config)}
-                        for (s, e), label in zip(videos[vid].segments, videos[vid].labels)],
-    } for vid in dataset.videos}}
-    return evaluate_map(load_annotations(restricted), predictions, subset=dataset.subset,
+    truth = annotations.select(dataset.videos, lambda label: head_label(label, dataset.config))
+    return evaluate_map(truth, predictions, subset=dataset.subset,
                         tiou_thresholds=eval_config.tiou_thresholds)
 
 
