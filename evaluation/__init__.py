@@ -18,7 +18,7 @@ _EXPORTS = {
     "VideoAnnotation": "annotations", "load_annotations": "annotations",
     "diagnose": "diagnosis", "write_diagnosis": "diagnosis",
     "fuse_predictions": "fusion", "load_video_scores": "fusion",
-    "segment_iou": "matching",
+    "elementwise_tiou": "matching",
     "Evaluation": "metrics", "EvaluationWarning": "metrics", "average_precision": "metrics",
     "evaluate_detections": "metrics", "evaluate_map": "metrics",
     "write_plots": "plots",

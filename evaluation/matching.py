@@ -14,8 +14,9 @@ same result as the sequential procedure.
 import numpy as np
 
 
-def segment_iou(pred_start, pred_end, gt_start, gt_end) -> np.ndarray:
-    """tIoU of aligned 1-D arrays (or scalars), in float64.
+def elementwise_tiou(pred_start, pred_end, gt_start, gt_end) -> np.ndarray:
+    """tIoU of each pred segment with the gt segment at the same position: aligned 1-D
+    arrays (or scalars), in float64. (``head.nms.segment_iou`` is the torch one-against-many.)
 
     ``inter / (len_pred + len_gt - inter)``: the union written as ``max(end) - min(start)``
     differs by one ulp at some boundaries, which flips matches at exact thresholds.
@@ -43,7 +44,7 @@ def pairs_with_equal_keys(pred_keys: np.ndarray, gt_keys: np.ndarray):
 
 def pair_iou(pred_segments, gt_segments, pair_pred, pair_gt) -> np.ndarray:
     """tIoU of each (pred, gt) index pair."""
-    return segment_iou(pred_segments[:, 0][pair_pred], pred_segments[:, 1][pair_pred],
+    return elementwise_tiou(pred_segments[:, 0][pair_pred], pred_segments[:, 1][pair_pred],
                        gt_segments[:, 0][pair_gt], gt_segments[:, 1][pair_gt])
 
 
