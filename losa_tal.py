@@ -21,6 +21,19 @@ def input_error(path, problem: str) -> InputError:
     return InputError(f"{path}: {problem}")
 
 
+def lazy_attributes(package: str, homes: dict):
+    """A package's PEP 562 ``__getattr__``: ``homes`` maps each public name to the module that
+    defines it, imported on first use, so a torch-free submodule imports without torch."""
+    def __getattr__(name):
+        if name not in homes:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        import importlib
+
+        return getattr(importlib.import_module(homes[name]), name)
+
+    return __getattr__
+
+
 # A parser that meets more nesting than Python's recursion limit raises RecursionError (10^5
 # brackets in a file or a --set value did); every reader of user files says this instead.
 TOO_DEEP = "nested too deeply"
@@ -58,6 +71,18 @@ class ConfigError(ValueError):
     def __init__(self, key: str, problem: str):
         super().__init__(f"{key}: {problem}")
         self.key, self.problem = key, problem
+
+
+def check_values(checks) -> None:
+    """Raise ConfigError for the first ``(key, ok, expected, value)`` whose ``ok`` is False:
+    ``key: must be <expected>, got <value>``. Write range tests so that NaN fails them."""
+    for key, ok, expected, value in checks:
+        if not ok:
+            raise ConfigError(key, f"must be {expected}, got {value!r}")
+
+
+def check_positive_integers(**values) -> None:
+    check_values((key, value >= 1, "a positive integer", value) for key, value in values.items())
 
 
 def read_config_file(path) -> dict:

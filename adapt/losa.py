@@ -35,9 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-# Which adapters each layer runs (the ``adapters`` argument): LoSA is "both"; the single-range
-# variants exist for the ablation (bench/ablate.py), to see what each range adds.
-ADAPTER_RANGES = {"both": ("short", "long"), "short": ("short",), "long": ("long",)}
+from adapt.config import ADAPTER_RANGES, LosaConfig
+from losa_tal import check_positive_integers
+
+DEFAULT = LosaConfig()  # the constructor's defaults (written once, in adapt/config.py)
 
 
 class BottleneckCrossAttention(nn.Module):
@@ -212,37 +213,32 @@ class LoSA(nn.Module):
     Output at padded steps equals ``last``.
     """
 
+    @classmethod
+    def from_config(cls, dim: int, num_layers: int, num_tokens: int, config: LosaConfig) -> "LoSA":
+        """The adapters a ``LosaConfig`` describes, for a store's layout."""
+        return cls(dim, num_layers, num_tokens, **{name: getattr(config, name)
+                                                   for name in LosaConfig.__dataclass_fields__})
+
     def __init__(
         self,
         dim: int,
         num_layers: int,
         num_tokens: int,
-        bottleneck: int = 256,
-        num_heads: int = 4,
-        short_window: int = 9,
-        long_window: int | None = None,
-        dropout: float = 0.1,
-        checkpoint_layers: bool = False,
-        zero_init: str = "fuse",
-        adapters: str = "both",
-        long_relative_bias: bool = False,
+        bottleneck: int = DEFAULT.bottleneck,
+        num_heads: int = DEFAULT.num_heads,
+        short_window: int = DEFAULT.short_window,
+        long_window: int | None = DEFAULT.long_window,
+        dropout: float = DEFAULT.dropout,
+        checkpoint_layers: bool = DEFAULT.checkpoint_layers,
+        zero_init: str = DEFAULT.zero_init,
+        adapters: str = DEFAULT.adapters,
+        long_relative_bias: bool = DEFAULT.long_relative_bias,
     ):
         super().__init__()
-        # Values come from user configs: refuse them by name rather than crash inside torch.
-        for name, value in (("dim", dim), ("num_layers", num_layers), ("num_tokens", num_tokens),
-                            ("bottleneck", bottleneck), ("num_heads", num_heads)):
-            if value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value}")
-        if not 0 <= dropout < 1:  # False for NaN
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if zero_init not in ("fuse", "gates"):
-            raise ValueError(f'zero_init must be "fuse" or "gates", got {zero_init!r}')
-        if adapters not in ADAPTER_RANGES:
-            raise ValueError(f"adapters must be one of {', '.join(map(repr, ADAPTER_RANGES))}, "
-                             f"got {adapters!r}")
-        for name, window in (("short_window", short_window), ("long_window", long_window)):
-            if window is not None and (window < 1 or window % 2 == 0):
-                raise ValueError(f"{name} must be a positive odd number of clips, got {window}")
+        # Values come from user configs: refuse them by name (ConfigError, a ValueError).
+        check_positive_integers(dim=dim, num_layers=num_layers, num_tokens=num_tokens)
+        arguments = locals()
+        LosaConfig(**{name: arguments[name] for name in LosaConfig.__dataclass_fields__}).check()
         self.num_layers = num_layers
         self.num_tokens = num_tokens
         self.checkpoint_layers = checkpoint_layers
@@ -297,9 +293,3 @@ class LoSA(nn.Module):
 
 def count_trainable_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-def losa_parameter_count(dim: int, num_layers: int, num_tokens: int, **losa_kwargs) -> int:
-    """Trainable parameters of LoSA for a backbone layout, without allocating any weights."""
-    with torch.device("meta"):
-        return count_trainable_parameters(LoSA(dim, num_layers, num_tokens, **losa_kwargs))

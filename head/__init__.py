@@ -1,9 +1,15 @@
 """ActionFormer's anchor-free detection head: model, targets, losses, NMS, post-processing,
-and the loading of official ActionFormer weights (head.actionformer)."""
-from head.model import THUMOS_REGRESSION_RANGES, ActionFormerHead
-from head.nms import batched_nms, segment_iou, suppress
-from head.postprocess import postprocess
-from head.targets import Points, assign_targets, make_points
+and the loading of official ActionFormer weights (head.actionformer).
 
-__all__ = ["ActionFormerHead", "THUMOS_REGRESSION_RANGES", "Points", "assign_targets",
-           "batched_nms", "make_points", "postprocess", "segment_iou", "suppress"]
+Names load on first use (PEP 562), so ``import head.config`` does not import torch.
+"""
+from losa_tal import lazy_attributes
+
+_HOMES = {"ActionFormerHead": "head.model", "HeadConfig": "head.config",
+          "PostprocessConfig": "head.config", "THUMOS_REGRESSION_RANGES": "head.config",
+          "Points": "head.targets", "assign_targets": "head.targets", "make_points": "head.targets",
+          "batched_nms": "head.nms", "segment_iou": "head.nms", "suppress": "head.nms",
+          "postprocess": "head.postprocess"}
+__all__ = sorted(_HOMES)
+
+__getattr__ = lazy_attributes(__name__, _HOMES)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from head.config import GLOBAL_WINDOW
+
 
 def downsample_mask(mask: torch.Tensor, stride: int) -> torch.Tensor:
     """The mask of a sequence subsampled by ``stride`` (nearest: step t keeps step t*stride)."""
@@ -56,7 +58,6 @@ class ConvNormReLU(nn.Module):
         return F.relu(self.norm(self.conv(x, mask)[0]))
 
 
-GLOBAL_WINDOW = -1  # a level's ``window`` that means: attend to the whole sequence
 
 
 def attention_mask(query_mask, key_mask, window: int) -> torch.Tensor:

@@ -20,13 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from head.blocks import (GLOBAL_WINDOW, ConvNormReLU, MaskedConv1d, Scale, TransformerBlock,
-                         downsample_mask, zero_padding)
+from head.blocks import (ConvNormReLU, MaskedConv1d, Scale, TransformerBlock, downsample_mask,
+                         zero_padding)
+from head.config import (THUMOS_REGRESSION_RANGES, HeadConfig, level_windows,  # noqa: F401
+                         open_ranges, padding_factor)
 from head.losses import diou_loss, sigmoid_focal_loss
 from head.postprocess import postprocess
 from head.targets import assign_targets, make_points
+from losa_tal import check_positive_integers
 
-THUMOS_REGRESSION_RANGES = ((0, 4), (4, 8), (8, 16), (16, 32), (32, 64), (64, math.inf))
+DEFAULT = HeadConfig()  # the constructor's defaults (written once, in head/config.py)
 
 
 class Tower(nn.Module):
@@ -48,54 +51,6 @@ def outside_autocast(module, *inputs):
     neighbouring scores would tie."""
     with torch.autocast(inputs[0].device.type, enabled=False):
         return module(*inputs)
-
-
-def check_head_arguments(args: dict) -> None:
-    """ValueError naming the first constructor argument outside its range.
-
-    Configs reach the constructor from user files: a zero head count, a negative width or a NaN
-    rate must be refused here by name, not crash inside torch or train to ``nan``. The range
-    tests are written so that NaN fails them.
-    """
-    finite = math.isfinite
-    windows = level_windows(args["window"], args["num_levels"])
-    checks = [
-        *((name, args[name] >= 1, "a positive integer") for name in (
-            "in_dim", "num_classes", "embed_dim", "num_levels", "num_heads", "max_seq_len",
-            "num_embed_convs")),
-        *((name, args[name] >= 0, "zero or more") for name in ("num_stem_blocks", "tower_depth")),
-        ("window", len(windows) == args["num_levels"] and all(
-            w == GLOBAL_WINDOW or (w >= 3 and w % 2 == 1) for w in windows),
-         f"odd and at least 3, or {GLOBAL_WINDOW} (global), one or one per level"),
-        ("mlp_ratio", finite(args["mlp_ratio"]) and args["embed_dim"] * args["mlp_ratio"] >= 1,
-         "a finite ratio giving at least one hidden unit"),
-        *((name, 0 <= args[name] < 1, "in [0, 1)") for name in (
-            "dropout", "drop_path", "label_smoothing")),
-        ("cls_prior_prob", 0 < args["cls_prior_prob"] < 1, "in (0, 1)"),
-        ("focal_alpha", args["focal_alpha"] <= 1 and finite(args["focal_alpha"]),
-         "at most 1 (negative disables it)"),
-        *((name, 0 <= args[name] and finite(args[name]), "finite and zero or more") for name in (
-            "focal_gamma", "reg_loss_weight")),
-        ("loss_norm_init", 0 < args["loss_norm_init"] and finite(args["loss_norm_init"]),
-         "finite and positive"),
-        ("loss_norm_momentum", 0 <= args["loss_norm_momentum"] <= 1, "in [0, 1]"),
-        ("center_sample_radius", args["center_sample_radius"] is None
-         or (0 < args["center_sample_radius"] and finite(args["center_sample_radius"])),
-         "finite and positive, or None"),
-    ]
-    for name, ok, expected in checks:
-        if not ok:
-            raise ValueError(f"{name} must be {expected}, got {args[name]!r}")
-    factor = padding_factor(windows)
-    if args["max_seq_len"] % factor:
-        raise ValueError(f"max_seq_len must be a multiple of {factor} (largest stride x "
-                         f"window // 2 x 2), got {args['max_seq_len']}")
-    ranges = args["regression_ranges"]
-    if len(ranges) != args["num_levels"]:
-        raise ValueError(f"{len(ranges)} regression_ranges for {args['num_levels']} levels")
-    if not all(0 <= low <= high for low, high in ranges):  # False for NaN bounds
-        raise ValueError(f"regression_ranges must be (low, high) pairs with 0 <= low <= high, "
-                         f"got {list(ranges)}")
 
 
 class ActionFormerHead(nn.Module):
@@ -121,7 +76,8 @@ class ActionFormerHead(nn.Module):
         use_abs_pe: add a fixed sinusoidal position encoding, divided by sqrt(embed_dim), after
             the embedding (stretched linearly to longer inputs in evaluation).
         regression_ranges: per level (low, high) range, in input feature steps, of the larger of a
-            point's distances to a segment's start and end (THUMOS defaults; one per level).
+            point's distances to a segment's start and end (THUMOS defaults; one per level);
+            a high of ``None`` or ``math.inf``: no upper limit.
         center_sample_radius: positives lie within radius * stride of a segment's centre
             (None: anywhere inside the segment).
         cls_prior_prob: initial foreground probability of every class (bias of the cls conv).
@@ -136,33 +92,36 @@ class ActionFormerHead(nn.Module):
         self,
         in_dim: int,
         num_classes: int,
-        embed_dim: int = 512,
-        num_levels: int = 6,
-        window: int | list = 19,
-        num_heads: int = 4,
-        max_seq_len: int = 2304,
-        num_embed_convs: int = 2,
-        num_stem_blocks: int = 2,
-        mlp_ratio: float = 4.0,
-        dropout: float = 0.0,
-        drop_path: float = 0.1,
-        tower_depth: int = 2,
-        use_abs_pe: bool = False,
+        embed_dim: int = DEFAULT.embed_dim,
+        num_levels: int = DEFAULT.num_levels,
+        window: int | list = DEFAULT.window,
+        num_heads: int = DEFAULT.num_heads,
+        max_seq_len: int = DEFAULT.max_seq_len,
+        num_embed_convs: int = DEFAULT.num_embed_convs,
+        num_stem_blocks: int = DEFAULT.num_stem_blocks,
+        mlp_ratio: float = DEFAULT.mlp_ratio,
+        dropout: float = DEFAULT.dropout,
+        drop_path: float = DEFAULT.drop_path,
+        tower_depth: int = DEFAULT.tower_depth,
+        use_abs_pe: bool = DEFAULT.use_abs_pe,
         regression_ranges=THUMOS_REGRESSION_RANGES,
-        center_sample_radius: float | None = 1.5,
-        cls_prior_prob: float = 0.01,
-        focal_alpha: float = 0.25,
-        focal_gamma: float = 2.0,
-        reg_loss_weight: float = 1.0,
-        label_smoothing: float = 0.0,
-        loss_norm_init: float = 100.0,
-        loss_norm_momentum: float = 0.9,
+        center_sample_radius: float | None = DEFAULT.center_sample_radius,
+        cls_prior_prob: float = DEFAULT.cls_prior_prob,
+        focal_alpha: float = DEFAULT.focal_alpha,
+        focal_gamma: float = DEFAULT.focal_gamma,
+        reg_loss_weight: float = DEFAULT.reg_loss_weight,
+        label_smoothing: float = DEFAULT.label_smoothing,
+        loss_norm_init: float = DEFAULT.loss_norm_init,
+        loss_norm_momentum: float = DEFAULT.loss_norm_momentum,
     ):
         super().__init__()
-        check_head_arguments(locals())
+        # Values come from user configs: refuse them by name (ConfigError, a ValueError).
+        check_positive_integers(in_dim=in_dim, num_classes=num_classes)
+        arguments = locals()
+        HeadConfig(**{name: arguments[name] for name in HeadConfig.__dataclass_fields__}).check()
         self.num_classes = num_classes
         self.strides = [2 ** level for level in range(num_levels)]
-        self.regression_ranges = [(float(low), float(high)) for low, high in regression_ranges]
+        self.regression_ranges = open_ranges(regression_ranges)
         self.center_sample_radius = center_sample_radius
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.reg_loss_weight = reg_loss_weight
@@ -297,24 +256,18 @@ class ActionFormerHead(nn.Module):
         self.loss_normalizer.mul_(self.loss_norm_momentum).add_(
             (1 - self.loss_norm_momentum) * observed)
 
+    @classmethod
+    def from_config(cls, in_dim: int, num_classes: int, config: HeadConfig) -> "ActionFormerHead":
+        """The head a ``HeadConfig`` describes, for features of width ``in_dim``."""
+        return cls(in_dim, num_classes, **{name: getattr(config, name)
+                                           for name in HeadConfig.__dataclass_fields__})
+
     @torch.no_grad()
     def predict(self, out: dict, **postprocess_options):
         """Detections per video: list of {"segments" [N, 2] (feature steps), "scores" [N],
         "labels" [N]}, best first. Options (THUMOS defaults): see head.postprocess.postprocess.
         """
         return postprocess(out, self.strides, **postprocess_options)
-
-
-def level_windows(window, num_levels: int) -> list:
-    """One attention window per pyramid level from an int (all levels) or a list."""
-    return [window] * num_levels if isinstance(window, int) else list(window)
-
-
-def padding_factor(windows) -> int:
-    """What every padded length is a multiple of: for each level, stride x (window // 2) x 2
-    (the stride alone for a global level), the largest over levels."""
-    return max(2 ** level * (w // 2 * 2 if w != GLOBAL_WINDOW else 1)
-               for level, w in enumerate(windows))
 
 
 def pad_to(x, mask, length: int):

@@ -20,7 +20,10 @@ import math
 
 import torch
 
-METHODS = ("soft", "linear", "hard")
+from head.config import NMS_METHODS as METHODS
+from head.config import PostprocessConfig
+
+DEFAULT = PostprocessConfig()  # the defaults below (written once, in head/config.py)
 NMS_LENGTH_OFFSET = 1e-6
 
 
@@ -45,9 +48,10 @@ def suppression_weight(iou, method: str, iou_threshold: float, sigma: float):
     raise ValueError(f"unknown NMS method {method!r}; choose one of {METHODS}")
 
 
-def suppress(segments, scores, labels, method: str = "soft", iou_threshold: float = 0.5,
-             sigma: float = 0.5, min_score: float = 0.001, max_segments: int | None = None,
-             voting_iou: float | None = None):
+def suppress(segments, scores, labels, method: str = DEFAULT.nms_method,
+             iou_threshold: float = DEFAULT.iou_threshold, sigma: float = DEFAULT.sigma,
+             min_score: float = DEFAULT.min_score, max_segments: int | None = DEFAULT.max_segments,
+             voting_iou: float | None = DEFAULT.voting_iou):
     """One video's final detections: per-class NMS (or ``method="none"``: rank only), then
     optional boundary voting among the candidates overlapping each kept segment by
     ``voting_iou`` (see ``segment_voting``). Returns (segments, scores, labels), best first.
@@ -65,13 +69,15 @@ def suppress(segments, scores, labels, method: str = "soft", iou_threshold: floa
     return kept_segments, kept_scores, kept_labels
 
 
-def batched_nms(segments, scores, labels, method: str = "soft", iou_threshold: float = 0.5,
-                sigma: float = 0.5, min_score: float = 0.001, max_segments: int | None = None):
+def batched_nms(segments, scores, labels, method: str = DEFAULT.nms_method,
+                iou_threshold: float = DEFAULT.iou_threshold, sigma: float = DEFAULT.sigma,
+                min_score: float = DEFAULT.min_score,
+                max_segments: int | None = DEFAULT.max_segments):
     """Per-class NMS of one video's detections.
 
     segments [N, 2], scores [N], labels [N] int. Returns (segments, scores, labels) of the kept
     detections with their (possibly decayed) scores, best first (stable on ties: class, then the
-    order in which they were kept), at most ``max_segments``.
+    order in which they were kept), at most ``max_segments`` (None: no limit).
     """
     if method not in METHODS:
         raise ValueError(f"unknown NMS method {method!r}; choose one of {METHODS}")

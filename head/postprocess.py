@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import torch
 
+from head.config import PostprocessConfig
 from head.nms import suppress
+
+DEFAULT = PostprocessConfig()  # the defaults below (written once, in head/config.py)
 
 
 def decode_level(cls_logits, offsets, mask, stride: int, score_threshold: float, top_k: int,
@@ -28,10 +31,13 @@ def decode_level(cls_logits, offsets, mask, stride: int, score_threshold: float,
     return segments[long_enough], scores[keep][long_enough], label[long_enough]
 
 
-def postprocess(out: dict, strides, score_threshold: float = 0.001, pre_nms_top_k: int = 2000,
-                min_duration: float = 0.05, nms_method: str = "soft", iou_threshold: float = 0.5,
-                sigma: float = 0.5, min_score: float = 0.001, max_segments: int = 2000,
-                voting_iou: float | None = None):
+def postprocess(out: dict, strides, score_threshold: float = DEFAULT.score_threshold,
+                pre_nms_top_k: int = DEFAULT.pre_nms_top_k,
+                min_duration: float = DEFAULT.min_duration,
+                nms_method: str = DEFAULT.nms_method, iou_threshold: float = DEFAULT.iou_threshold,
+                sigma: float = DEFAULT.sigma, min_score: float = DEFAULT.min_score,
+                max_segments: int = DEFAULT.max_segments,
+                voting_iou: float | None = DEFAULT.voting_iou):
     """Detections per video from the head's output dict (see ``ActionFormerHead.forward``).
 
     Per level: score threshold and top-k; then per-class NMS over all levels (``nms_method``

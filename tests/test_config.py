@@ -51,9 +51,9 @@ def test_defaults_are_actionformer_thumos_settings(tmp_path):
     ({"train": {"batch_size": 4, "micro_batch": 3}}, "train.micro_batch: must be positive and"),
     ({"head": {"num_levels": 3, "regression_bounds": [0, 4]}}, "head.regression_bounds"),
     ({"eval": {"tiou_thresholds": []}}, "eval.tiou_thresholds: must be"),
-    ({"model": {"losa": {"short_window": 8}}}, "model.losa: short_window must be a positive odd"),
-    ({"model": {"losa": {"bottleneck": 30, "num_heads": 4}}}, "model.losa: bottleneck 30 is not"),
-    ({"head": {"window": 4}}, "head: window must be odd"),
+    ({"model": {"losa": {"short_window": 8}}}, "model.losa.short_window: must be a positive odd"),
+    ({"model": {"losa": {"bottleneck": 30, "num_heads": 4}}}, "model.losa.bottleneck: must be divisible"),
+    ({"head": {"window": 4}}, "head.window: must be odd"),
 ])
 def test_bad_keys_and_types_name_the_file_and_the_key(tmp_path, data, key):
     path = write(tmp_path, data)

@@ -340,3 +340,38 @@ def test_under_bf16_autocast_the_predictions_are_computed_in_float32():
     # bf16 keeps 8 bits of mantissa: float32 logits near the 1% prior rarely tie.
     logits = out["cls_logits"][0][out["masks"][0]].flatten()
     assert logits.unique().numel() > 0.9 * logits.numel()
+
+
+@pytest.mark.parametrize("arguments", [
+    {},  # the THUMOS defaults
+    {"embed_dim": 30, "num_heads": 3, "max_seq_len": 96, "window": [3, 5, 7, -1],
+     "num_levels": 4, "drop_path": 0.0, "use_abs_pe": True, "num_embed_convs": 1,
+     "num_stem_blocks": 0, "tower_depth": 0, "mlp_ratio": 2.5,
+     "regression_ranges": [[0, 4], [4, 8], [8, 16], [16, None]]},
+])
+def test_head_config_builds_the_head_and_counts_its_weights_without_building_it(arguments):
+    from head.config import HeadConfig, head_parameter_count
+
+    config = HeadConfig(**arguments)
+    head = ActionFormerHead.from_config(16, 5, config)
+    built = sum(t.numel() for t in (*head.parameters(), *head.buffers()))
+    assert head_parameter_count(config, 16, 5) == built
+    assert len(head.strides) == config.num_levels
+    assert head.regression_ranges[-1][1] == math.inf
+
+
+@pytest.mark.parametrize("arguments, key", [
+    ({"window": 4}, "window"), ({"dropout": float("nan")}, "dropout"),
+    ({"embed_dim": 30}, "embed_dim"), ({"regression_ranges": [[0, 4]] * 5}, "regression_ranges"),
+    ({"regression_ranges": [[4, 0]] * 6}, "regression_ranges"),
+    ({"center_sample_radius": float("nan")}, "center_sample_radius"),
+])
+def test_the_constructor_and_the_config_refuse_the_same_argument_by_name(arguments, key):
+    from head.config import HeadConfig
+    from losa_tal import ConfigError
+
+    for build in (lambda: HeadConfig(**arguments).check(),
+                  lambda: ActionFormerHead(16, 5, **arguments)):
+        with pytest.raises(ConfigError, match=f"^{key}: must be") as err:
+            build()
+        assert err.value.key == key

@@ -188,7 +188,7 @@ def test_one_range_variant_is_losa_with_the_other_range_shut(kept):
 
 
 def test_unknown_adapters_choice_is_refused_by_name():
-    with pytest.raises(ValueError, match="adapters must be one of"):
+    with pytest.raises(ValueError, match="adapters: must be one of"):
         small_losa(adapters="medium")
 
 

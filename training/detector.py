@@ -106,6 +106,7 @@ def constructor_problem(model_config, head_config) -> str | None:
     """
     from adapt import LoSA
     from head import ActionFormerHead
+    from losa_tal import ConfigError
 
     for name in ("num_levels", "num_embed_convs", "num_stem_blocks", "tower_depth"):
         if getattr(head_config, name) > MAX_REPEATED_LAYERS:
@@ -119,6 +120,8 @@ def constructor_problem(model_config, head_config) -> str | None:
         with torch.device("meta"):
             try:
                 module = build()
+            except ConfigError as err:
+                return f"{section}.{err.key}: {err.problem}"
             except (ValueError, TypeError) as err:
                 return f"{section}: {err}"
             except RuntimeError:  # torch: "Storage size calculation overflowed"
