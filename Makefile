@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 
 DATASET ?= thumos
 CONFIG ?= configs/train/thumos_vitg_losa.json
+# losa or head_only (the baseline: the LoSA recipe without adapters); empty: the config's.
+MODEL ?=
 SEED ?= 0
 # Optional overrides; empty means "the preset's or config's own value".
 VIDEOS ?=
@@ -41,7 +43,7 @@ extract: $(STAMP)
 		$(if $(STORE),--out "$(STORE)") $(if $(ANNOTATIONS),--annotations "$(ANNOTATIONS)")
 
 train: $(STAMP)
-	$(PY) cli.py train --config $(CONFIG) \
+	$(PY) cli.py train --config $(CONFIG) $(if $(MODEL),--model $(MODEL)) \
 		$(if $(STORE),--store "$(STORE)") $(if $(ANNOTATIONS),--annotations "$(ANNOTATIONS)") \
 		$(if $(OUT),--out "$(OUT)")
 

@@ -36,7 +36,6 @@ from synth.config import SynthConfig  # noqa: E402
 from synth.demo import BENCHMARK_DIR, STORE_DIR, TRAIN_CONFIG  # noqa: E402
 from synth.generator import ANNOTATION_FILE, SIGNAL_WINDOW_S, plan_video  # noqa: E402
 from training.config import load_config  # noqa: E402
-from training.detector import head_arguments  # noqa: E402
 
 CLIP_FRAMES = 16  # the demo's sampling protocol: 16-frame clips
 
@@ -48,7 +47,7 @@ def receptive_field(length: int = 128, dim: int = 16) -> list:
 
     config = load_config(TRAIN_CONFIG)
     torch.manual_seed(0)
-    head = ActionFormerHead(in_dim=dim, num_classes=6, **head_arguments(config.head)).double()
+    head = ActionFormerHead.from_config(dim, 6, config.head).double()
     head.eval()
     reach = []
     for level, stride in enumerate(head.strides):

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from losa_tal import check_positive_integers, check_values
 
 GLOBAL_WINDOW = -1  # a level's ``window`` that means: attend to the whole sequence
+# A config asking for more pyramid levels, embedding convs, stem blocks or tower layers than this
+# is a typo: a billion blocks would take hours to build, and strides reach 2**63 at 64 levels.
+MAX_REPEATED_LAYERS = 64
 NMS_METHODS = ("soft", "linear", "hard")  # "none" (rank only) is a post-processing choice too
 # Per pyramid level, the (low, high) range of a point's larger distance to a segment's ends,
 # in input feature steps; the top level has no upper limit (written null in JSON).
@@ -76,6 +79,10 @@ class HeadConfig:
         check_positive_integers(embed_dim=self.embed_dim, num_levels=self.num_levels,
                                 num_heads=self.num_heads, max_seq_len=self.max_seq_len,
                                 num_embed_convs=self.num_embed_convs)
+        check_values((name, getattr(self, name) <= MAX_REPEATED_LAYERS,
+                      f"at most {MAX_REPEATED_LAYERS}", getattr(self, name))
+                     for name in ("num_levels", "num_embed_convs", "num_stem_blocks",
+                                  "tower_depth"))
         windows = level_windows(self.window, self.num_levels)
         radius = self.center_sample_radius
         check_values([

@@ -1,9 +1,14 @@
 """Training configs: the shipped files load, and bad keys, types and overrides are one-line errors."""
+import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from head.config import HeadConfig
 from losa_tal import InputError
 from training.config import Config, load_config, parse_override
 
@@ -19,13 +24,67 @@ def write(tmp_path, data, name="config.json"):
 
 def test_shipped_configs_load_and_cover_the_three_recipes():
     names = {path.name for path in SHIPPED}
-    assert {"thumos_vitg_losa.json", "thumos_vitg_head_only.json", "anet_vitg_losa.json"} <= names
+    assert {"thumos_vitg_losa.json", "anet_vitg_losa.json"} <= names
     for path in SHIPPED:
         config = load_config(path)
         # Every shipped file spells out its sections, so a reader sees the recipe in one place.
         assert set(json.loads(path.read_text())) == set(config.to_dict())
-    assert load_config(ROOT / "configs/train/thumos_vitg_head_only.json").model.type == "head_only"
+    # The head-only baseline is the LoSA recipe with --model head_only (model.type).
+    thumos = ROOT / "configs/train/thumos_vitg_losa.json"
+    assert load_config(thumos, ["model.type=head_only"]).model.type == "head_only"
     assert load_config(ROOT / "configs/train/anet_vitg_losa.json").data.mode == "resize"
+
+
+# The demo recipe as it was written before the keys took the public API's names.
+OLD_DEMO = {
+    "data": {"dataset": "synth", "train_subset": "train", "mode": "window", "max_seq_len": 128,
+             "standardise": True},
+    "model": {"type": "losa", "losa": {"bottleneck": 64, "num_heads": 4, "dropout": 0.1}},
+    "head": {"embed_dim": 128, "num_levels": 4, "window": 9, "max_seq_len": 128,
+             "regression_bounds": [0, 4, 8, 16]},
+    "optim": {"lr_head": 1e-3, "lr_adapter": 1e-3, "warmup_epochs": 2, "ema_decay": 0.99},
+    "train": {"epochs": 40},
+    "eval": {"subset": "test", "every": 0, "max_segments": 200, "pre_nms_topk": 1000,
+             "nms": "hard", "nms_sigma": 0.7, "iou_threshold": 0.3, "score_threshold": 0.01},
+}
+
+
+def test_configs_in_the_old_keys_load_as_the_renamed_ones(tmp_path):
+    old = load_config(write(tmp_path, OLD_DEMO))
+    assert old.head.regression_ranges == [[0, 4], [4, 8], [8, 16], [16, None]]
+    post = old.postprocess
+    assert (post.pre_nms_top_k, post.nms_method, post.sigma, post.iou_threshold) == \
+        (1000, "hard", 0.7, 0.3)
+    # The old score threshold also set the NMS floor.
+    assert post.score_threshold == post.min_score == 0.01
+    assert old.eval.subset == "test" and old.eval.every == 0
+    new = load_config(ROOT / "configs/demo/train.json", [
+        "postprocess.pre_nms_top_k=1000", "postprocess.nms_method=hard", "postprocess.sigma=0.7",
+        "postprocess.iou_threshold=0.3", "postprocess.score_threshold=0.01",
+        "postprocess.min_score=0.01"])
+    assert dataclasses.replace(old, description=new.description) == new
+    assert load_config(write(tmp_path, {"head": {"regression_bounds": None}})) == \
+        load_config(write(tmp_path, {}))
+    with pytest.raises(InputError, match="eval.nms: renamed postprocess.nms_method; give only"):
+        load_config(write(tmp_path, {"eval": {"nms": "hard"},
+                                     "postprocess": {"nms_method": "soft"}}))
+
+
+def test_a_typo_is_refused_without_importing_torch(tmp_path):
+    path = write(tmp_path, {"head": {"windw": 19}})
+    child = subprocess.run([sys.executable, "-c", (
+        "import sys\n"
+        "from losa_tal import InputError\n"
+        "from training.config import load_config\n"
+        "try:\n"
+        f"    load_config({str(path)!r})\n"
+        "except InputError as err:\n"
+        "    print(err)\n"
+        "print('torch' in sys.modules)\n")], capture_output=True, text=True, timeout=60,
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert child.stdout.splitlines() == [f"{path}: head.windw: unknown key (known in head: "
+                                         + ", ".join(sorted(HeadConfig.__dataclass_fields__))
+                                         + ")", "False"], child.stderr
 
 
 def test_defaults_are_actionformer_thumos_settings(tmp_path):
@@ -33,7 +92,7 @@ def test_defaults_are_actionformer_thumos_settings(tmp_path):
     assert config.data.max_seq_len == 2304
     assert config.head.window == 19 and config.head.num_levels == 6
     assert config.optim.lr_head == 1e-4 and config.optim.weight_decay == 0.05
-    assert config.eval.nms == "soft" and config.eval.nms_sigma == 0.5
+    assert config.postprocess.nms_method == "soft" and config.postprocess.sigma == 0.5
 
 
 @pytest.mark.parametrize("data, key", [
@@ -49,10 +108,12 @@ def test_defaults_are_actionformer_thumos_settings(tmp_path):
     ({"data": {"mode": "crop"}}, "data.mode: must be one of window, resize"),
     ({"model": {"type": "full"}}, "model.type: must be one of losa, head_only"),
     ({"train": {"batch_size": 4, "micro_batch": 3}}, "train.micro_batch: must be positive and"),
-    ({"head": {"num_levels": 3, "regression_bounds": [0, 4]}}, "head.regression_bounds"),
+    ({"head": {"num_levels": 3, "regression_ranges": [[0, 4], [4, None]]}},
+     "head.regression_ranges"),
     ({"eval": {"tiou_thresholds": []}}, "eval.tiou_thresholds: must be"),
     ({"model": {"losa": {"short_window": 8}}}, "model.losa.short_window: must be a positive odd"),
-    ({"model": {"losa": {"bottleneck": 30, "num_heads": 4}}}, "model.losa.bottleneck: must be divisible"),
+    ({"model": {"losa": {"bottleneck": 30, "num_heads": 4}}},
+     "model.losa.bottleneck: must be divisible"),
     ({"head": {"window": 4}}, "head.window: must be odd"),
 ])
 def test_bad_keys_and_types_name_the_file_and_the_key(tmp_path, data, key):

@@ -135,7 +135,7 @@ def seeded_predictions(store_path, annotations_path, world):
                      config.model, config.head)
     forwards = []
     model.register_forward_hook(lambda *_: forwards.append(1))
-    return predict(model, dataset, config.eval, "cpu", classes, world=world), len(forwards)
+    return predict(model, dataset, config.postprocess, "cpu", classes, world=world), len(forwards)
 
 
 @pytest.fixture(scope="module")

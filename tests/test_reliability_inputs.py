@@ -259,9 +259,11 @@ def test_store_import_ends_cleanly_on_generated_annotation_files(tmp_path, featu
 # ---------------------------------------------------------------------------------------------
 # train: hostile config values
 
-FLOAT_KEYS = [f"{section}.{key}" for section, values in Config().to_dict().items()
+SECTIONS = {name: values for name, values in Config().to_dict().items()
+            if isinstance(values, dict)}  # not the top-level description
+FLOAT_KEYS = [f"{section}.{key}" for section, values in SECTIONS.items()
               for key, value in values.items() if isinstance(value, float)]
-INT_KEYS = [f"{section}.{key}" for section, values in Config().to_dict().items()
+INT_KEYS = [f"{section}.{key}" for section, values in SECTIONS.items()
             for key, value in values.items()
             if isinstance(value, int) and not isinstance(value, bool)]
 LOSA_KEYS = [f"model.losa.{key}" for key, value in Config().model.losa.__dict__.items()

@@ -345,7 +345,7 @@ def test_standardise_centres_features_and_travels_in_the_checkpoint_to_infer(tmp
     validation = StoreDataset(store, store_path, load_annotations(annotations_path),
                               annotations_path, "validation", CLASSES, list(LAYERS), config.data,
                               train=False)
-    in_memory = predict(fresh, validation, config.eval, "cpu", CLASSES)
+    in_memory = predict(fresh, validation, config.postprocess, "cpu", CLASSES)
     from_checkpoint = infer(tmp_path / "run", store_path, annotations_path, subset="validation")
     assert from_checkpoint["results"] == in_memory["results"]
     assert sum(map(len, in_memory["results"].values())) > 0

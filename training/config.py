@@ -1,13 +1,17 @@
 """Training configs: plain JSON files with one section per concern, checked against dataclasses.
 
-A config file holds the sections ``data``, ``model`` (with its ``losa`` sub-section), ``head``,
-``optim``, ``train`` and ``eval``. Keys left out take the defaults below; a key that is not listed
-here, or a value of the wrong type, is an ``InputError`` naming the file and the dotted key, so a
-typo never trains silently with a default. ``--set key.sub=value`` overrides are parsed as JSON
+A config file holds a one-line ``description`` and the sections ``data``, ``model`` (with its
+``losa`` sub-section: ``adapt.LosaConfig``), ``head`` (``head.HeadConfig``), ``postprocess``
+(``head.PostprocessConfig``), ``optim``, ``train`` and ``eval``. Each component's dataclass is the
+one place its defaults and ranges live; keys left out take them. A key that is not listed, a
+value of the wrong type or out of range is an ``InputError`` naming the file and the dotted key,
+so a typo never trains silently with a default. Nothing here imports torch: a bad config is
+refused before any model code loads. ``--set key.sub=value`` overrides are parsed as JSON
 literals (``--set optim.lr_head=2e-4``, ``--set model.layers=[3,7]``); a value that is not valid
 JSON is taken as a string (``--set model.type=head_only``).
 
-The defaults are ActionFormer's THUMOS-14 settings (DESIGN.md section 4).
+Keys renamed since (``RENAMED`` below) still load, so older config files and checkpoints do.
+The defaults are ActionFormer's THUMOS-14 settings.
 """
 from __future__ import annotations
 
@@ -15,12 +19,19 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from losa_tal import (apply_overrides, build_config, input_error, parse_override,  # noqa: F401
-                       read_config_file)
+from adapt.config import LosaConfig, losa_parameter_count
+from head.config import HeadConfig, PostprocessConfig, head_parameter_count
+from losa_tal import (ConfigError, InputError, apply_overrides, build_config,  # noqa: F401
+                      check_positive_integers, check_values, input_error, parse_override,
+                      read_config_file)
 
 MODEL_TYPES = ("losa", "head_only")
 CACHE_KINDS = ("auto", "none", "ram", "pinned", "gpu")
 DATA_MODES = ("window", "resize")
+
+
+def finite_and_at_least(value: float, low: float) -> bool:
+    return math.isfinite(value) and value >= low
 
 
 @dataclass
@@ -51,20 +62,22 @@ class DataConfig:
     # ActivityNet protocol, whose detections `cli.py fuse` labels with video-level scores.
     class_agnostic: bool = False
 
-
-@dataclass
-class LosaConfig:
-    """Constructor arguments of ``adapt.LoSA`` other than the shapes read from the store."""
-
-    bottleneck: int = 256
-    num_heads: int = 4
-    short_window: int = 9  # clips around each clip that its short-range adapter attends to
-    long_window: int | None = None  # None: global attention over the window/video
-    dropout: float = 0.1
-    checkpoint_layers: bool = False  # recompute adapter activations in backward (saves memory)
-    zero_init: str = "fuse"  # "fuse" or "gates": which side of the fusion starts at zero
-    adapters: str = "both"  # "both" (LoSA), "short" or "long": one range only, for ablations
-    long_relative_bias: bool = False  # learned per-offset bias in the long-range band
+    def check(self) -> None:
+        crop = self.crop_ratio
+        check_positive_integers(max_seq_len=self.max_seq_len, resize_len=self.resize_len,
+                                window_tries=self.window_tries)
+        check_values([
+            ("mode", self.mode in DATA_MODES, f"one of {', '.join(DATA_MODES)}", self.mode),
+            ("min_action_inside", 0 < self.min_action_inside <= 1, "in (0, 1]",
+             self.min_action_inside),
+            ("infer_overlap", 0 <= self.infer_overlap < 1, "in [0, 1)", self.infer_overlap),
+            ("infer_window", self.infer_window is None or self.infer_window > 0,
+             "positive or null", self.infer_window),
+            ("num_workers", self.num_workers >= 0, "zero or more", self.num_workers),
+            ("crop_ratio", crop is None or (len(crop) == 2 and 0 < crop[0] <= crop[1] <= 1),
+             "null or [low, high] with 0 < low <= high <= 1", crop),
+            ("cache", self.cache in CACHE_KINDS, f"one of {', '.join(CACHE_KINDS)}", self.cache),
+        ])
 
 
 @dataclass
@@ -74,35 +87,15 @@ class ModelConfig:
     tokens: list[int] | None = None  # pooled token grid [t, h, w] the store must hold; None: any
     losa: LosaConfig = field(default_factory=LosaConfig)
 
-
-@dataclass
-class HeadConfig:
-    """Constructor arguments of ``head.ActionFormerHead`` other than in_dim and num_classes."""
-
-    embed_dim: int = 512
-    num_levels: int = 6  # pyramid levels, strides 1, 2, ..., 2**(num_levels - 1)
-    # Local self-attention window in steps of each level, or one per level; -1 = global.
-    window: int | list[int] = 19
-    num_heads: int = 4
-    max_seq_len: int = 2304  # length of the position table (used only with use_abs_pe)
-    num_embed_convs: int = 2
-    num_stem_blocks: int = 2
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
-    drop_path: float = 0.1
-    tower_depth: int = 2
-    use_abs_pe: bool = False
-    # Level l regresses segments whose farther end lies within [bounds[l], bounds[l + 1]) steps
-    # (the top level without limit); None: the head's THUMOS ranges 0, 4, 8, 16, 32, 64.
-    regression_bounds: list[float] | None = None
-    center_sample_radius: float | None = 1.5
-    cls_prior_prob: float = 0.01
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    reg_loss_weight: float = 1.0
-    label_smoothing: float = 0.0
-    loss_norm_init: float = 100.0
-    loss_norm_momentum: float = 0.9
+    def check(self) -> None:
+        check_values([
+            ("type", self.type in MODEL_TYPES, f"one of {', '.join(MODEL_TYPES)}", self.type),
+            ("layers", self.layers is None or len(set(self.layers)) == len(self.layers),
+             "null or a list of distinct layers (two adapters on one block is a typo)",
+             self.layers),
+            ("tokens", self.tokens is None or len(self.tokens) == 3, "a list [t, h, w]",
+             self.tokens),
+        ])
 
 
 @dataclass
@@ -117,6 +110,15 @@ class OptimConfig:
     clip_grad: float = 1.0  # max global gradient norm; 0 disables clipping
     ema_decay: float = 0.999  # exponential moving average of the weights, used for evaluation
 
+    def check(self) -> None:
+        check_values([
+            ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)", self.ema_decay),
+            *((name, finite_and_at_least(getattr(self, name), 0), "finite and zero or more",
+               getattr(self, name))
+              for name in ("lr_head", "lr_adapter", "weight_decay", "warmup_epochs",
+                           "clip_grad", "min_lr")),
+        ])
+
 
 @dataclass
 class TrainConfig:
@@ -129,30 +131,49 @@ class TrainConfig:
     # divided by it (ActionFormer), or "after" the step (saves a collective per step).
     normalizer_update: str = "before"
 
+    def check(self) -> None:
+        check_positive_integers(epochs=self.epochs, batch_size=self.batch_size)
+        check_values([
+            ("micro_batch", self.micro_batch > 0 and self.batch_size % self.micro_batch == 0,
+             "positive and a divisor of train.batch_size", self.micro_batch),
+            ("normalizer_update", self.normalizer_update in ("before", "after"),
+             "before or after", self.normalizer_update),
+        ])
+
 
 @dataclass
 class EvalConfig:
+    """Evaluation during training; how detections are made is the ``postprocess`` section."""
+
     subset: str | None = None  # held-out subset scored in training; None: the file's test split
     every: int = 5  # evaluate every N epochs (and after the last); 0: only after the last
     max_videos: int | None = None  # evaluate on the first N videos only, to save time
     tiou_thresholds: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7])
-    score_threshold: float = 0.001
-    pre_nms_topk: int = 2000  # candidates kept per pyramid level before NMS
-    min_duration: float = 0.05  # shortest candidate kept, in feature steps
-    max_segments: int = 200  # per video, after NMS (ActionFormer's THUMOS setting)
-    nms: str = "soft"  # "soft" (Gaussian Soft-NMS), "linear" or "hard"
-    nms_sigma: float = 0.5
-    iou_threshold: float = 0.1  # hard and linear NMS only
-    # Refine kept segments by score x IoU voting among candidates overlapping by this IoU.
-    # ActionFormer votes only after class-agnostic NMS (ActivityNet, 0.9); None: no voting.
-    voting_iou: float | None = None
+
+    def check(self) -> None:
+        check_values([
+            ("every", self.every >= 0, "zero or more", self.every),
+            ("max_videos", self.max_videos is None or self.max_videos > 0, "positive or null",
+             self.max_videos),
+            ("tiou_thresholds", bool(self.tiou_thresholds)
+             and all(0 < t < 1 for t in self.tiou_thresholds), "a non-empty list in (0, 1)",
+             self.tiou_thresholds),
+        ])
+
+
+# Models larger than this are refused before anything is built: a billion-wide layer cannot be
+# allocated (repeated layers are bounded by head.config.MAX_REPEATED_LAYERS).
+MAX_ELEMENTS = 2 ** 31  # parameters and buffers at the placeholder shapes below (8 GiB fp32)
+PLACEHOLDER_SHAPES = {"in_dim": 8, "num_classes": 2, "num_layers": 1, "num_tokens": 1}
 
 
 @dataclass
 class Config:
+    description: str = ""  # one line: what this recipe is for
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -162,10 +183,23 @@ class Config:
 
     @classmethod
     def from_dict(cls, raw, source: str = "config") -> "Config":
-        """Build a config from plain data, checking every key and type against the dataclasses."""
-        config = build_config(cls, raw, source)
-        _check_values(config, source)
-        return config
+        """Build a config from plain data (keys renamed since included), checking every key,
+        type and range against the dataclasses."""
+        return build_config(cls, renamed_keys_updated(raw, source), source)
+
+    def check(self) -> None:
+        """The sizes of the models this config builds, at placeholder shapes (no torch)."""
+        shapes = PLACEHOLDER_SHAPES
+        counts = [("head", head_parameter_count(self.head, shapes["in_dim"],
+                                                shapes["num_classes"]))]
+        if self.model.type == "losa":
+            counts.append(("model.losa", losa_parameter_count(
+                shapes["in_dim"], shapes["num_layers"], shapes["num_tokens"],
+                **dataclasses.asdict(self.model.losa))))
+        for section, elements in counts:
+            if elements > MAX_ELEMENTS:
+                raise ConfigError(section, f"{elements:.3g} weights, more than the "
+                                  f"{MAX_ELEMENTS:.3g} allowed")
 
 
 def load_config(path, overrides=()) -> Config:
@@ -174,70 +208,52 @@ def load_config(path, overrides=()) -> Config:
     return Config.from_dict(raw, source=str(path))
 
 
-def _finite_and_at_least(value: float, low: float) -> bool:
-    return math.isfinite(value) and value >= low
+def ranges_from_bounds(bounds):
+    """The old ``head.regression_bounds`` (each level's lower bound; the top level open) as
+    ``head.regression_ranges`` pairs. Anything but a list is passed on for the type check."""
+    if not isinstance(bounds, list):
+        return bounds
+    return [[low, high] for low, high in zip(bounds, [*bounds[1:], None])]
 
 
-def _check_values(config: Config, source: str) -> None:
-    """Range and choice checks that types alone cannot express."""
-    checks = [
-        ("model.type", config.model.type in MODEL_TYPES, f"one of {', '.join(MODEL_TYPES)}"),
-        ("data.mode", config.data.mode in DATA_MODES, f"one of {', '.join(DATA_MODES)}"),
-        ("data.max_seq_len", config.data.max_seq_len > 0, "positive"),
-        ("data.resize_len", config.data.resize_len > 0, "positive"),
-        ("data.min_action_inside", 0 < config.data.min_action_inside <= 1, "in (0, 1]"),
-        ("data.infer_overlap", 0 <= config.data.infer_overlap < 1, "in [0, 1)"),
-        ("data.infer_window", config.data.infer_window is None or config.data.infer_window > 0,
-         "positive or null"),
-        ("data.num_workers", config.data.num_workers >= 0, "zero or more"),
-        ("data.crop_ratio", config.data.crop_ratio is None or (
-            len(config.data.crop_ratio) == 2
-            and 0 < config.data.crop_ratio[0] <= config.data.crop_ratio[1] <= 1),
-         "null or [low, high] with 0 < low <= high <= 1"),
-        ("data.window_tries", config.data.window_tries > 0, "positive"),
-        ("train.normalizer_update", config.train.normalizer_update in ("before", "after"),
-         "before or after"),
-        ("data.cache", config.data.cache in CACHE_KINDS, f"one of {', '.join(CACHE_KINDS)}"),
-        ("head.regression_bounds", config.head.regression_bounds is None
-         or len(config.head.regression_bounds) == config.head.num_levels,
-         "null or one lower bound per level (head.num_levels)"),
-        ("model.tokens", config.model.tokens is None or len(config.model.tokens) == 3,
-         "a list [t, h, w]"),
-        ("model.layers", config.model.layers is None
-         or len(set(config.model.layers)) == len(config.model.layers),
-         "null or a list of distinct layers (two adapters on one block is a typo)"),
-        ("train.epochs", config.train.epochs > 0, "positive"),
-        ("train.batch_size", config.train.batch_size > 0, "positive"),
-        ("train.micro_batch", config.train.micro_batch > 0
-         and config.train.batch_size % config.train.micro_batch == 0,
-         "positive and a divisor of train.batch_size"),
-        ("optim.ema_decay", 0 <= config.optim.ema_decay < 1, "in [0, 1)"),
-        *((f"optim.{name}", _finite_and_at_least(getattr(config.optim, name), 0),
-           "finite and zero or more")
-          for name in ("lr_head", "lr_adapter", "weight_decay", "warmup_epochs", "clip_grad",
-                       "min_lr")),
-        ("eval.every", config.eval.every >= 0, "zero or more"),
-        ("eval.max_videos", config.eval.max_videos is None or config.eval.max_videos > 0,
-         "positive or null"),
-        ("eval.pre_nms_topk", config.eval.pre_nms_topk > 0, "positive"),
-        ("eval.max_segments", config.eval.max_segments > 0, "positive"),
-        ("eval.nms", config.eval.nms in ("soft", "linear", "hard"), "soft, linear or hard"),
-        ("eval.tiou_thresholds", bool(config.eval.tiou_thresholds)
-         and all(0 < t < 1 for t in config.eval.tiou_thresholds), "a non-empty list in (0, 1)"),
-        ("eval.score_threshold", 0 <= config.eval.score_threshold <= 1, "in [0, 1]"),
-        ("eval.min_duration", _finite_and_at_least(config.eval.min_duration, 0),
-         "finite and zero or more"),
-        ("eval.nms_sigma", _finite_and_at_least(config.eval.nms_sigma, 0)
-         and config.eval.nms_sigma > 0, "finite and positive"),
-        ("eval.iou_threshold", 0 <= config.eval.iou_threshold <= 1, "in [0, 1]"),
-        ("eval.voting_iou", config.eval.voting_iou is None or 0 <= config.eval.voting_iou <= 1,
-         "in [0, 1] or null"),
-    ]
-    for key, ok, expected in checks:
-        if not ok:
-            raise input_error(source, f"{key}: must be {expected}")
-    from training.detector import constructor_problem
+# Keys renamed to the public API's names (ActionFormerHead's arguments and predict options):
+# old dotted key -> (new dotted key, other keys the old one also set, value conversion).
+# Config files and checkpoints written with the old keys load through this table.
+RENAMED = {
+    "eval.score_threshold": ("postprocess.score_threshold", ["postprocess.min_score"], None),
+    "eval.pre_nms_topk": ("postprocess.pre_nms_top_k", [], None),
+    "eval.min_duration": ("postprocess.min_duration", [], None),
+    "eval.max_segments": ("postprocess.max_segments", [], None),
+    "eval.nms": ("postprocess.nms_method", [], None),
+    "eval.nms_sigma": ("postprocess.sigma", [], None),
+    "eval.iou_threshold": ("postprocess.iou_threshold", [], None),
+    "eval.voting_iou": ("postprocess.voting_iou", [], None),
+    "head.regression_bounds": ("head.regression_ranges", [], ranges_from_bounds),
+}
 
-    problem = constructor_problem(config.model, config.head)
-    if problem:
-        raise input_error(source, problem)
+
+def renamed_keys_updated(raw, source: str):
+    """A copy of plain config data with the keys of ``RENAMED`` under their new names (an old
+    null ``regression_bounds`` meant the default ranges: dropped). Giving a key under both
+    names is refused."""
+    if not isinstance(raw, dict):
+        return raw
+    raw = {name: dict(value) if isinstance(value, dict) else value for name, value in raw.items()}
+    for old, (new, also, convert) in RENAMED.items():
+        section, key = old.split(".")
+        if not isinstance(raw.get(section), dict) or key not in raw[section]:
+            continue
+        value = raw[section].pop(key)
+        if convert is not None:
+            if value is None:
+                continue
+            value = convert(value)
+        for index, target in enumerate([new, *also]):
+            target_section, target_key = target.split(".")
+            values = raw.setdefault(target_section, {})
+            if not isinstance(values, dict):
+                break  # build_config names the section that is not an object
+            if index == 0 and target_key in values:
+                raise input_error(source, f"{old}: renamed {new}; give only {new}")
+            values.setdefault(target_key, value)
+    return raw

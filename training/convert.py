@@ -105,7 +105,8 @@ def our_config(af: dict, path, feature_dim: int, store_path: str, annotations_pa
         "num_embed_convs": arch[0], "num_stem_blocks": arch[1],
         "dropout": train_cfg["dropout"], "drop_path": train_cfg["droppath"],
         "tower_depth": model["head_num_layers"] - 1, "use_abs_pe": model["use_abs_pe"],
-        "regression_bounds": [r[0] for r in ranges],
+        # ActionFormer writes "no upper limit" as 10000 (checked above); we write null.
+        "regression_ranges": [*ranges[:-1], [ranges[-1][0], None]],
         "center_sample_radius": (train_cfg["center_sample_radius"]
                                  if train_cfg["center_sample"] == "radius" else None),
         "cls_prior_prob": train_cfg["cls_prior_prob"],
@@ -128,10 +129,12 @@ def our_config(af: dict, path, feature_dim: int, store_path: str, annotations_pa
         "train": {"epochs": math.ceil(af["opt"]["epochs"] + af["opt"]["warmup_epochs"]),
                   "batch_size": af["loader"]["batch_size"],
                   "micro_batch": af["loader"]["batch_size"]},
-        "eval": {"score_threshold": test["pre_nms_thresh"], "pre_nms_topk": test["pre_nms_topk"],
-                 "min_duration": test["duration_thresh"], "max_segments": test["max_seg_num"],
-                 "nms": test["nms_method"], "nms_sigma": test["nms_sigma"],
-                 "iou_threshold": test["iou_threshold"], "voting_iou": voting},
+        "postprocess": {"score_threshold": test["pre_nms_thresh"],
+                        "pre_nms_top_k": test["pre_nms_topk"],
+                        "min_duration": test["duration_thresh"],
+                        "nms_method": test["nms_method"], "iou_threshold": test["iou_threshold"],
+                        "sigma": test["nms_sigma"], "min_score": test["min_score"],
+                        "max_segments": test["max_seg_num"], "voting_iou": voting},
     }
 
 

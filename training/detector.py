@@ -2,12 +2,9 @@
 
 ``Detector`` is the one place where the training recipe meets the ``adapt`` and ``head`` APIs:
 the recipe only calls ``detector(batch)``, ``detector.loss(outputs, batch)``,
-``detector.update_loss_normalizer(count)`` and ``detector.candidates(outputs, eval_config)``.
+``detector.update_loss_normalizer(count)`` and ``detector.candidates(outputs, postprocess_config)``.
 """
 from __future__ import annotations
-
-import dataclasses
-import math
 
 import torch
 from torch import nn
@@ -32,10 +29,8 @@ class Detector(nn.Module):
             self.register_buffer("inter_std", torch.ones(num_layers, feature_dim))
         self.losa = None
         if model_config.type == "losa":
-            self.losa = LoSA(dim=feature_dim, num_layers=num_layers, num_tokens=num_tokens,
-                             **dataclasses.asdict(model_config.losa))
-        self.head = ActionFormerHead(in_dim=feature_dim, num_classes=num_classes,
-                                     **head_arguments(head_config))
+            self.losa = LoSA.from_config(feature_dim, num_layers, num_tokens, model_config.losa)
+        self.head = ActionFormerHead.from_config(feature_dim, num_classes, head_config)
 
     def forward(self, batch: dict):
         features, inter = self.standardised_inputs(batch)
@@ -84,61 +79,14 @@ class Detector(nn.Module):
     def update_loss_normalizer(self, num_positives: float) -> None:
         self.head.update_loss_normalizer(num_positives)
 
-    def candidates(self, outputs, eval_config) -> list:
-        """Scored segments per sample before NMS, in sample steps (best first)."""
-        return self.head.predict(outputs, score_threshold=eval_config.score_threshold,
-                                 pre_nms_top_k=eval_config.pre_nms_topk,
-                                 min_duration=eval_config.min_duration, nms_method="none",
-                                 max_segments=eval_config.pre_nms_topk * len(self.head.strides))
-
-
-# Config sizes beyond these are refused before anything is built: a billion blocks would take
-# hours to construct even on the meta device, and a billion-wide layer cannot be allocated.
-MAX_REPEATED_LAYERS = 64  # per head.num_levels, num_embed_convs, num_stem_blocks, tower_depth
-MAX_ELEMENTS = 2 ** 31  # parameters and buffers at the placeholder widths below (8 GiB fp32)
-
-
-def constructor_problem(model_config, head_config) -> str | None:
-    """What LoSA's or the head's constructor says about these config sections, if anything.
-
-    Both are built on the meta device (no memory, no time), so the modules stay the one place
-    that knows their constraints (odd windows, heads dividing widths, ...).
-    """
-    from adapt import LoSA
-    from head import ActionFormerHead
-    from losa_tal import ConfigError
-
-    for name in ("num_levels", "num_embed_convs", "num_stem_blocks", "tower_depth"):
-        if getattr(head_config, name) > MAX_REPEATED_LAYERS:
-            return f"head.{name}: must be at most {MAX_REPEATED_LAYERS}"
-    builders = [("head", lambda: ActionFormerHead(in_dim=8, num_classes=2,
-                                                  **head_arguments(head_config)))]
-    if model_config.type == "losa":
-        builders.insert(0, ("model.losa", lambda: LoSA(
-            dim=8, num_layers=1, num_tokens=1, **dataclasses.asdict(model_config.losa))))
-    for section, build in builders:
-        with torch.device("meta"):
-            try:
-                module = build()
-            except ConfigError as err:
-                return f"{section}.{err.key}: {err.problem}"
-            except (ValueError, TypeError) as err:
-                return f"{section}: {err}"
-            except RuntimeError:  # torch: "Storage size calculation overflowed"
-                return f"{section}: too large to build"
-        elements = sum(t.numel() for t in (*module.parameters(), *module.buffers()))
-        if elements > MAX_ELEMENTS:
-            return f"{section}: {elements:.3g} weights, more than the {MAX_ELEMENTS:.3g} allowed"
-    return None
-
-
-def head_arguments(head_config) -> dict:
-    """ActionFormerHead keyword arguments from the ``head`` config section."""
-    arguments = dataclasses.asdict(head_config)
-    bounds = arguments.pop("regression_bounds")
-    if bounds is not None:
-        arguments["regression_ranges"] = list(zip(bounds, [*bounds[1:], math.inf]))
-    return arguments
+    def candidates(self, outputs, postprocess_config) -> list:
+        """Scored segments per sample before NMS, in sample steps (best first); NMS runs once
+        per video over all its samples (training/infer.py)."""
+        top_k = postprocess_config.pre_nms_top_k
+        return self.head.predict(outputs, score_threshold=postprocess_config.score_threshold,
+                                 pre_nms_top_k=top_k,
+                                 min_duration=postprocess_config.min_duration, nms_method="none",
+                                 max_segments=top_k * len(self.head.strides))
 
 
 def parameter_groups(detector: Detector, lr_adapter: float, lr_head: float,

@@ -53,7 +53,7 @@ def infer(run_or_checkpoint, store_path=None, annotations_path=None, subset=None
     dataset = StoreDataset(store, store_path, annotations, annotations_path, name,
                            state["classes"], layers, config.data, train=False)
     scores = None if video_scores is None else _checked_video_scores(video_scores, dataset)
-    predictions = predict(model.to(device), dataset, config.eval, device, state["classes"],
+    predictions = predict(model.to(device), dataset, config.postprocess, device, state["classes"],
                           amp=config.train.amp, progress=progress)
     if scores is not None:
         from evaluation.fusion import TOPK, fuse_predictions
@@ -96,7 +96,7 @@ def build_trained_detector(state: dict, store, path) -> Detector:
 
 
 @torch.no_grad()
-def predict(model, dataset: StoreDataset, eval_config, device, classes, amp=True,
+def predict(model, dataset: StoreDataset, postprocess_config, device, classes, amp=True,
             progress=False, world=None) -> dict:
     """``{"results": {video: [{"segment": [s, e], "label", "score"}]}}`` for a dataset.
 
@@ -122,14 +122,14 @@ def predict(model, dataset: StoreDataset, eval_config, device, classes, amp=True
     for batch in tqdm(loader, desc="inference", unit="piece", disable=not progress):
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=use_amp):
             outputs = model(batch_to(batch, device, use_amp))
-        for sample, found in zip(batch["samples"], model.candidates(outputs, eval_config)):
+        for sample, found in zip(batch["samples"], model.candidates(outputs, postprocess_config)):
             found["segments"] = torch.from_numpy(
                 to_video_steps(found["segments"].float().cpu().numpy(), sample))
             candidates[sample["video"]].append(found)
     model.train(was_training)
     results = {}
     for vid, parts in candidates.items():
-        segments, scores, labels = _suppress(parts, eval_config)
+        segments, scores, labels = _suppress(parts, postprocess_config)
         results[vid] = _to_entries(segments, scores, labels, dataset, vid, classes)
     gathered = {vid: entries for part in distributed.gather_json(world, results)
                 for vid, entries in part.items()}
@@ -137,7 +137,7 @@ def predict(model, dataset: StoreDataset, eval_config, device, classes, amp=True
     return {"version": "losa-tal", "results": results, "external_data": {}}
 
 
-def _suppress(parts, eval_config):
+def _suppress(parts, options):
     """Per-class NMS over the candidates of all pieces of one video, then boundary voting."""
     from head.nms import suppress
 
@@ -145,9 +145,8 @@ def _suppress(parts, eval_config):
     scores = torch.cat([p["scores"].float().cpu() for p in parts]).double()
     labels = torch.cat([p["labels"].cpu() for p in parts])
     kept_segments, kept_scores, kept_labels = suppress(
-        segments, scores, labels, eval_config.nms, eval_config.iou_threshold,
-        eval_config.nms_sigma, eval_config.score_threshold, eval_config.max_segments,
-        eval_config.voting_iou)
+        segments, scores, labels, options.nms_method, options.iou_threshold, options.sigma,
+        options.min_score, options.max_segments, options.voting_iou)
     return kept_segments.numpy(), kept_scores.numpy(), kept_labels.numpy()
 
 

@@ -310,7 +310,7 @@ class Trainer:
         """
         from training.infer import evaluate_predictions, predict
 
-        predictions = predict(self.ema, self.eval_set, self.config.eval, self.world.device,
+        predictions = predict(self.ema, self.eval_set, self.config.postprocess, self.world.device,
                               self.classes, amp=self.config.train.amp, progress=self.progress,
                               world=self.world)
         report = evaluate_predictions(self.annotations, predictions, self.eval_set,
