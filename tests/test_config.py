@@ -166,3 +166,39 @@ def test_round_trip_through_plain_data():
     config = Config.from_dict({"model": {"layers": [1, 2]}, "train": {"epochs": 3}})
     again = Config.from_dict(json.loads(json.dumps(config.to_dict())))
     assert again == config
+
+
+DOCUMENTED = {  # doc -> the dataclasses whose keys it tables (under a heading naming the class)
+    "docs/training.md": ["DataConfig", "ModelConfig", "OptimConfig", "TrainConfig", "EvalConfig"],
+    "docs/head.md": ["HeadConfig", "PostprocessConfig"],
+    "docs/losa.md": ["LosaConfig"],
+}
+
+
+def documented_defaults(doc: str, name: str) -> dict:
+    """``| `key` | default | meaning |`` rows of the doc's sections whose heading names ``name``."""
+    rows, inside = {}, False
+    for line in (ROOT / doc).read_text().splitlines():
+        if line.startswith("#"):
+            inside = f"`{name}`" in line or f".{name}`" in line
+        elif inside and line.startswith("| `"):
+            key, default = (cell.strip() for cell in line.split("|")[1:3])
+            rows[key.strip("`")] = default.strip("`")
+    return rows
+
+
+@pytest.mark.parametrize("doc, name", [(doc, name) for doc, names in DOCUMENTED.items()
+                                       for name in names])
+def test_docs_table_every_key_with_the_dataclass_default(doc, name):
+    import adapt.config
+    import head.config
+    import training.config
+
+    cls = next(getattr(m, name) for m in (training.config, head.config, adapt.config)
+               if hasattr(m, name))
+    rows = documented_defaults(doc, name)
+    defaults = dataclasses.asdict(cls())
+    assert set(defaults) <= set(rows), f"{doc} lacks {sorted(set(defaults) - set(rows))}"
+    for key, value in defaults.items():
+        if not isinstance(value, dict):  # a sub-section (model.losa) has its own table
+            assert json.loads(rows[key]) == value, (doc, key, rows[key])
