@@ -85,6 +85,19 @@ def check_positive_integers(**values) -> None:
     check_values((key, value >= 1, "a positive integer", value) for key, value in values.items())
 
 
+def checked_config(cls, arguments: dict):
+    """Config dataclass ``cls`` from the entries of ``arguments`` (a constructor's ``locals()``)
+    that are its fields, after its ``check()``: constructors refuse what configs refuse."""
+    config = cls(**{name: arguments[name] for name in cls.__dataclass_fields__})
+    config.check()
+    return config
+
+
+def config_arguments(config) -> dict:
+    """A config dataclass's fields as keyword arguments (the reverse of ``checked_config``)."""
+    return {name: getattr(config, name) for name in type(config).__dataclass_fields__}
+
+
 def read_config_file(path) -> dict:
     """The JSON object in a config file, or an InputError naming the file."""
     import json

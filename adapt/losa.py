@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from adapt.config import ADAPTER_RANGES, LosaConfig
-from losa_tal import check_positive_integers
+from losa_tal import check_positive_integers, checked_config, config_arguments
 
 DEFAULT = LosaConfig()  # the constructor's defaults (written once, in adapt/config.py)
 
@@ -216,8 +216,7 @@ class LoSA(nn.Module):
     @classmethod
     def from_config(cls, dim: int, num_layers: int, num_tokens: int, config: LosaConfig) -> "LoSA":
         """The adapters a ``LosaConfig`` describes, for a store's layout."""
-        return cls(dim, num_layers, num_tokens, **{name: getattr(config, name)
-                                                   for name in LosaConfig.__dataclass_fields__})
+        return cls(dim, num_layers, num_tokens, **config_arguments(config))
 
     def __init__(
         self,
@@ -237,8 +236,7 @@ class LoSA(nn.Module):
         super().__init__()
         # Values come from user configs: refuse them by name (ConfigError, a ValueError).
         check_positive_integers(dim=dim, num_layers=num_layers, num_tokens=num_tokens)
-        arguments = locals()
-        LosaConfig(**{name: arguments[name] for name in LosaConfig.__dataclass_fields__}).check()
+        checked_config(LosaConfig, locals())
         self.num_layers = num_layers
         self.num_tokens = num_tokens
         self.checkpoint_layers = checkpoint_layers

@@ -27,7 +27,7 @@ from head.config import (THUMOS_REGRESSION_RANGES, HeadConfig, level_windows,  #
 from head.losses import diou_loss, sigmoid_focal_loss
 from head.postprocess import postprocess
 from head.targets import assign_targets, make_points
-from losa_tal import check_positive_integers
+from losa_tal import check_positive_integers, checked_config, config_arguments
 
 DEFAULT = HeadConfig()  # the constructor's defaults (written once, in head/config.py)
 
@@ -117,8 +117,7 @@ class ActionFormerHead(nn.Module):
         super().__init__()
         # Values come from user configs: refuse them by name (ConfigError, a ValueError).
         check_positive_integers(in_dim=in_dim, num_classes=num_classes)
-        arguments = locals()
-        HeadConfig(**{name: arguments[name] for name in HeadConfig.__dataclass_fields__}).check()
+        checked_config(HeadConfig, locals())
         self.num_classes = num_classes
         self.strides = [2 ** level for level in range(num_levels)]
         self.regression_ranges = open_ranges(regression_ranges)
@@ -259,8 +258,7 @@ class ActionFormerHead(nn.Module):
     @classmethod
     def from_config(cls, in_dim: int, num_classes: int, config: HeadConfig) -> "ActionFormerHead":
         """The head a ``HeadConfig`` describes, for features of width ``in_dim``."""
-        return cls(in_dim, num_classes, **{name: getattr(config, name)
-                                           for name in HeadConfig.__dataclass_fields__})
+        return cls(in_dim, num_classes, **config_arguments(config))
 
     @torch.no_grad()
     def predict(self, out: dict, **postprocess_options):

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from adapt.config import LosaConfig, losa_parameter_count
 from head.config import HeadConfig, PostprocessConfig, head_parameter_count
 from losa_tal import (ConfigError, InputError, apply_overrides, build_config,  # noqa: F401
-                      check_positive_integers, check_values, input_error, parse_override,
-                      read_config_file)
+                      check_positive_integers, check_values, config_arguments, input_error,
+                      parse_override, read_config_file)
 
 MODEL_TYPES = ("losa", "head_only")
 CACHE_KINDS = ("auto", "none", "ram", "pinned", "gpu")
@@ -195,7 +195,7 @@ class Config:
         if self.model.type == "losa":
             counts.append(("model.losa", losa_parameter_count(
                 shapes["in_dim"], shapes["num_layers"], shapes["num_tokens"],
-                **dataclasses.asdict(self.model.losa))))
+                **config_arguments(self.model.losa))))
         for section, elements in counts:
             if elements > MAX_ELEMENTS:
                 raise ConfigError(section, f"{elements:.3g} weights, more than the "
