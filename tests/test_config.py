@@ -71,20 +71,25 @@ def test_configs_in_the_old_keys_load_as_the_renamed_ones(tmp_path):
 
 
 def test_a_typo_is_refused_without_importing_torch(tmp_path):
+    """By the library and by ``cli.py train`` (which used to import the trainer first)."""
     path = write(tmp_path, {"head": {"windw": 19}})
     child = subprocess.run([sys.executable, "-c", (
         "import sys\n"
+        "from click.testing import CliRunner\n"
+        "import cli\n"
         "from losa_tal import InputError\n"
         "from training.config import load_config\n"
         "try:\n"
         f"    load_config({str(path)!r})\n"
         "except InputError as err:\n"
         "    print(err)\n"
+        f"result = CliRunner().invoke(cli.main, ['train', '--config', {str(path)!r}])\n"
+        "print(result.exit_code, result.output.strip())\n"
         "print('torch' in sys.modules)\n")], capture_output=True, text=True, timeout=60,
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert child.stdout.splitlines() == [f"{path}: head.windw: unknown key (known in head: "
-                                         + ", ".join(sorted(HeadConfig.__dataclass_fields__))
-                                         + ")", "False"], child.stderr
+    message = (f"{path}: head.windw: unknown key (known in head: "
+               + ", ".join(sorted(HeadConfig.__dataclass_fields__)) + ")")
+    assert child.stdout.splitlines() == [message, f"2 error: {message}", "False"], child.stderr
 
 
 def test_defaults_are_actionformer_thumos_settings(tmp_path):

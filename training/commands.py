@@ -37,14 +37,14 @@ def train(config_path, store_path, annotations_path, out_dir, model_type, epochs
     from pathlib import Path
 
     from training.config import load_config
-    from training.train import train as run_training
 
     overrides = list(overrides)
     if model_type is not None:
         overrides.append(f"model.type={model_type}")
     if epochs is not None:
         overrides.append(f"train.epochs={epochs}")
-    config = load_config(config_path, overrides)
+    config = load_config(config_path, overrides)  # refuses a bad config before torch loads
+    from training.train import train as run_training
     out_dir = out_dir or str(Path("runs") / Path(config_path).stem)
     summary = run_training(config, store_path, annotations_path, out_dir, resume=resume,
                            progress=not quiet, storage_options=storage_options)
