@@ -8,8 +8,8 @@ and times, each in a subprocess pinned to one CPU core (start-up and JSON readin
 - ``cli.py fuse`` on the same 200,000 detections made class-agnostic, with video-level scores
   for 20 classes, every detection kept and emitted for the top 2 classes (400,000 written).
 Then it runs the straightforward per-detection reference evaluator of the tests
-(tests/reference_map.py) on the same input, checks that both agree, and prints the ratios, all
-measured in this one run.
+(tests/helpers/reference_map.py) on the same input, checks that both agree, and prints the ratios,
+all measured in this one run.
 
     python bench/eval_speed.py [--detections 200000] [--repeat 3] [--no-reference]
 """
@@ -175,7 +175,7 @@ def compare_with_reference(gt, preds, report, cli_cpu):
     """CPU seconds of the reference and of the in-process API on the same parsed dicts."""
     sys.path.insert(0, ROOT)
     from evaluation import evaluate_map
-    from reference_map import reference_map
+    from helpers.reference_map import reference_map
 
     start = time.process_time()
     expected = reference_map(gt, preds, "test", report["tiou_thresholds"])
@@ -184,8 +184,8 @@ def compare_with_reference(gt, preds, report, cli_cpu):
     evaluate_map(gt, preds, "test", report["tiou_thresholds"])
     api_cpu = time.process_time() - start
     difference = float(np.max(np.abs(np.subtract(expected["mAP"], report["mAP"]))))
-    print(f"reference evaluator (tests/reference_map.py) on the parsed dicts: {reference_cpu:.2f} s "
-          f"CPU; evaluation.evaluate_map on the same dicts: {api_cpu:.3f} s CPU")
+    print(f"reference evaluator (tests/helpers/reference_map.py) on the parsed dicts: "
+          f"{reference_cpu:.2f} s CPU; evaluation.evaluate_map on the same dicts: {api_cpu:.3f} s CPU")
     print(f"largest mAP difference {difference:.2e}")
     print(f"speed ratio reference / whole cli command: {reference_cpu / cli_cpu:.1f}x; "
           f"reference / evaluate_map on the same input: {reference_cpu / api_cpu:.1f}x")

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # the project, and the tests' helpers
 
 from extract.backbone import build_backbone, count_parameters  # noqa: E402
 from extract.decoding import VideoSource, open_video  # noqa: E402
@@ -53,7 +53,7 @@ from extract.pipeline import (Encoder, ExtractionSettings, pick_device,  # noqa:
 from extract.pooling import parse_tokens  # noqa: E402
 from extract.protocol import SamplingProtocol  # noqa: E402
 from store import FeatureStore  # noqa: E402
-from tests.videos import write_video  # noqa: E402
+from helpers.videos import write_video  # noqa: E402
 
 NTSC = 30000 / 1001
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity) for the model-FLOP utilisation figure,

@@ -2,7 +2,7 @@
 
 The model takes the official constructor's keyword names and produces a state dict with the
 official key names, so released checkpoints load as they are. Its outputs equal the official
-implementation's (tests/reference_videomae.py re-implements that one plainly for the tests).
+implementation's (tests/helpers/reference_videomae.py re-implements that one plainly for the tests).
 Three things differ from the official code, none of them in the numbers:
   - attention runs through ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels);
   - the fixed sin-cos position table is computed for whatever clip size comes in (and cached),

@@ -1,4 +1,5 @@
-"""Suite-wide test settings."""
+"""Suite-wide test settings and the fixtures several test modules share (helpers that are not
+fixtures live in the helpers package)."""
 import pytest
 
 
@@ -11,3 +12,13 @@ def one_torch_thread():
 
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(scope="module")
+def dataset_files(tmp_path_factory):
+    """4 training and 2 validation videos in a store, and their annotations."""
+    from helpers.training import synthetic_videos, write_annotations, write_store
+
+    root = tmp_path_factory.mktemp("synthetic")
+    videos = {**synthetic_videos(4, "training"), **synthetic_videos(2, "validation", first=4)}
+    return write_store(root / "store.zarr", videos), write_annotations(root / "gt.json", videos)

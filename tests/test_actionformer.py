@@ -1,12 +1,12 @@
 """Our head against ActionFormer, by numbers: the same weights give the same outputs, targets,
 losses and Soft-NMS detections as the plain reference written from the official code
-(tests/reference_actionformer.py); and loading official-layout weights checks every key."""
+(tests/helpers/reference_actionformer.py); and loading official-layout weights checks every key."""
 import pytest
 import torch
 
 from head import ActionFormerHead
 from head.actionformer import actionformer_name, load_actionformer_weights
-from tests.reference_actionformer import PtTransformer, batched_soft_nms, seg_voting
+from helpers.reference_actionformer import PtTransformer, batched_soft_nms, seg_voting
 
 IN_DIM, CLASSES = 16, 3
 RECIPES = {
@@ -184,7 +184,7 @@ test_cfg: {{pre_nms_topk: 2000, max_seg_num: 200, min_score: 0.001, multiclass_n
 
 
 def convert_files(tmp_path, extra=""):
-    from test_training import CLASSES, synthetic_videos, write_annotations, write_store
+    from helpers.training import CLASSES, synthetic_videos, write_annotations, write_store
 
     videos = synthetic_videos(2, "test", num_steps=150)
     for video in videos.values():
@@ -209,7 +209,7 @@ def cli(*args):
 
 
 def test_converted_checkpoint_infers_what_actionformer_predicts(tmp_path):
-    from test_training import CLASSES
+    from helpers.training import CLASSES
 
     ref, videos, store, annotations = convert_files(tmp_path)
     result = cli("convert", "actionformer", "--checkpoint", tmp_path / "af.pth.tar", "--config",

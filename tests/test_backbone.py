@@ -11,12 +11,9 @@ import torch
 
 from extract.backbone import (PRESETS, VideoMAEv2, backbone_config, build_backbone,
                               count_parameters, load_checkpoint, sincos_position_table)
+from helpers.backbone import TINY, clips, random_state
+from helpers.reference_videomae import RefVideoMAEv2, reference_position_table
 from losa_tal import InputError
-from reference_videomae import RefVideoMAEv2, reference_position_table
-
-TINY = dict(img_size=32, patch_size=8, in_chans=3, num_classes=0, embed_dim=64, depth=3,
-            num_heads=4, mlp_ratio=4.0, qkv_bias=True, init_values=0.0, all_frames=16,
-            tubelet_size=2, use_mean_pooling=True)
 
 CASES = {
     "mean-pooling": (TINY, (16, 32, 32)),
@@ -28,24 +25,6 @@ CASES = {
     # built for 16 frames of 32 px, run on 8 frames of 112 px: the table is recomputed
     "other-clip-size": (dict(TINY, patch_size=16), (8, 112, 112)),
 }
-
-
-def random_state(model, seed=0):
-    """Every weight random (norm scales and layer scales around 1) so each one matters; matrices
-    small enough to keep activations near unit scale, as in trained models."""
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, value in model.state_dict().items():
-        noise = (0.2 if value.ndim == 1 else 0.05) * torch.randn(value.shape, generator=gen)
-        scale_like = name.endswith("norm1.weight") or name.endswith("norm2.weight") or \
-            name.endswith("norm.weight") or ".gamma_" in name
-        state[name] = noise + 1.0 if scale_like else noise
-    return state
-
-
-def clips(frames, height, width, batch=2, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.rand(batch, 3, frames, height, width, generator=gen)
 
 
 def reference_for(config, clip_shape):

@@ -2,8 +2,8 @@
 protocol names, whatever the encoding, the frame rate and the sampling.
 
 Each video is written with PyAV with its frame index drawn into the pixels
-(tests/indexed_videos.py); the clip reader's output is read back to indices and compared with
-the protocol's own list.
+(tests/helpers/indexed_videos.py); the clip reader's output is read back to indices and compared
+with the protocol's own list.
 """
 import json
 
@@ -14,10 +14,10 @@ import torch
 from extract.clips import gather_clips, iter_chunks
 from extract.decoding import open_video
 from extract.protocol import SamplingProtocol
+from helpers.indexed_videos import (ENCODINGS, EXTENSIONS, can_encode, decode_all, read_index,
+                                    write_cut_before_keyframe, write_indexed, write_trimmed)
+from helpers.videos import encode, write_video
 from store import LAST, FeatureStore
-from tests.videos import encode, write_video
-from tests.indexed_videos import (ENCODINGS, EXTENSIONS, can_encode, decode_all, read_index,
-                                  write_cut_before_keyframe, write_indexed, write_trimmed)
 
 NTSC = 30000 / 1001
 FRAMES = 150  # 5 s at 30 fps: five GOPs of 30
@@ -145,7 +145,7 @@ def test_an_open_gop_file_and_its_lossless_twin_give_the_same_features(encoded, 
     """The acceptance check (issue 15), through ``cli.py extract`` at 15 fps (PyAV reads all)
     and at the native rate (decord reads all but AV1): the same pixels give the same features
     whatever the encoding and the decoder; AV1 extracts too."""
-    from tests.test_extract_pipeline import TINY, cli_args, run_cli
+    from helpers.extraction import TINY, cli_args, run_cli
 
     folder = tmp_path / "videos"
     folder.mkdir()

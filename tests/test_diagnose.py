@@ -8,7 +8,7 @@ from click.testing import CliRunner
 import cli
 from evaluation import diagnose, evaluate_detections, write_diagnosis
 from evaluation.diagnosis import FALSE_POSITIVE_TYPES, TRUE_POSITIVE, classify_false_positives
-from evaluation_inputs import gt_dict, preds_dict, write_json
+from helpers.evaluation_inputs import gt_dict, preds_dict, write_json
 
 # One video, A at (0, 10) and B at (20, 30); at tIoU 0.5 each detection is one kind of outcome.
 CASES = [

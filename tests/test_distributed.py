@@ -118,7 +118,7 @@ def predict_on_rank(rank, size, port, store_path, annotations_path, out_dir):
 
 def seeded_predictions(store_path, annotations_path, world):
     """Predictions of a seeded random detector, and how many pieces this process ran."""
-    from test_training import tiny_config
+    from helpers.training import tiny_config
     from training.data import StoreDataset
     from training.detector import Detector
     from training.infer import predict
@@ -140,7 +140,7 @@ def seeded_predictions(store_path, annotations_path, world):
 
 @pytest.fixture(scope="module")
 def five_video_store(tmp_path_factory):
-    from test_training import synthetic_videos, write_annotations, write_store
+    from helpers.training import synthetic_videos, write_annotations, write_store
 
     root = tmp_path_factory.mktemp("sharded")
     videos = {**synthetic_videos(2, "training"), **synthetic_videos(5, "validation", first=2)}

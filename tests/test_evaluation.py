@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 from evaluation import (EvaluationWarning, evaluate_detections, evaluate_map, load_annotations,
                         load_predictions, parse_tiou)
 from evaluation.metrics import rank_order
-from evaluation_inputs import ACTIONFORMER_FILE, OPENTAD_FILE, gt_dict, needs_thumos, preds_dict
+from helpers.evaluation_inputs import (ACTIONFORMER_FILE, OPENTAD_FILE, gt_dict, needs_thumos,
+                                       preds_dict)
+from helpers.reference_map import reference_map
 from losa_tal import InputError
-from reference_map import reference_map
 
 
 def class_ap(gt, preds, label, thresholds=(0.5,)):

@@ -15,10 +15,9 @@ from hypothesis import strategies as st
 import cli
 from evaluation import load_annotations
 from evaluation.fusion import fuse_predictions
-from evaluation_inputs import gt_dict, preds_dict, write_json
+from helpers.evaluation_inputs import gt_dict, preds_dict, write_json
+from helpers.training import CLASSES, synthetic_videos, tiny_config, write_annotations, write_store
 from store import FeatureStore
-from test_training import (CLASSES, synthetic_videos, tiny_config, write_annotations,
-                           write_store)
 from training.data import AGNOSTIC_LABEL, StoreDataset
 from training.infer import infer
 from training.train import train

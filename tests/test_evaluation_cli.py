@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from evaluation_inputs import (ACTIONFORMER_FILE, OPENTAD_FILE, gt_dict, needs_thumos, preds_dict,
-                               write_json)
+from helpers.evaluation_inputs import (ACTIONFORMER_FILE, OPENTAD_FILE, gt_dict, needs_thumos,
+                                       preds_dict, write_json)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -18,8 +18,7 @@ import torch.nn.functional as F
 
 from extract.backbone import VideoMAEv2
 from extract.pipeline import pick_device, weight_dtype
-
-from test_backbone import TINY, clips, random_state
+from helpers.backbone import TINY, clips, random_state
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,9 +96,9 @@ def test_workers_whose_chunks_dev_shm_cannot_hold_are_refused_in_one_line(tmp_pa
     from cli import main
     from extract import pipeline
     from extract.pipeline import ExtractionSettings, shared_memory_needed
-    from test_extract_pipeline import TINY as TINY_BACKBONE
-    from test_extract_pipeline import cli_args
-    from tests.videos import write_video
+    from helpers.extraction import TINY as TINY_BACKBONE
+    from helpers.extraction import cli_args
+    from helpers.videos import write_video
 
     thumos = ExtractionSettings(videos=[], store="s", backbone="vit_g", batch_size=32,
                                 num_workers=8)
@@ -134,7 +133,7 @@ def test_store_writes_run_on_the_writer_thread_and_a_failed_write_stops_the_run(
     from losa_tal import InputError
     from store import FeatureStore
     from store.writer import VideoWriter
-    from test_extract_pipeline import settings_for, write_videos
+    from helpers.extraction import settings_for, write_videos
 
     videos = write_videos(tmp_path / "videos")
     threads, real_write = [], VideoWriter.write

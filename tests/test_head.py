@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from evaluation_inputs import ACTIONFORMER_FILE, needs_thumos
 from head import ActionFormerHead, assign_targets, make_points
 from head.losses import diou_loss, sigmoid_focal_loss
 from head.model import THUMOS_REGRESSION_RANGES
 from head.nms import segment_iou
+from helpers.evaluation_inputs import ACTIONFORMER_FILE, needs_thumos
 
 THUMOS = Path(ACTIONFORMER_FILE)
 STRIDES = [1, 2, 4, 8, 16, 32]

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from test_training import (CLASSES, DIM, dataset_files, make_dataset, tiny_config,  # noqa: F401
-                           write_annotations, write_store)
-from training.detector import Detector
+from helpers.training import (CLASSES, DIM, make_dataset, tiny_config, write_annotations,
+                              write_store)
 from training.data import collate
+from training.detector import Detector
 from training.train import learning_rate
 
 

@@ -14,8 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from extract.backbone import VideoMAEv2, load_checkpoint
+from helpers.hostile import CodeExecution, fuzz
 from losa_tal import InputError
-from test_reliability_inputs import CodeExecution, fuzz
 
 TINY = dict(img_size=32, patch_size=8, in_chans=3, num_classes=0, embed_dim=32, depth=2,
             num_heads=4, mlp_ratio=2.0, qkv_bias=True, init_values=0.0, all_frames=4,

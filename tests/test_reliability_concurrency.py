@@ -15,52 +15,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers.concurrency import CHUNK, CHUNKS, late_features, read_only_view
 from store import LAST, FeatureStore
 
 TESTS_DIR = Path(__file__).resolve().parent
 ROOT = TESTS_DIR.parent
-CHUNK, CHUNKS = 8, 4  # clips per write, writes per appended video
 LATE_IDS = [f"late_{index:03d}" for index in range(8)]
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
-def late_features(video_id: str, layers, num_tokens: int, dim: int) -> dict:
-    """The features an appending writer publishes for ``video_id``, reproducible from its id."""
-    rng = np.random.default_rng(list(video_id.encode()))
-    num_clips = CHUNK * CHUNKS
-    features = {LAST: rng.normal(size=(num_clips, dim)).astype(np.float32)}
-    for layer in layers:
-        features[layer] = rng.normal(size=(num_clips, num_tokens, dim)).astype(np.float32)
-    return features
-
-
-def append_videos(location, video_ids, pause: float):
-    """Writer process: append each video CHUNK clips at a time, skipping those claimed or done;
-    prints ``published <id> <True|False>`` per video it wrote."""
-    meta = FeatureStore.open(location).meta
-    fs = FeatureStore.create(location, {key: meta[key] for key in (
-        "backbone", "protocol", "layers", "tokens", "feature_dim", "dtype")})
-    for video_id in video_ids:
-        with fs.claim(video_id) as mine:
-            if not mine or video_id in fs:
-                continue
-            features = late_features(video_id, fs.layers, fs.num_tokens, fs.feature_dim)
-            num_clips = len(features[LAST])
-            times = (np.arange(num_clips) * 4 + 8) / 30.0
-            info = {"fps": 30.0, "duration": float(times[-1] + 0.3)}
-            with fs.video_writer(video_id, num_clips, info) as writer:
-                for start in range(0, num_clips, CHUNK):
-                    writer.write(start, {key: values[start:start + CHUNK]
-                                         for key, values in features.items()})
-                    time.sleep(pause)
-                published = writer.commit(times)
-            print(f"published {video_id} {published}", flush=True)
-
 
 WRITER = """
 import json, sys
 sys.path.insert(0, {tests!r})
-from test_reliability_concurrency import append_videos
+from helpers.concurrency import append_videos
 append_videos(sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3]))
 """
 
@@ -104,8 +70,8 @@ def test_training_and_inference_read_a_store_while_writers_append(tmp_path):
 
     import cli
     from store.verify import verify_store
-    from test_training import (synthetic_videos, tiny_config, write_annotations, write_config,
-                               write_store)
+    from helpers.training import (synthetic_videos, tiny_config, write_annotations, write_config,
+                                  write_store)
 
     videos = {**synthetic_videos(4, "training"), **synthetic_videos(2, "validation", first=4)}
     store = write_store(tmp_path / "store.zarr", videos)
@@ -176,8 +142,8 @@ def test_two_importers_fill_one_store_at_once(tmp_path):
 def test_two_trainings_into_one_run_directory_do_not_both_write_it(tmp_path):
     """Two runs started on one --out at once would interleave log.jsonl and overwrite each
     other's checkpoints: one must refuse with a one-line error naming the directory."""
-    from test_training import (synthetic_videos, tiny_config, write_annotations, write_config,
-                               write_store)
+    from helpers.training import (synthetic_videos, tiny_config, write_annotations, write_config,
+                                  write_store)
 
     videos = {**synthetic_videos(4, "training"), **synthetic_videos(1, "validation", first=4)}
     store = write_store(tmp_path / "store.zarr", videos)
@@ -202,35 +168,9 @@ def test_two_trainings_into_one_run_directory_do_not_both_write_it(tmp_path):
 READER = """
 import sys, time
 sys.path.insert(0, {tests!r})
-from test_reliability_concurrency import read_while_appended
+from helpers.concurrency import read_while_appended
 read_while_appended(sys.argv[1], float(sys.argv[2]))
 """
-
-
-def read_while_appended(location, seconds: float):
-    """Reader process: list and read every video over and over for ``seconds``; prints one line
-    per failed read and ``reads <ok> <failed> <videos seen>`` at the end."""
-    ok = failed = seen = 0
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            fs = FeatureStore.open(location)
-            listed = fs.videos()
-            for video_id in listed:
-                fs.read(video_id, [LAST])
-            seen = max(seen, len(listed))
-            ok += 1
-        except Exception as err:  # noqa: BLE001 - every failure is what the test counts
-            failed += 1
-            print(f"failed: {type(err).__name__}: {err}", flush=True)
-    print(f"reads {ok} {failed} {seen}", flush=True)
-
-
-def read_only_view(directory) -> list:
-    """The command prefix that runs a command seeing ``directory`` read-only (a private mount
-    namespace with a read-only bind mount: a user without write access to a shared store)."""
-    return ["unshare", "-rm", "sh", "-c", 'mount --bind "$0" "$0" && '
-            'mount -o remount,bind,ro "$0" "$0" && exec "$@"', str(directory)]
 
 
 @pytest.mark.parametrize("suffix", [".h5", ".zarr"])
@@ -238,7 +178,7 @@ def test_a_reader_without_write_access_reads_while_the_owner_appends(tmp_path, s
     """A lab shares one store: the owner appends while a user who can only read it reads. Each
     of the user's reads must wait for a live writer and succeed (on HDF5 they all failed with
     'a writer died while appending': a journal being written was taken as a dead writer's)."""
-    from test_training import synthetic_videos, write_store
+    from helpers.training import synthetic_videos, write_store
 
     if subprocess.run([*read_only_view(tmp_path), "true"], capture_output=True).returncode:
         pytest.skip("no private mount namespace with a read-only bind mount here (unshare -rm)")

@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from tests.test_extract_pipeline import REPO
-from tests.videos import write_video
+from helpers import REPO
+from helpers.videos import write_video
 
 DEEP = "[" * 100_000 + "]" * 100_000
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_training import (synthetic_videos, tiny_config, write_annotations, write_config,
-                           write_store)
+from helpers.training import (synthetic_videos, tiny_config, write_annotations, write_config,
+                              write_store)
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -21,25 +21,19 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
+from hypothesis import currently_in_test_context, event, given
 from hypothesis import strategies as st
 
 import cli
+from helpers.hostile import CodeExecution, fuzz
+from helpers.stores import HOSTILE_IDS, files_under
+from helpers.training import (synthetic_videos, tiny_config, write_annotations, write_config,
+                              write_store)
 from store import LAST, FeatureStore
 from store.names import decode_video_id, encode_video_id
-from test_store import HOSTILE_IDS, files_under
-from test_training import (synthetic_videos, tiny_config, write_annotations, write_config,
-                           write_store)
 from training.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def fuzz(examples: int):
-    """Hypothesis settings: a fixed number of examples, no deadline (the first call imports)."""
-    return settings(max_examples=examples, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                           HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 def invoke(*args):
@@ -362,16 +356,6 @@ def trained(tmp_path_factory):
     torch.save(state, root / "run" / "last.pt")
     return {"root": root, "store": store, "annotations": annotations, "config": config,
             "state": state, "bytes": (root / "run" / "last.pt").read_bytes()}
-
-
-class CodeExecution:
-    """Unpickling this would create the marker file."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def _with(state, **changes):

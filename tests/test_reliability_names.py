@@ -9,9 +9,9 @@ import numpy as np
 from click.testing import CliRunner
 
 import cli
+from helpers.extraction import TINY, cli_args
+from helpers.videos import write_video
 from store import LAST, FeatureStore
-from tests.test_extract_pipeline import TINY, cli_args
-from tests.videos import write_video
 
 
 def test_unusable_entries_of_a_video_folder_are_named_and_the_rest_extracted(tmp_path):

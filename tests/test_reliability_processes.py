@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_extract_pipeline import REPO, TINY, cli_args
-from tests.videos import write_video
+from helpers import REPO
+from helpers.extraction import TINY, cli_args
+from helpers.videos import write_video
 
 GONE_WITHIN_S = 10  # after the main process dies, every process of its session must be gone
 

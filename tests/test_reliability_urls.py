@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from test_training import (synthetic_videos, tiny_config, write_annotations, write_config,
-                           write_store)
+from helpers.training import (synthetic_videos, tiny_config, write_annotations, write_config,
+                              write_store)
 
 
 @pytest.fixture

@@ -1,7 +1,5 @@
 """The feature store's API on real stores on disk: round trips in every format, the layout and its
 chunking, fp16 overflow, refusals of bad writes and of stores whose metadata lies, hostile ids.
-
-The helpers at the top are shared by tests/test_store_faults.py and tests/test_store_cli.py.
 """
 import json
 import os
@@ -14,68 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extract.protocol import SamplingProtocol
+from helpers.stores import (D, HOSTILE_IDS, K, LAYERS, as_stored, assert_video_equals, clip_times,
+                            files_under, make_meta, video_features, video_info, write_video)
 from losa_tal import InputError
 from store import LAST, FeatureStore
 from store.names import MAX_NAME, decode_video_id, encode_video_id
 from store.verify import verify_store
 from store.writer import chunk_clips
-
-D, K = 8, 4
-LAYERS = [2, 5]
-
-
-def make_meta(**changes) -> dict:
-    meta = {
-        "backbone": {"preset": "vit_s", "kwargs": {"depth": 6},
-                     "checkpoint": {"file": "vit_s.pth", "sha256": "ab" * 32},
-                     "random_init_seed": None},
-        "protocol": SamplingProtocol().to_dict(),
-        "layers": list(LAYERS), "tokens": [1, 2, 2], "feature_dim": D,
-    }
-    meta.update(changes)
-    return meta
-
-
-def video_features(seed: int, num_clips: int, layers=LAYERS) -> dict:
-    rng = np.random.default_rng(seed)
-    features = {LAST: rng.standard_normal((num_clips, D)).astype(np.float32)}
-    for layer in layers:
-        features[layer] = rng.standard_normal((num_clips, K, D)).astype(np.float32)
-    return features
-
-
-def clip_times(num_clips: int, fps: float = 30.0) -> np.ndarray:
-    return SamplingProtocol().feature_times(16 + 4 * (num_clips - 1), fps)
-
-
-def video_info(num_clips: int, fps: float = 30.0) -> dict:
-    num_frames = 16 + 4 * (num_clips - 1)
-    return {"fps": fps, "num_frames": num_frames, "duration": num_frames / fps}
-
-
-def write_video(fs, video_id, seed, num_clips) -> dict:
-    features = video_features(seed, num_clips, fs.layers)
-    assert fs.write_video(video_id, features, clip_times(num_clips), video_info(num_clips))
-    return features
-
-
-def as_stored(values: np.ndarray) -> np.ndarray:
-    """What an fp16 store gives back for these values."""
-    return values.astype(np.float16).astype(np.float32)
-
-
-def assert_video_equals(fs, video_id, features):
-    read = fs.read(video_id)
-    assert sorted(read, key=str) == sorted(features, key=str)
-    for layer, values in features.items():
-        assert read[layer].dtype == np.float32
-        np.testing.assert_array_equal(read[layer], as_stored(values))
-    np.testing.assert_array_equal(fs.feature_times(video_id), clip_times(len(features[LAST])))
-
-
-def files_under(directory) -> set:
-    return {os.path.join(root, name) for root, _, names in os.walk(directory) for name in names}
 
 
 @pytest.fixture(params=["zarr", "hdf5", "url"])
@@ -402,9 +345,6 @@ def test_damaged_bytes_are_detected_by_checksums(tmp_path, store_format):
 
 
 # -- video ids --------------------------------------------------------------------------------
-
-HOSTILE_IDS = ["../x", "/etc/passwd", "a/b", ".", "..", "~", "%41", "_x", "vidéo 日本 🎬",
-               "x" * 300, "y" * 300, "back\\slash", "new\nline", "video_test_0000004"]
 
 
 def test_hostile_video_ids_stay_inside_the_store(tmp_path):

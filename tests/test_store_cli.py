@@ -9,11 +9,11 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from evaluation_inputs import ACTIONFORMER_FILE as ACTIONFORMER
-from evaluation_inputs import OPENTAD_FILE as OPENTAD
-from evaluation_inputs import needs_thumos
+from helpers.evaluation_inputs import ACTIONFORMER_FILE as ACTIONFORMER
+from helpers.evaluation_inputs import OPENTAD_FILE as OPENTAD
+from helpers.evaluation_inputs import needs_thumos
+from helpers.stores import as_stored, files_under, make_meta, write_video
 from store import LAST, FeatureStore
-from test_store import as_stored, files_under, make_meta, write_video
 
 # A 29.97 fps video, a 30 fps one, and a 25 fps one.
 VIDEOS = ["video_test_0000591", "video_validation_0000051", "video_test_0001058"]

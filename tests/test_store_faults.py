@@ -1,10 +1,9 @@
 """The store under faults: writers killed with SIGKILL mid-video and mid-publication, disk full
 and read-only storage, several writers and a reader on one store at once.
 
-Writers run as real child processes (``run_plan`` below) that print one line per step, so a kill
-lands at a known point.
+Writers run as real child processes (``helpers.stores.run_plan``) that print one line per step,
+so a kill lands at a known point.
 """
-import contextlib
 import errno
 import json
 import os
@@ -16,42 +15,21 @@ import time
 import numpy as np
 import pytest
 
+from helpers.stores import (as_stored, assert_video_equals, clip_times, make_meta, run_plan,
+                            video_features, video_info, write_video)
 from losa_tal import InputError
 from store import LAST, FeatureStore
 from store.verify import verify_store
-from test_store import (as_stored, assert_video_equals, clip_times, make_meta, video_features,
-                        video_info, write_video)
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-CHUNK = 10
 PLAN = [("v0", 0, 30), ("v1", 1, 25), ("v2", 2, 30), ("v3", 3, 12)]
-
-
-def run_plan(location, plan, pause=0.0, use_claims=True):
-    """Write each (video id, seed, clips) of the plan CHUNK clips at a time, skipping videos that
-    are done or claimed by another writer; one line on stdout per step."""
-    fs = FeatureStore.create(location, make_meta())
-    for video_id, seed, num_clips in plan:
-        with (fs.claim(video_id) if use_claims else contextlib.nullcontext(True)) as mine:
-            if not mine or video_id in fs:
-                continue
-            features = video_features(seed, num_clips)
-            with fs.video_writer(video_id, num_clips, video_info(num_clips)) as writer:
-                for start in range(0, num_clips, CHUNK):
-                    writer.write(start, {key: values[start:start + CHUNK]
-                                         for key, values in features.items()})
-                    print(f"chunk {video_id} {start}", flush=True)
-                    time.sleep(pause)
-                published = writer.commit(clip_times(num_clips))
-            print(f"published {video_id} {published}", flush=True)
-    fs.close()
 
 
 CHILD = """
 import json, sys
 sys.path.insert(0, {tests!r})
 {prelude}
-from test_store_faults import run_plan
+from helpers.stores import run_plan
 run_plan(sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "claims")
 """
 

@@ -20,8 +20,8 @@ from training.cache import build_cache, plan_cache, split_bytes
 from training.data import StoreDataset, batch_to, collate
 from training.train import train
 
-from test_training import (CLASSES, LAYERS, assert_same_state, final_weights, synthetic_videos,
-                           tiny_config, write_annotations, write_store)
+from helpers.training import (CLASSES, LAYERS, assert_same_state, final_weights, synthetic_videos,
+                              tiny_config, write_annotations, write_store)
 
 CPU = torch.device("cpu")
 

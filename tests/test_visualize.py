@@ -7,7 +7,7 @@ from click.testing import CliRunner
 import cli
 from evaluation import evaluate_detections, load_annotations, load_predictions, plot_timeline
 from evaluation.timeline import match_one_video, read_thumbnails
-from evaluation_inputs import gt_dict, preds_dict, write_json
+from helpers.evaluation_inputs import gt_dict, preds_dict, write_json
 from losa_tal import InputError
 
 FPS, SECONDS = 10, 4

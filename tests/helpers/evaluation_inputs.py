@@ -1,15 +1,16 @@
 """Small builders of ground-truth and prediction dicts for the evaluation tests."""
 import json
 import os
-from pathlib import Path
 
 import pytest
+
+from helpers import REPO
 
 # The real THUMOS-14 files live in the shared folder beside the checkout (in CI too); never copied
 # here. Elsewhere the environment variable may point to them; without them those tests skip.
 THUMOS_ENV = "LOSA_TAL_THUMOS_DIR"
 THUMOS_DIR = os.environ.get(THUMOS_ENV) or str(
-    Path(__file__).resolve().parents[2] / "shared" / "data" / "annotations")
+    REPO.parent / "shared" / "data" / "annotations")
 ACTIONFORMER_FILE = f"{THUMOS_DIR}/thumos14.json"
 OPENTAD_FILE = f"{THUMOS_DIR}/thumos_14_anno.json"
 needs_thumos = pytest.mark.skipif(

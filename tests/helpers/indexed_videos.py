@@ -3,7 +3,7 @@ decoders up: open GOPs, B-frames, edit lists, variable frame rate, AV1.
 
 Frame ``i`` is eight black or white vertical stripes, bit ``b`` of ``i`` in stripe ``b``: a
 pattern every lossy codec keeps at 64x48, so :func:`read_index` recovers ``i`` from any decoded
-(or scaled) frame. Written with PyAV, like tests/videos.py.
+(or scaled) frame. Written with PyAV, like helpers/videos.py.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from pathlib import Path
 import av
 import numpy as np
 
-from tests.videos import encode
+from helpers import REPO, TESTS_DIR
+from helpers.videos import encode
 
 BITS = 8  # up to 256 frames
 WIDTH, HEIGHT = 64, 48  # stripes of 8 px
@@ -106,10 +107,10 @@ def _write_elsewhere(path, num_frames, encoding, fps, frame_times, images) -> Pa
         raise NotImplementedError("images for a VP9 file once decord is loaded")
     args = json.dumps([str(path), num_frames, encoding, float(fps),
                        None if frame_times is None else list(map(float, frame_times))])
-    code = ("import json, sys; from tests.indexed_videos import write_indexed; "
+    code = (f"import json, sys; sys.path.insert(0, {str(TESTS_DIR)!r}); "
+            "from helpers.indexed_videos import write_indexed; "
             "p, n, e, f, t = json.loads(sys.argv[1]); write_indexed(p, n, e, f, t)")
-    root = Path(__file__).resolve().parent.parent
-    subprocess.run([sys.executable, "-c", code, args], cwd=root, check=True,
+    subprocess.run([sys.executable, "-c", code, args], cwd=REPO, check=True,
                    capture_output=True)
     return path
 

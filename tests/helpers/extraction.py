@@ -1,0 +1,66 @@
+"""Extraction end to end on real video files: the tiny random-init backbone, the videos and their
+settings, the command line that extracts them, and a store's whole contents to compare."""
+from pathlib import Path
+
+import numpy as np
+from click.testing import CliRunner
+
+from cli import main
+from extract.pipeline import ExtractionSettings
+from extract.protocol import SamplingProtocol
+from helpers.videos import write_video
+from store import FeatureStore
+
+TINY = {"embed_dim": 32, "depth": 4, "num_heads": 2, "patch_size": 16}
+SIZE = 32
+LAYERS = [1, 2]
+TOKENS = (2, 2, 1)
+# name -> (frames, fps): a few clips, a longer lossy one at 25 fps, one shorter than a clip.
+VIDEOS = {"a.mkv": (40, 30), "b.mp4": (70, 25), "c.avi": (10, 30)}
+
+
+def write_videos(folder, specs=VIDEOS) -> list:
+    """The videos, as ``[(video_id, path)]`` sorted."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, (name, (frames, fps)) in enumerate(sorted(specs.items())):
+        write_video(folder / name, frames, fps=fps, seed=seed)
+    return sorted((Path(name).stem, str(folder / name)) for name in specs)
+
+
+def settings_for(videos, store, **changes) -> ExtractionSettings:
+    values = dict(videos=videos, store=str(store), backbone=dict(TINY),
+                  protocol=SamplingProtocol(img_size=SIZE), layers=list(LAYERS), tokens=TOKENS,
+                  batch_size=5, num_workers=0, device="cpu")
+    return ExtractionSettings(**{**values, **changes})
+
+
+def cli_args(videos_dir, store, backbone_file, *extra) -> list:
+    return ["extract", "--videos", str(videos_dir), "--out", str(store), "--backbone",
+            str(backbone_file), "--random-init", "--img-size", str(SIZE), "--layers",
+            ",".join(map(str, LAYERS)), "--tokens", "x".join(map(str, TOKENS)),
+            "--batch-size", "5", "--num-workers", "0", "--device", "cpu", "--no-progress",
+            *map(str, extra)]  # a later repeat of an option wins
+
+
+def store_contents(path) -> dict:
+    """Everything a reader sees: every video's info, times and layers (float32)."""
+    fs = FeatureStore.open(path)
+    return {vid: (fs.video_info(vid), fs.feature_times(vid), fs.read(vid)) for vid in fs.videos()}
+
+
+def assert_same_contents(got: dict, expected: dict):
+    assert sorted(got) == sorted(expected)
+    for vid, (info, times, layers) in expected.items():
+        assert got[vid][0] == info, vid
+        assert np.array_equal(got[vid][1], times), vid
+        assert sorted(got[vid][2], key=str) == sorted(layers, key=str)
+        for layer, values in layers.items():
+            assert np.array_equal(got[vid][2][layer], values), (vid, layer)
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(main, [str(arg) for arg in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
