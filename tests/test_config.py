@@ -207,3 +207,12 @@ def test_docs_table_every_key_with_the_dataclass_default(doc, name):
     for key, value in defaults.items():
         if not isinstance(value, dict):  # a sub-section (model.losa) has its own table
             assert json.loads(rows[key]) == value, (doc, key, rows[key])
+
+
+def test_a_run_resumes_under_another_description_but_not_other_settings():
+    from training.train import config_differences
+
+    config = Config()
+    assert config_differences(config, dataclasses.replace(config, description="other")) == []
+    changed = Config.from_dict({"description": "x", "postprocess": {"sigma": 0.7}})
+    assert config_differences(config, changed) == ["postprocess.sigma"]

@@ -36,7 +36,7 @@ from training.detector import Detector, parameter_groups, trainable_parameters
 from training.inputs import open_annotations, open_store, resolve_subset
 
 # Paths may move between a run and its resumption; nothing else in the config may change.
-RESUME_FREE_KEYS = {"data.store", "data.annotations", "data.num_workers", "data.cache"}
+RESUME_FREE_KEYS = {"description", "data.store", "data.annotations", "data.num_workers", "data.cache"}
 
 
 def train(config: Config, store_path=None, annotations_path=None, out_dir="runs/train",
