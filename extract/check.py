@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from extract.decoding import VideoError, open_decord, open_video, probe
-from extract.protocol import SamplingProtocol
+from store.protocol import SamplingProtocol
 
 BAD = ("wrong", "fails")
 PROBE_CLIPS = 3

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from store.protocol import frame_times_duration
+
 # Raw decoded frames held at once per worker; bounds memory on 4K or 8K videos.
 MAX_DECODE_BYTES = 128 * 2**20
 # Timestamps further than this fraction of a frame from an even spacing make a video
@@ -76,15 +78,6 @@ class StreamProbe:
         """Frames per second from the timestamps: frames shown / duration."""
         duration = frame_times_duration(self.frame_times, None)
         return self.num_frames / duration if duration else None
-
-
-def frame_times_duration(frame_times: np.ndarray, fps: float | None) -> float | None:
-    """How long a video whose frames show at ``frame_times`` lasts: its last frame shows for
-    the mean frame duration (1 / fps for a single frame)."""
-    count = len(frame_times)
-    if count > 1:
-        return float(frame_times[-1] * count / (count - 1))
-    return 1 / fps if count and fps else None
 
 
 def probe(path) -> StreamProbe:

@@ -78,7 +78,7 @@ def import_features(source_dir: str, store_path: str, *, fps=None, clip_len=16, 
     ``fps``. Videos already in the store are skipped, so an interrupted import resumes.
     Returns (imported, skipped).
     """
-    from extract.protocol import SamplingProtocol
+    from store.protocol import SamplingProtocol
     from tqdm import tqdm
 
     from .feature_store import FeatureStore

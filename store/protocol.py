@@ -1,4 +1,7 @@
-"""Which native frames make each clip, how they are scaled, and when each feature step happens.
+"""The sampling protocol: which native frames make each clip, how they are scaled, and when each
+feature step happens. Every store records it (``meta["protocol"]``, see store/meta.py), and the
+times a store holds follow its arithmetic, so it lives beside the store; extraction (extract/)
+and ``store import`` (store/transfer.py) both lay clips out with it.
 
 The defaults reproduce the official VideoMAEv2 TAL extraction (``extract_tad_feature.py`` in
 OpenGVLab/VideoMAEv2): 16 consecutive native frames, a clip starting every 4 frames
@@ -24,8 +27,7 @@ import math
 
 import numpy as np
 
-from extract.decoding import frame_times_duration
-from losa_tal import InputError
+from losa_tal import ConfigError, InputError
 
 RESIZE_MODES = ("direct", "short_side_crop")
 NORMALISATIONS = ("none", "imagenet")
@@ -73,19 +75,23 @@ class SamplingProtocol:
     tail: str = "drop"
     resize_on: str = "worker"
 
-    def __post_init__(self):
+    def __post_init__(self):  # constructed directly too (tests, the demo, store import)
+        self.check()
+
+    def check(self):
+        """ConfigError naming the field, for a value the arithmetic below cannot use."""
         for name in ("clip_len", "clip_stride", "frame_interval", "img_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"protocol {name}: must be a positive integer, got {value!r}")
+                raise ConfigError(name, f"must be a positive integer, got {value!r}")
         if self.fps is not None and not (isinstance(self.fps, (int, float))
                                          and math.isfinite(self.fps) and self.fps > 0):
-            raise InputError(f"protocol fps: must be a positive number or null, got {self.fps!r}")
+            raise ConfigError("fps", f"must be a positive number or null, got {self.fps!r}")
         for name, allowed in (("resize", RESIZE_MODES), ("normalise", NORMALISATIONS),
                               ("tail", TAIL_POLICIES), ("resize_on", RESIZE_PLACES)):
             if getattr(self, name) not in allowed:
-                raise InputError(f"protocol {name}: must be one of {', '.join(allowed)}, "
-                                 f"got {getattr(self, name)!r}")
+                raise ConfigError(name, f"must be one of {', '.join(allowed)}, "
+                                  f"got {getattr(self, name)!r}")
 
     # -- record -----------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -184,3 +190,12 @@ def time_at(frame_times: np.ndarray, position: np.ndarray, fps: float) -> np.nda
     step = frame_times[-1] / last if last else 1 / fps
     inside = np.interp(position, np.arange(last + 1), frame_times)
     return np.where(position > last, frame_times[-1] + (position - last) * step, inside)
+
+
+def frame_times_duration(frame_times: np.ndarray, fps: float | None) -> float | None:
+    """How long a video whose frames show at ``frame_times`` lasts: its last frame shows for
+    the mean frame duration (1 / fps for a single frame)."""
+    count = len(frame_times)
+    if count > 1:
+        return float(frame_times[-1] * count / (count - 1))
+    return 1 / fps if count and fps else None
