@@ -24,7 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import torchrun
 from losa_tal import InputError
+
 GPU_RESERVE_FRACTION = 0.25  # of the device's memory, left to activations and the optimiser
 PINNED_FRACTION = 0.5  # of the available host memory: page-locked memory cannot be swapped
 RAM_FRACTION = 0.75  # of the available host memory
@@ -65,7 +67,8 @@ def plan_cache(requested: str, nbytes: int, device: torch.device) -> CachePlan:
                          f"{device}); use \"ram\" or \"auto\"")
     if requested != "auto":
         return CachePlan(requested, nbytes, f"data.cache = {requested}")
-    host = available_host_memory() // local_processes()
+    # Each training process on this node holds its own copy.
+    host = available_host_memory() // torchrun.launch().local_world_size
     budgets = []
     if cuda:
         free, total = torch.cuda.mem_get_info(device)
@@ -90,11 +93,6 @@ def available_host_memory() -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def local_processes() -> int:
-    """Training processes on this node (torchrun's LOCAL_WORLD_SIZE): each holds its own copy."""
-    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def build_cache(store, videos, layers, kind: str, device: torch.device) -> dict | None:

@@ -33,9 +33,9 @@ def train(config_path, store_path, annotations_path, out_dir, model_type, epochs
     Data parallel: torchrun --nproc_per_node N cli.py train ... (the global batch, and so the
     result, is the same for any N).
     """
-    import os
     from pathlib import Path
 
+    import torchrun
     from training.config import load_config
 
     overrides = list(overrides)
@@ -48,7 +48,7 @@ def train(config_path, store_path, annotations_path, out_dir, model_type, epochs
     out_dir = out_dir or str(Path("runs") / Path(config_path).stem)
     summary = run_training(config, store_path, annotations_path, out_dir, resume=resume,
                            progress=not quiet, storage_options=storage_options)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, the main process reports
+    if torchrun.launch().is_main:  # under torchrun, the main process reports
         best = summary["best"]
         best_text = (f", best average mAP {best['average_map']:.4f} at epoch {best['epoch']}"
                      if best else "")

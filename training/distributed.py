@@ -11,11 +11,12 @@ inputs to the rank's device themselves, and nothing else in the project calls a 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+import torchrun
 
 
 @dataclass(frozen=True)
@@ -34,22 +35,17 @@ class World:
 
 def start(prefer_cuda: bool = True) -> World:
     """Join the process group torchrun describes in the environment (gloo on CPU, nccl on GPU)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = prefer_cuda and torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if size == 1:
+    device = torchrun.use_device(torchrun.local_gpu() if use_cuda else torch.device("cpu"))
+    if not torchrun.launch().distributed:
         return World(device=device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+    torchrun.join("nccl" if use_cuda else "gloo")
     return World(rank=dist.get_rank(), size=dist.get_world_size(), device=device, joined=True)
 
 
 def stop(world: World) -> None:
-    if world.joined and dist.is_initialized():
-        dist.destroy_process_group()
+    if world.joined:
+        torchrun.leave()
 
 
 def barrier(world: World) -> None:
