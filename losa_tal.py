@@ -175,7 +175,10 @@ def build_config(cls, raw, source: str, prefix: str = ""):
                               f"got {_dump(value)}")
         else:
             values[name] = value
-    config = cls(**values)
+    try:
+        config = cls(**values)  # a frozen dataclass may check itself here (__post_init__)
+    except ConfigError as err:
+        raise input_error(source, f"{prefix}{err.key}: {err.problem}") from None
     check_config(config, source, prefix)
     return config
 
@@ -233,4 +236,5 @@ def _describe(hint) -> str:
         return f"a list of {plural.get(item) or _describe(item)}"
     if hint is type(None):
         return "null"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[hint]
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            dict: "an object"}[hint]

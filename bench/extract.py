@@ -50,8 +50,8 @@ from extract.backbone import build_backbone, count_parameters  # noqa: E402
 from extract.decoding import VideoSource, open_video  # noqa: E402
 from extract.pipeline import (Encoder, ExtractionSettings, pick_device,  # noqa: E402
                               run_extraction, store_meta, weight_dtype)
-from extract.pooling import parse_tokens  # noqa: E402
-from extract.protocol import SamplingProtocol  # noqa: E402
+from extract.config import ExtractionConfig, parse_tokens  # noqa: E402
+from store.protocol import SamplingProtocol  # noqa: E402
 from store import FeatureStore  # noqa: E402
 from helpers.videos import write_video  # noqa: E402
 
@@ -113,18 +113,19 @@ def run_naive(settings, encoder):
     """Decode-then-encode, one video at a time, no workers: the plain script."""
     import decord
 
-    protocol, clips_done = settings.protocol, 0
+    config = settings.config
+    protocol, clips_done = config.protocol, 0
     started = time.perf_counter()
-    with FeatureStore.create(settings.store, store_meta(encoder, settings)) as store:
+    with FeatureStore.create(config.store, store_meta(encoder, config)) as store:
         for video_id, path in settings.videos:
             reader = decord.VideoReader(path, num_threads=1)
             frames = torch.from_numpy(reader.get_batch(list(range(len(reader)))).asnumpy())
             fps = float(reader.get_avg_fps())
             starts = range(0, len(frames) - protocol.clip_len + 1, protocol.clip_stride)
             features = []
-            for first in range(0, len(starts), settings.batch_size):
+            for first in range(0, len(starts), config.batch_size):
                 clips = torch.stack([official_clip(frames, s, protocol.img_size)
-                                     for s in starts[first:first + settings.batch_size]])
+                                     for s in starts[first:first + config.batch_size]])
                 features.append(encoder(clips))
             layers = {layer: torch.cat([torch.from_numpy(f[layer]) for f in features]).numpy()
                       for layer in features[0]}
@@ -202,13 +203,14 @@ def time_readers(folder, args):
 
 
 def run_compute_only(settings, encoder, num_clips, device=torch.device("cpu")):
-    size, length = settings.protocol.img_size, settings.protocol.clip_len
-    clips = torch.rand(settings.batch_size, 3, length, size, size, device=device)
+    config = settings.config
+    size, length = config.protocol.img_size, config.protocol.clip_len
+    clips = torch.rand(config.batch_size, 3, length, size, size, device=device)
     if device.type == "cuda":
         encoder(clips)  # warm-up: kernel choice, allocator (nothing comparable on the CPU)
     started = time.perf_counter()
-    for first in range(0, num_clips, settings.batch_size):
-        encoder(clips[:min(settings.batch_size, num_clips - first)])  # ends with a D2H copy
+    for first in range(0, num_clips, config.batch_size):
+        encoder(clips[:min(config.batch_size, num_clips - first)])  # ends with a D2H copy
     return num_clips, time.perf_counter() - started
 
 
@@ -254,10 +256,10 @@ def gpu_pipeline(folder, device=torch.device("cuda", 0), backbone="vit_g", frame
     """The real pipeline on CUDA (decoding workers included) with ViT-g, on generated videos,
     next to the backbone alone on as many clips: where the pipeline/compute ratio matters."""
     videos = write_videos(folder, 4, frames)
-    settings = ExtractionSettings(
-        videos=videos, store=os.path.join(folder, "gpu.zarr"), backbone=backbone,
-        protocol=SamplingProtocol(img_size=img_size), layers=[7, 15, 23, 31], tokens=(2, 2, 2),
-        batch_size=batch_size, num_workers=num_workers, device=str(device))
+    settings = ExtractionSettings(ExtractionConfig(
+        store=os.path.join(folder, "gpu.zarr"), backbone=backbone,
+        protocol=SamplingProtocol(img_size=img_size), layers=[7, 15, 23, 31], tokens=[2, 2, 2],
+        batch_size=batch_size, num_workers=num_workers, device=str(device)), videos=videos)
     clips, seconds = run_pipeline(settings)
     encoder = Encoder(settings, device)
     _, compute = run_compute_only(settings, encoder, clips, device)
@@ -274,11 +276,12 @@ def time_pipeline(args):
         videos = write_videos(folder, args.videos, args.frames)
 
         def settings(store):
-            return ExtractionSettings(
-                videos=videos, store=os.path.join(folder, store), backbone=args.backbone,
-                protocol=SamplingProtocol(), layers=[int(x) for x in args.layers.split(",")],
-                tokens=parse_tokens(args.tokens), batch_size=args.batch_size,
-                num_workers=args.num_workers, device="cpu", backbone_source="--backbone")
+            return ExtractionSettings(ExtractionConfig(
+                store=os.path.join(folder, store), backbone=args.backbone,
+                layers=[int(x) for x in args.layers.split(",")],
+                tokens=list(parse_tokens(args.tokens)), batch_size=args.batch_size,
+                num_workers=args.num_workers, device="cpu"), videos=videos,
+                backbone_source="--backbone")
 
         encoder = Encoder(settings("naive.zarr"), cpu)
         print(f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads): "

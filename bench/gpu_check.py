@@ -24,7 +24,7 @@ Without CUDA (or with ``--reduced``) every section runs at toy sizes on the CPU 
 group), so CI runs this script end to end; its figures then say nothing about speed.
 """
 import argparse
-import json
+import dataclasses
 import os
 import platform
 import socket
@@ -44,9 +44,10 @@ sys.path.insert(0, str(ROOT))
 from bench.extract import backbone_speed, bf16_peak, clip_flops  # noqa: E402
 from bench.train import loader_fed_epoch, time_steps  # noqa: E402
 from extract.backbone import build_backbone  # noqa: E402
+from extract.config import load_preset  # noqa: E402
 from training.config import load_config  # noqa: E402
 
-PRESET = json.loads((ROOT / "configs" / "datasets" / "thumos.json").read_text())
+PRESET = load_preset("thumos")  # the default ViT-g layout
 CONFIG = ROOT / "configs" / "train" / "thumos_vitg_losa.json"
 GIB = 2 ** 30
 
@@ -61,9 +62,9 @@ class Sizes:
         self.batch = 2 if reduced else 32
         self.clips = 4 if reduced else 256
         self.cosine_clips = 2 if reduced else 8
-        self.layers = [0, 1] if reduced else PRESET["layers"]
+        self.layers = [0, 1] if reduced else PRESET.layers
         self.videos, self.frames = (1, 40) if reduced else (4, 600)
-        self.workers = 1 if reduced else PRESET["num_workers"]
+        self.workers = 1 if reduced else PRESET.num_workers
         self.dim = 32 if reduced else 1408
         self.length = 64 if reduced else 2304
         self.epoch_videos = 4 if reduced else 8  # two steps at batch 2: one after the first
@@ -141,7 +142,7 @@ def _detector_and_batch(device, sizes, model_type, length, batch_size=1, overrid
 
     config = load_config(CONFIG, [f"model.type={model_type}", *overrides,
                                   *sizes.model_overrides])
-    tokens = int(np.prod(PRESET["tokens"]))
+    tokens = int(np.prod(PRESET.tokens))
     torch.manual_seed(0)
     detector = Detector(sizes.dim, 20, len(sizes.layers), tokens, config.model,
                         config.head).to(device)
@@ -169,7 +170,7 @@ def cosine_line(device, sizes):
     low = low.to(device, torch.bfloat16)
     clips = torch.rand(sizes.cosine_clips, 3, 16, sizes.img_size, sizes.img_size, device=device)
     grid = exact.token_grid_for(16, sizes.img_size, sizes.img_size)
-    tokens = tuple(PRESET["tokens"])
+    tokens = tuple(PRESET.tokens)
     results = []
     with torch.inference_mode():
         for model, autocast in ((exact, False), (low, True)):
@@ -197,7 +198,7 @@ def resize_line(device, img_size, folder):
     from bench.extract import write_videos
     from extract.clips import _interpolate, scale_frames
     from extract.decoding import open_video
-    from extract.protocol import SamplingProtocol
+    from store.protocol import SamplingProtocol
 
     (_, path), = write_videos(folder, 1, 16)
     source = open_video(path)
@@ -231,15 +232,13 @@ def resize_line(device, img_size, folder):
 def pipeline_section(device, sizes, folder):
     from bench.extract import write_videos
     from extract.pipeline import ExtractionSettings, run_extraction
-    from extract.pooling import parse_tokens
-    from extract.protocol import SamplingProtocol
+    from store.protocol import SamplingProtocol
 
     videos = write_videos(folder, sizes.videos, sizes.frames)
-    settings = ExtractionSettings(
-        videos=videos, store=os.path.join(folder, "pipeline.zarr"), backbone=sizes.backbone,
+    settings = ExtractionSettings(dataclasses.replace(
+        PRESET, store=os.path.join(folder, "pipeline.zarr"), backbone=sizes.backbone,
         protocol=SamplingProtocol(img_size=sizes.img_size), layers=sizes.layers,
-        tokens=parse_tokens(PRESET["tokens"]), batch_size=sizes.batch,
-        num_workers=sizes.workers, device=str(device))
+        batch_size=sizes.batch, num_workers=sizes.workers, device=str(device)), videos=videos)
     summary = run_extraction(settings, show_progress=False)
     say("pipeline", f"{summary.clips} clips of {len(videos)} generated 320x180 videos in "
                     f"{summary.seconds:.1f} s = {summary.clips / summary.seconds:.1f} clips/s "
@@ -251,7 +250,7 @@ def pipeline_section(device, sizes, folder):
 
 def train_section(device, sizes):
     batch = load_config(CONFIG).train.batch_size
-    tokens = int(np.prod(PRESET["tokens"]))
+    tokens = int(np.prod(PRESET.tokens))
     for name, overrides in (("LoSA", []),
                             ("LoSA checkpoint_layers", ["model.losa.checkpoint_layers=true"]),
                             ("head-only", ["model.type=head_only"])):
@@ -268,7 +267,7 @@ def train_section(device, sizes):
 def epoch_section(device, sizes, folder):
     """``cli.py train`` for one epoch on a generated store (the cache as configured)."""
     say("epoch", loader_fed_epoch(folder, sizes.epoch_videos, sizes.dim, sizes.length,
-                                  sizes.layers, PRESET["tokens"], str(CONFIG),
+                                  sizes.layers, PRESET.tokens, str(CONFIG),
                                   sizes.model_overrides, device))
 
 

@@ -34,24 +34,24 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from evaluation import load_annotations  # noqa: E402
+from extract.config import load_preset  # noqa: E402
 from store import LAST, FeatureStore  # noqa: E402
 from training.cache import build_cache, plan_cache, split_bytes  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.data import EpochBatches, StoreDataset, training_loader  # noqa: E402
 
-PRESET = ROOT / "configs" / "datasets" / "thumos.json"
 CONFIG = ROOT / "configs" / "train" / "thumos_vitg_losa.json"
 VITG_DIM = 1408
 
 
 def parse_args():
-    preset = json.loads(PRESET.read_text())
+    preset = load_preset("thumos")  # the default ViT-g layout
     config = load_config(CONFIG)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--videos", type=int, default=4)
     parser.add_argument("--dim", type=int, default=VITG_DIM)
-    parser.add_argument("--layers", default=",".join(map(str, preset["layers"])))
-    parser.add_argument("--tokens", default=",".join(map(str, preset["tokens"])))
+    parser.add_argument("--layers", default=",".join(map(str, preset.layers)))
+    parser.add_argument("--tokens", default=",".join(map(str, preset.tokens)))
     parser.add_argument("--length", type=int, default=config.data.max_seq_len)
     parser.add_argument("--batch", type=int, default=config.train.micro_batch)
     parser.add_argument("--batches", type=int, default=8, help="timed batches per path")

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 
-from losa_tal import InputError, input_error
+from losa_tal import ConfigError, input_error
 
 LAYER_NORM_EPS = 1e-6  # every released VideoMAEv2 model uses 1e-6, not LayerNorm's default 1e-5
 
@@ -222,12 +222,12 @@ class VideoMAEv2(nn.Module):
         return self._pool(x), [taps[i] for i in wanted]
 
     def block_indices(self, indices: Iterable[int]) -> list[int]:
-        """Block indices made non-negative; an index outside the model is an InputError."""
+        """Block indices made non-negative; an index outside the model is a ConfigError."""
         depth = len(self.blocks)
         resolved = []
         for index in map(operator.index, indices):
             if not -depth <= index < depth:
-                raise input_error("layers", f"block {index} does not exist in a {depth}-block "
+                raise ConfigError("layers", f"block {index} does not exist in a {depth}-block "
                                   f"backbone (use 0..{depth - 1}, or negative from the end)")
             resolved.append(index % depth)
         return resolved

@@ -1,120 +1,122 @@
-"""``extract``: the click command of stage one (heavy imports inside the function).
+"""``extract`` and ``videos check``: the click commands of stage one (heavy imports inside the
+functions).
 
-Values come from, in order of precedence: the flags given, the dataset preset
-(``--preset thumos`` reads ``configs/datasets/thumos.json``), and the defaults below.
+Settings (``ExtractionConfig``, extract/config.py, holds their defaults) come from, in order of
+precedence: the flags given, ``--set key=value``, the dataset preset (``--preset thumos`` reads
+``configs/datasets/thumos.json``) and the defaults. Library code refuses a value with a
+``ConfigError`` naming its key; ``refusals`` turns it, here and only here, into the one-line
+error naming where the value came from: its flag, ``--set``, or the preset file and key.
 """
+import contextlib
+import dataclasses
 import json
 import os
 from pathlib import Path
 
 import click
 
+from extract.config import PRESET_DIR, STORE_FORMATS, ExtractionConfig, parse_tokens
+from store.protocol import NORMALISATIONS, RESIZE_MODES, RESIZE_PLACES, TAIL_POLICIES
 from store.urls import storage_options_flag
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "datasets"
-# Used when neither a flag nor the preset gives a value.
-DEFAULTS = {"backbone": "vit_g", "layers": [], "tokens": [1, 1, 1], "batch_size": 32,
-            "num_workers": 4, "device": "auto", "seed": 0, "subset": None, "format": None}
-PRESET_KEYS = {*DEFAULTS, "videos", "store", "checkpoint", "annotations", "protocol",
-               "download", "description"}
+DEFAULT = ExtractionConfig()
+# The flag that sets each key (dotted below a section); the click destination is the last part.
+FLAGS = {"videos": "--videos", "store": "--out", "backbone": "--backbone",
+         "checkpoint": "--checkpoint", "seed": "--seed", "annotations": "--annotations",
+         "subset": "--subset", "layers": "--layers", "tokens": "--tokens",
+         "batch_size": "--batch-size", "num_workers": "--num-workers", "device": "--device",
+         "format": "--format",
+         **{f"protocol.{field.name}": "--" + field.name.replace("_", "-")
+            for field in dataclasses.fields(DEFAULT.protocol)}}
+
+
+def option(key: str, help: str, shown=None, **kwargs):
+    """The click option of dotted ``key`` (its flag in FLAGS, its destination the last part),
+    its help ending with the ExtractionConfig default (as ``shown``, if given; "": none)."""
+    value = DEFAULT
+    for part in key.split("."):
+        value = getattr(value, part)
+    shown = value if shown is None else shown
+    return click.option(FLAGS[key], key.rpartition(".")[2],
+                        help=help + (f"  [default: {shown}]" if shown != "" else ""), **kwargs)
 
 
 @click.command()
 @click.option("--preset", help="Dataset preset: configs/datasets/<name>.json (thumos, anet).")
-@click.option("--videos", "videos_dir", help="Folder of video files.")
-@click.option("--out", "store_path", help="Feature store to create or resume (a .h5 path "
-              "means HDF5).")
-@click.option("--backbone", help="Backbone preset (vit_s|b|l|h|g) or a JSON/YAML file of "
-              "VideoMAEv2 constructor arguments.")
-@click.option("--checkpoint", help="VideoMAEv2 checkpoint (.pth) to load.")
+@option("videos", "Folder of video files.", shown="")
+@option("store", "Feature store to create or resume (a .h5 path means HDF5).", shown="")
+@option("backbone", "Backbone preset (vit_s|b|l|h|g) or a JSON/YAML file of VideoMAEv2 "
+        "constructor arguments.")
+@option("checkpoint", "VideoMAEv2 checkpoint (.pth) to load.", shown="")
 @click.option("--random-init", is_flag=True, help="Random weights instead of a checkpoint "
               "(smoke tests).")
-@click.option("--seed", type=int, help="Seed of the random weights.  [default: 0]")
-@click.option("--annotations", help="Only the videos of this annotation file (JSON).")
-@click.option("--subset", help="Only this subset of --annotations (default: all subsets).")
-@click.option("--clip-len", type=int, help="Frames per clip.  [default: 16]")
-@click.option("--clip-stride", type=int, help="Frames between clip starts.  [default: 4]")
-@click.option("--frame-interval", type=int, help="Step between a clip's frames.  [default: 1]")
-@click.option("--fps", type=float, help="Resample to this frame rate.  [default: native]")
-@click.option("--img-size", type=int, help="Backbone input size.  [default: 224]")
-@click.option("--resize", type=click.Choice(["direct", "short_side_crop"]),
-              help="Resize straight to the size (official) or short side + centre crop.")
-@click.option("--normalise", type=click.Choice(["none", "imagenet"]),
-              help="Pixel normalisation after scaling to [0, 1].  [default: none]")
-@click.option("--resize-on", type=click.Choice(["worker", "device"]),
-              help="Resize in the decoding workers (official CPU transform) or on the device "
-              "(workers send uint8 frames).  [default: worker]")
-@click.option("--tail", type=click.Choice(["drop", "pad"]),
-              help="Drop clips past the last frame (official) or pad one more.")
-@click.option("--layers", help="Intermediate blocks to store, e.g. 7,15,23,31 (0-based; "
-              "'none' for the last layer only).")
-@click.option("--tokens", help="Pooled token grid per clip and layer, t x h x w, e.g. 2x2x2.")
-@click.option("--batch-size", type=int, help="Clips per backbone batch.  [default: 32]")
-@click.option("--num-workers", type=int, help="Decoding processes.  [default: 4]")
-@click.option("--device", help="auto, cpu, cuda or cuda:N.  [default: auto]")
-@click.option("--format", "store_format", type=click.Choice(["zarr", "hdf5"]),
-              help="Store format for a new store.  [default: zarr]")
+@option("seed", "Seed of the random weights.", type=int)
+@option("annotations", "Only the videos of this annotation file (JSON).", shown="")
+@option("subset", "Only this subset of --annotations.", shown="all subsets")
+@option("protocol.clip_len", "Frames per clip.", type=int)
+@option("protocol.clip_stride", "Frames between clip starts.", type=int)
+@option("protocol.frame_interval", "Step between a clip's frames.", type=int)
+@option("protocol.fps", "Resample to this frame rate.", shown="native", type=float)
+@option("protocol.img_size", "Backbone input size.", type=int)
+@option("protocol.resize", "Resize straight to the size (official) or short side + centre crop.",
+        type=click.Choice(RESIZE_MODES))
+@option("protocol.normalise", "Pixel normalisation after scaling to [0, 1].",
+        type=click.Choice(NORMALISATIONS))
+@option("protocol.resize_on", "Resize in the decoding workers (official CPU transform) or on the "
+        "device (workers send uint8 frames).", type=click.Choice(RESIZE_PLACES))
+@option("protocol.tail", "Drop clips past the last frame (official) or pad one more.",
+        type=click.Choice(TAIL_POLICIES))
+@option("layers", "Intermediate blocks to store, e.g. 7,15,23,31 (0-based; 'none' for the last "
+        "layer only).", shown="none")
+@option("tokens", "Pooled token grid per clip and layer, t x h x w, e.g. 2x2x2.",
+        shown="x".join(map(str, DEFAULT.tokens)))
+@option("batch_size", "Clips per backbone batch.", type=int)
+@option("num_workers", "Decoding processes.", type=int)
+@option("device", "auto, cpu, cuda or cuda:N.")
+@option("format", "Store format for a new store.", shown="by the --out path, else zarr",
+        type=click.Choice(STORE_FORMATS))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Set a preset key, e.g. --set protocol.fps=15 (repeatable; flags win).")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the backbone.")
 @storage_options_flag
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.pass_context
-def extract(ctx, preset, videos_dir, store_path, backbone, checkpoint, random_init, seed,
-            annotations, subset, layers, tokens, batch_size, num_workers, device, store_format,
-            compile_model, storage_options, no_progress, **protocol_flags):
+def extract(ctx, preset, random_init, overrides, compile_model, storage_options, no_progress,
+            **flags):
     """Encode videos with a frozen VideoMAEv2 and cache its features in a feature store.
 
     Rerunning the same command resumes: finished videos are skipped. Several extractors (or
     torchrun ranks) may share one store. A video that cannot be decoded is reported and
     skipped; the exit status is then 1.
     """
-    from extract.pipeline import (ExtractionSettings, annotated_durations, find_videos,
-                                  format_summary, run_extraction)
-    from extract.pooling import parse_tokens
-    from extract.protocol import SamplingProtocol
-    from losa_tal import input_error
+    from extract.pipeline import (ExtractionSettings, annotated_durations, check_shared_memory,
+                                  find_videos, format_summary, run_extraction)
 
-    given = {"videos": videos_dir, "store": store_path, "backbone": backbone,
-             "checkpoint": checkpoint, "seed": seed, "annotations": annotations,
-             "subset": subset, "layers": layers, "tokens": tokens, "batch_size": batch_size,
-             "num_workers": num_workers, "device": device, "format": store_format}
-    config = {**DEFAULTS, **(_read_preset(preset) if preset else {}),
-              **{key: value for key, value in given.items() if value is not None}}
+    given = dict(flags_by_key(flags))
+    if "layers" in given:
+        given["layers"] = _parse_layers(given["layers"])
+    if "tokens" in given:
+        with refusals({}):
+            given["tokens"] = list(parse_tokens(given["tokens"]))
+    backbone_source = FLAGS["backbone"]
+    if "backbone" in given:
+        backbone_source, given["backbone"] = _backbone_spec(given["backbone"])
+    config, origins = load_config(preset, given, overrides)
+    if "backbone" in origins and origins["backbone"] != FLAGS["backbone"]:
+        backbone_source = f"{origins['backbone']}: backbone"
     if random_init:
-        config["checkpoint"] = None
-    protocol_record = {**config.get("protocol", {}),
-                       **{k: v for k, v in protocol_flags.items() if v is not None}}
-    hints = config.get("download", {})
-    for key, flag in (("videos", "--videos"), ("store", "--out")):
-        if not config.get(key):
-            raise input_error(flag, "required (or use --preset)")
-    if not random_init and not config.get("checkpoint"):
-        raise input_error("--checkpoint", "give a checkpoint, or --random-init for random "
-                          "weights")
-    if config.get("checkpoint") and not Path(config["checkpoint"]).is_file():
-        raise input_error(config["checkpoint"], "checkpoint not found; " + hints.get(
-            "checkpoint", "download it or pass --checkpoint PATH"))
-    if not Path(config["videos"]).is_dir():
-        raise input_error(config["videos"], "video folder not found; " + hints.get(
-            "videos", "put the videos there or pass --videos DIR"))
-    if config.get("annotations") and not Path(config["annotations"]).is_file():
-        raise input_error(config["annotations"], "annotation file not found; " + hints.get(
-            "annotations", "check the path given to --annotations"))
-
-    durations = annotated_durations(config["annotations"], config["subset"]) \
-        if config.get("annotations") else {}
-    videos, missing = find_videos(config["videos"],
-                                  list(durations) if config.get("annotations") else None)
+        config = dataclasses.replace(config, checkpoint=None)
+    check_inputs(config, random_init)
+    durations = annotated_durations(config.annotations, config.subset) \
+        if config.annotations else {}
+    videos, missing = find_videos(config.videos, list(durations) if config.annotations else None)
     settings = ExtractionSettings(
-        videos=videos, store=config["store"],
-        backbone=_backbone_spec(config["backbone"]), backbone_source=str(config["backbone"]),
-        protocol=SamplingProtocol.from_dict(protocol_record),
-        layers=_parse_layers(config["layers"]), tokens=parse_tokens(config["tokens"]),
-        checkpoint=config.get("checkpoint"), seed=config["seed"],
-        batch_size=config["batch_size"], num_workers=config["num_workers"],
-        device=config["device"], format=config["format"], compile=compile_model,
-        storage_options=storage_options,
+        config=config, videos=videos, compile=compile_model, storage_options=storage_options,
+        backbone_source=backbone_source,
         expected_durations={vid: d for vid, d in durations.items() if d})
-    with _rank_group() as total_failures:
+    with refusals(origins), _rank_group() as total_failures:
+        if config.num_workers:  # as run_extraction does, but naming the flags in its advice
+            check_shared_memory(config, name=FLAGS.get)
         summary = run_extraction(settings, show_progress=not no_progress)
         failures = total_failures(len(summary.failed))
     click.echo(format_summary(summary, missing))
@@ -122,18 +124,100 @@ def extract(ctx, preset, videos_dir, store_path, backbone, checkpoint, random_in
         ctx.exit(1)
 
 
-def _read_preset(name: str) -> dict:
+def flags_by_key(flags: dict):
+    """``(key, value)`` of each flag given (click destinations back to dotted keys)."""
+    for key in FLAGS:
+        value = flags.get(key.rpartition(".")[2])
+        if value is not None:
+            yield key, value
+
+
+def load_config(preset, given: dict, overrides=()) -> tuple:
+    """``(ExtractionConfig, origins)`` from the defaults, the preset, ``--set`` items and the
+    flags' values (``given``, by dotted key). ``origins`` says where each key set came from
+    (a flag, ``--set`` or the preset file), for ``refusals``."""
+    from losa_tal import (ConfigError, apply_overrides, build_config, parse_override,
+                          read_config_file)
+
+    raw, origins = {}, {}
+    config = DEFAULT
+    if preset:
+        path = _preset_path(preset)
+        raw = read_config_file(path)
+        config = build_config(ExtractionConfig, raw, str(path))  # names the file and key
+        origins = {key: str(path) for key in raw}
+    if overrides:
+        apply_overrides(raw, overrides)
+        config = build_config(ExtractionConfig, raw, "--set")
+        origins.update({".".join(parse_override(item)[0]): "--set" for item in overrides})
+    origins.update({key: FLAGS[key] for key in given})
+    section = {key: value for key, value in given.items() if "." not in key}
+    protocol = {key.partition(".")[2]: value for key, value in given.items() if "." in key}
+    with refusals(origins):
+        try:
+            section["protocol"] = dataclasses.replace(config.protocol, **protocol)
+        except ConfigError as err:
+            raise ConfigError(f"protocol.{err.key}", err.problem) from None
+        config = dataclasses.replace(config, **section)
+        config.check()
+    return config, origins
+
+
+@contextlib.contextmanager
+def refusals(origins: dict):
+    """A ConfigError inside becomes the one-line InputError naming where the value came from:
+    ``--clip-stride: protocol clip_stride: ...``, ``--set: key: ...``, ``preset.json: key: ...``
+    (a default is named by its flag)."""
+    from losa_tal import ConfigError, InputError
+
+    try:
+        yield
+    except ConfigError as err:
+        key = err.key
+        source = next((origins[part] for part in _prefixes(key) if part in origins),
+                      FLAGS.get(key))
+        if source is None:
+            raise InputError(f"{key}: {err.problem}") from None
+        if source in FLAGS.values():  # a flag: the key said too where it is not the flag's name
+            named = f"{key.replace('.', ' ')}: " if "." in key else ""
+            raise InputError(f"{source}: {named}{err.problem}") from None
+        raise InputError(f"{source}: {key}: {err.problem}") from None
+
+
+def _prefixes(key: str) -> list:
+    """``"protocol.fps"`` -> ``["protocol.fps", "protocol"]``: the most specific first."""
+    parts = key.split(".")
+    return [".".join(parts[:end]) for end in range(len(parts), 0, -1)]
+
+
+def check_inputs(config: ExtractionConfig, random_init: bool) -> None:
+    """The required settings are given and the files they name exist (with the preset's hint
+    of where to get each)."""
+    from losa_tal import input_error
+
+    for key in ("videos", "store"):
+        if not getattr(config, key):
+            raise input_error(FLAGS[key], "required (or use --preset)")
+    if not random_init and not config.checkpoint:
+        raise input_error(FLAGS["checkpoint"], "give a checkpoint, or --random-init for random "
+                          "weights")
+    hints = config.download
+    if config.checkpoint and not Path(config.checkpoint).is_file():
+        raise input_error(config.checkpoint, "checkpoint not found; " + hints.checkpoint)
+    if not Path(config.videos).is_dir():
+        raise input_error(config.videos, "video folder not found; " + hints.videos)
+    if config.annotations and not Path(config.annotations).is_file():
+        raise input_error(config.annotations, "annotation file not found; " + hints.annotations)
+
+
+def _preset_path(name: str) -> Path:
     from losa_tal import input_error
 
     path = PRESET_DIR / f"{name}.json"
     if not path.is_file():
         known = sorted(p.stem for p in PRESET_DIR.glob("*.json"))
         raise input_error("--preset", f"no preset {name!r} (known: {', '.join(known)})")
-    preset = _read_mapping(path)
-    unknown = sorted(set(preset) - PRESET_KEYS)
-    if unknown:
-        raise input_error(path, f"unknown keys {unknown} (known: {sorted(PRESET_KEYS)})")
-    return preset
+    return path
 
 
 def _read_mapping(path) -> dict:
@@ -155,27 +239,24 @@ def _read_mapping(path) -> dict:
     return data
 
 
-def _backbone_spec(value):
-    """A preset name, or the kwargs of a JSON/YAML file (a dict in a preset passes through)."""
-    if isinstance(value, dict):
-        return value
-    if str(value).lower().endswith((".json", ".yaml", ".yml")) or os.path.isfile(value):
-        return _read_mapping(value)
-    return value
+def _backbone_spec(value: str) -> tuple:
+    """``(source, spec)`` of ``--backbone``: a preset name, or the kwargs of a JSON/YAML file
+    (then named by its path in messages)."""
+    if value.lower().endswith((".json", ".yaml", ".yml")) or os.path.isfile(value):
+        return value, _read_mapping(value)
+    return FLAGS["backbone"], value
 
 
-def _parse_layers(value) -> list:
+def _parse_layers(text: str) -> list:
     from losa_tal import input_error
 
-    if isinstance(value, list):
-        return value
-    text = str(value).strip().lower()
+    text = text.strip().lower()
     if text in ("", "none"):
         return []
     try:
         return [int(part) for part in text.split(",")]
     except ValueError:
-        raise input_error("--layers", f"expected block indices like 7,15,23,31, got {value!r}") \
+        raise input_error("--layers", f"expected block indices like 7,15,23,31, got {text!r}") \
             from None
 
 
@@ -187,26 +268,27 @@ class _rank_group:
     def __enter__(self):
         import datetime
 
-        import torch.distributed as dist
+        import torchrun
 
-        self.dist = dist
-        self.joined = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
-        if self.joined:  # ranks may finish hours apart: wait for each other that long
-            dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+        # Ranks may finish hours apart: they wait for each other that long.
+        self.joined = torchrun.join("gloo", timeout=datetime.timedelta(days=7))
         return self.total
 
     def total(self, count: int) -> int:
         if not self.joined:
             return count
         import torch
+        import torch.distributed as dist
 
         value = torch.tensor([count])
-        self.dist.all_reduce(value)
+        dist.all_reduce(value)
         return int(value.item())
 
     def __exit__(self, *exc):
         if self.joined:
-            self.dist.destroy_process_group()
+            import torchrun
+
+            torchrun.leave()
         return False
 
 
@@ -243,7 +325,6 @@ def check(ctx, folder, annotations, subset, json_out, preset, probe_clips, no_pr
     from evaluation.files import write_json_atomic
     from extract.check import BAD, check_video, format_table
     from extract.pipeline import annotated_durations, find_videos
-    from extract.protocol import SamplingProtocol
     from losa_tal import input_error
 
     if annotations and not Path(annotations).is_file():
@@ -252,9 +333,7 @@ def check(ctx, folder, annotations, subset, json_out, preset, probe_clips, no_pr
         raise input_error("--clips", "must be positive")
     durations = annotated_durations(annotations, subset) if annotations else {}
     found, missing = find_videos(folder, list(durations) if annotations else None)
-    protocol = SamplingProtocol.from_dict(
-        {**(_read_preset(preset).get("protocol", {}) if preset else {}),
-         **{k: v for k, v in protocol_flags.items() if v is not None}})
+    protocol = load_config(preset, dict(flags_by_key(protocol_flags)))[0].protocol
     records = []
     for video_id, path in tqdm(found, unit="video", desc="check", disable=no_progress):
         records.append(check_video(video_id, path, protocol, durations.get(video_id),

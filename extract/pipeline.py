@@ -31,36 +31,29 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import torchrun
 from extract.backbone import backbone_config, build_backbone, load_checkpoint
 from extract.check import short_duration
 from extract.clips import (VIDEO_EXTENSIONS, ClipChunks, backbone_frames, fault_point,
                            gather_clips, make_loader)
+from extract.config import ExtractionConfig
 from extract.pooling import check_grid, pool_tokens
-from extract.protocol import SamplingProtocol
 from extract.workers import QueueFeed, SpawnProcess
-from losa_tal import input_error
+from losa_tal import ConfigError, input_error
 from store import LAST, FeatureStore
 
 
 @dataclass
 class ExtractionSettings:
-    """Everything one extraction needs; ``commands.extract`` builds it from the command line."""
+    """One extraction run: its config (what a preset and the flags set; ``commands.extract``
+    builds it) and what is worked out for the run itself. Problems with a config value are
+    ConfigErrors naming its key; the command line names the flag or preset file."""
 
+    config: ExtractionConfig
     videos: list  # [(video_id, path)], this run's candidates (all ranks)
-    store: str
-    backbone: str | dict  # preset name or constructor kwargs
-    protocol: SamplingProtocol = field(default_factory=SamplingProtocol)
-    layers: list = field(default_factory=list)  # block indices (negative counts from the end)
-    tokens: tuple = (1, 1, 1)
-    checkpoint: str | None = None  # None: random weights from ``seed``
-    seed: int = 0
-    batch_size: int = 32
-    num_workers: int = 4
-    device: str = "auto"
-    format: str | None = None  # zarr, hdf5, or None (by the store path)
     storage_options: dict | None = None  # for a URL store's file system (store/urls.py)
-    compile: bool = False
-    backbone_source: str = "--backbone"  # where the backbone spec came from, for messages
+    compile: bool = False  # torch.compile the backbone
+    backbone_source: str = "backbone"  # where the backbone spec came from, for messages
     # {video_id: seconds} from the annotations: a video that decodes much shorter is reported
     # (a download cut short in a container without an index decodes up to the cut, silently).
     expected_durations: dict = field(default_factory=dict)
@@ -161,12 +154,8 @@ def annotated_durations(path, subset=None) -> dict:
 
 def rank_share(videos: list) -> list:
     """This torchrun rank's videos (every WORLD_SIZE-th); all of them outside torchrun."""
-    rank, world = distributed_rank()
-    return videos[rank::world]
-
-
-def distributed_rank() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    launch = torchrun.launch()
+    return videos[launch.rank::launch.world_size]
 
 
 # -- the model ----------------------------------------------------------------------------------
@@ -175,18 +164,19 @@ class Encoder:
     tokens of each chosen block."""
 
     def __init__(self, settings: ExtractionSettings, device: torch.device):
-        protocol = settings.protocol
+        config = settings.config
+        protocol = config.protocol
         # The clip geometry is the protocol's; record it in the backbone's own arguments too.
-        self.config = backbone_config(settings.backbone, source=settings.backbone_source,
+        self.config = backbone_config(config.backbone, source=settings.backbone_source,
                                       img_size=protocol.img_size, all_frames=protocol.clip_len)
-        torch.manual_seed(settings.seed)  # random-init weights: the same in every process
+        torch.manual_seed(config.seed)  # random-init weights: the same in every process
         model = build_backbone(self.config, source=settings.backbone_source)
-        self.sha256 = load_checkpoint(model, settings.checkpoint) if settings.checkpoint else None
-        self.layers = model.block_indices(settings.layers)
+        self.sha256 = load_checkpoint(model, config.checkpoint) if config.checkpoint else None
+        self.layers = model.block_indices(config.layers)
         if len(set(self.layers)) != len(self.layers):
-            raise input_error("--layers", f"a block is listed twice: {settings.layers}")
+            raise ConfigError("layers", f"a block is listed twice: {config.layers}")
         self.grid = model.token_grid_for(protocol.clip_len, protocol.img_size, protocol.img_size)
-        self.tokens = tuple(settings.tokens)
+        self.tokens = tuple(config.tokens)
         if self.layers:
             check_grid(self.tokens, self.grid)
         self.feature_dim = model.embed_dim
@@ -197,13 +187,13 @@ class Encoder:
         self._taps = torch.compile(self.model.forward_taps) if settings.compile \
             else self.model.forward_taps
 
-    def backbone_record(self, settings: ExtractionSettings) -> dict:
-        preset = settings.backbone if isinstance(settings.backbone, str) else \
-            settings.backbone.get("preset")
-        checkpoint = None if settings.checkpoint is None else \
-            {"file": Path(settings.checkpoint).name, "sha256": self.sha256}
+    def backbone_record(self, config: ExtractionConfig) -> dict:
+        preset = config.backbone if isinstance(config.backbone, str) else \
+            config.backbone.get("preset")
+        checkpoint = None if config.checkpoint is None else \
+            {"file": Path(config.checkpoint).name, "sha256": self.sha256}
         return {"preset": preset, "kwargs": self.config, "checkpoint": checkpoint,
-                "random_init_seed": None if settings.checkpoint else settings.seed}
+                "random_init_seed": None if config.checkpoint else config.seed}
 
     @torch.inference_mode()
     def __call__(self, clips: torch.Tensor) -> dict:
@@ -248,28 +238,29 @@ def shared_memory_free(path=SHARED_MEMORY) -> int | None:
     return stats.f_bavail * stats.f_frsize
 
 
-def shared_memory_needed(settings: ExtractionSettings) -> int:
+def shared_memory_needed(config: ExtractionConfig) -> int:
     """Bytes of frames the decoding workers keep in shared memory at most: each has
     ``PREFETCH_CHUNKS`` chunks waiting plus the one it is filling; a chunk is the distinct
     float32 frames of ``batch_size`` consecutive clips."""
     from extract.clips import PREFETCH_CHUNKS
 
-    protocol = settings.protocol
-    frames = min((settings.batch_size - 1) * protocol.clip_stride * protocol.frame_interval
-                 + protocol.span, settings.batch_size * protocol.clip_len)
+    protocol = config.protocol
+    frames = min((config.batch_size - 1) * protocol.clip_stride * protocol.frame_interval
+                 + protocol.span, config.batch_size * protocol.clip_len)
     chunk = frames * 3 * protocol.img_size ** 2 * 4
-    return settings.num_workers * (PREFETCH_CHUNKS + 1) * chunk
+    return config.num_workers * (PREFETCH_CHUNKS + 1) * chunk
 
 
-def check_shared_memory(settings: ExtractionSettings) -> None:
+def check_shared_memory(config: ExtractionConfig, name=str) -> None:
     """Refuse, in one line, to start workers whose chunks /dev/shm cannot hold (Docker gives a
-    container 64 MB), rather than let them die of SIGBUS mid-video."""
-    free, needed = shared_memory_free(), shared_memory_needed(settings)
+    container 64 MB), rather than let them die of SIGBUS mid-video. ``name(key)`` is what the
+    caller calls a setting in its advice (the command line: its flag)."""
+    free, needed = shared_memory_free(), shared_memory_needed(config)
     if free is not None and free < needed:
-        raise input_error(SHARED_MEMORY, f"{free / 2**20:.0f} MB free, but {settings.num_workers}"
+        raise input_error(SHARED_MEMORY, f"{free / 2**20:.0f} MB free, but {config.num_workers}"
                           f" decoding workers can hold {needed / 2**20:.0f} MB of frames there; "
                           "give it more (docker run --shm-size=8g, or mount a larger tmpfs) or "
-                          "lower --num-workers or --batch-size")
+                          f"lower {name('num_workers')} or {name('batch_size')}")
 
 
 def weight_dtype(device: torch.device) -> torch.dtype:
@@ -277,35 +268,29 @@ def weight_dtype(device: torch.device) -> torch.dtype:
 
 
 def pick_device(name: str) -> torch.device:
-    """The extraction device; a CUDA one becomes the process's current device, so that the
-    DataLoader's pin thread and every implicit allocation of a torchrun rank use its own GPU
-    rather than each making a context on GPU 0."""
-    device = _named_device(name)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
+    """The extraction device, which becomes the process's current device (torchrun.use_device:
+    the DataLoader's pin thread and a torchrun rank's allocations then use its own GPU)."""
+    return torchrun.use_device(_named_device(name))
 
 
 def _named_device(name: str) -> torch.device:
     if name == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torchrun.local_gpu() if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise input_error("--device", f"unknown device {name!r} (auto, cpu, cuda, cuda:N)") \
+        raise ConfigError("device", f"unknown device {name!r} (auto, cpu, cuda, cuda:N)") \
             from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise input_error("--device", f"{name} requested but no CUDA device is available")
+        raise ConfigError("device", f"{name} requested but no CUDA device is available")
     if device.type == "cuda" and device.index is None:  # "cuda": this rank's GPU
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        device = torchrun.local_gpu()
     return device
 
 
-def store_meta(encoder: Encoder, settings: ExtractionSettings) -> dict:
-    return {"backbone": encoder.backbone_record(settings),
-            "protocol": settings.protocol.to_dict(),
+def store_meta(encoder: Encoder, config: ExtractionConfig) -> dict:
+    return {"backbone": encoder.backbone_record(config),
+            "protocol": config.protocol.to_dict(),
             "layers": encoder.layers,
             "tokens": list(encoder.tokens) if encoder.layers else None,
             "feature_dim": encoder.feature_dim,
@@ -412,6 +397,7 @@ class Extraction:
     def __init__(self, settings: ExtractionSettings, store: FeatureStore, encoder: Encoder,
                  summary: ExtractionSummary, progress):
         self.settings, self.store, self.encoder = settings, store, encoder
+        self.config = settings.config
         self.summary, self.progress = summary, progress
         self.started = time.perf_counter()
         self.open = {}  # video_id -> OpenVideo
@@ -420,18 +406,18 @@ class Extraction:
         self.batch_clips = 0
 
     def run(self, claims: Claims):
-        settings = self.settings
-        workers = settings.num_workers
+        config = self.config
+        workers = config.num_workers
         pin = self.encoder.device.type == "cuda"
         if workers:
             feed = torch.multiprocessing.get_context("spawn").Queue()
-            dataset = ClipChunks(QueueFeed(feed), settings.protocol, settings.batch_size)
+            dataset = ClipChunks(QueueFeed(feed), config.protocol, config.batch_size)
             # Two claimed videos per worker, so a worker that finishes one finds the next waiting;
             # each video finished (published or failed) is replaced, and an idle worker gets one.
             self._feed = lambda: self._refill(claims, feed, 2 * workers)
             self._feed()
         else:
-            dataset = ClipChunks(claims, settings.protocol, settings.batch_size)
+            dataset = ClipChunks(claims, config.protocol, config.batch_size)
             self._feed = lambda: None
         for item in self._items(make_loader(dataset, workers, pin), claims):
             if item["kind"] == "idle":  # only with workers: one more video for the idle one
@@ -461,11 +447,11 @@ class Extraction:
                 except RuntimeError as err:
                     if "DataLoader worker" not in str(err):
                         raise
-                    raise input_error("--num-workers", "a decoding worker died (killed, out of "
+                    raise ConfigError("num_workers", "a decoding worker died (killed, out of "
                                       "memory, or crashed in the decoder) while decoding one "
                                       f"of: {', '.join(claims.held_ids())}; nothing partial "
-                                      "was kept, run again to resume (with --num-workers 0 to "
-                                      "see whether one video crashes the decoder)") from None
+                                      "was kept, run again to resume (set to 0 to see whether "
+                                      "one video crashes the decoder)") from None
         except BaseException:  # GeneratorExit too: the run loop stopped on an exception
             _kill_workers([child for child in multiprocessing.active_children()
                            if isinstance(child, SpawnProcess)])  # the DataLoader's workers
@@ -478,7 +464,7 @@ class Extraction:
             if video is not None:
                 feed.put(video)
                 continue
-            for _ in range(self.settings.num_workers):
+            for _ in range(self.config.num_workers):
                 feed.put(QueueFeed.STOP)
         self._tick()
 
@@ -489,16 +475,16 @@ class Extraction:
             self._check_duration(video, chunk["info"]["duration"])
         device = self.encoder.device
         frames = backbone_frames(chunk["frames"].to(device, non_blocking=True),
-                                 self.settings.protocol)
+                                 self.config.protocol)
         clips = gather_clips(frames, chunk["index"].to(device, non_blocking=True))
         self.batch.append((video, chunk["first_clip"], clips))
         self.batch_clips += len(clips)
-        while self.batch_clips >= self.settings.batch_size:
+        while self.batch_clips >= self.config.batch_size:
             self._encode_batch(claims)
 
     def _encode_batch(self, claims):
         """Encode up to batch_size waiting clips and hand each video its features."""
-        size = self.settings.batch_size
+        size = self.config.batch_size
         parts, taken = [], 0
         while self.batch and taken < size:
             video, first, clips = self.batch.pop(0)
@@ -598,24 +584,22 @@ def run_extraction(settings: ExtractionSettings, show_progress: bool = True,
 
     ``store_ready(store)`` is called once the store is created or opened (tests use it).
     """
-    if settings.batch_size < 1 or settings.num_workers < 0:
-        raise input_error("--batch-size" if settings.batch_size < 1 else "--num-workers",
-                          "must be positive")
-    if settings.num_workers:  # before anything is built or written
-        check_shared_memory(settings)
-    device = pick_device(settings.device)
+    config = settings.config
+    config.check()  # a config built in code has not been through the loader
+    if config.num_workers:  # before anything is built or written
+        check_shared_memory(config)
+    device = pick_device(config.device)
     encoder = Encoder(settings, device)
     videos = rank_share(settings.videos)
     summary = ExtractionSummary()
     started = time.perf_counter()
-    with FeatureStore.create(settings.store, store_meta(encoder, settings),
-                             format=settings.format,
+    with FeatureStore.create(config.store, store_meta(encoder, config), format=config.format,
                              storage_options=settings.storage_options) as store:
         if store_ready is not None:
             store_ready(store)
-        rank, world = distributed_rank()
+        launch = torchrun.launch()
         progress = tqdm(total=len(videos), unit="video", disable=not show_progress,
-                        desc="extract" if world == 1 else f"extract rank {rank}")
+                        desc=f"extract rank {launch.rank}" if launch.distributed else "extract")
         extraction = Extraction(settings, store, encoder, summary, progress)
         claims = Claims(store, videos, summary)
         try:

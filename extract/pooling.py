@@ -6,33 +6,17 @@ then splits each axis into near-equal bins exactly as ``torch.nn.AdaptiveAvgPool
 """
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
 
-from losa_tal import InputError
-
-
-def parse_tokens(text: str | tuple | list, option: str = "--tokens") -> tuple[int, int, int]:
-    """``"2x1x1"`` (or a 3-sequence) -> (t, h, w); a single number n means (n, 1, 1)."""
-    if isinstance(text, (tuple, list)):
-        parts = list(text)
-    else:
-        match = re.fullmatch(r"\s*(\d+)\s*(?:x\s*(\d+)\s*x\s*(\d+)\s*)?", str(text))
-        if not match:
-            raise InputError(f"{option}: expected a grid like 2x1x1, got {text!r}")
-        parts = [int(g) if g else 1 for g in match.groups()]
-    if len(parts) != 3 or not all(isinstance(p, int) and p >= 1 for p in parts):
-        raise InputError(f"{option}: expected three positive integers t x h x w, got {text!r}")
-    return tuple(parts)
+from losa_tal import ConfigError
 
 
 def check_grid(tokens: tuple[int, int, int], token_grid: tuple[int, int, int]) -> None:
     """Refuse a pooled grid finer than the backbone's token grid along any axis."""
     if any(want > have for want, have in zip(tokens, token_grid)):
-        raise InputError(f"--tokens: grid {'x'.join(map(str, tokens))} is finer than the "
-                         f"backbone's token grid {'x'.join(map(str, token_grid))}")
+        raise ConfigError("tokens", f"grid {'x'.join(map(str, tokens))} is finer than the "
+                          f"backbone's token grid {'x'.join(map(str, token_grid))}")
 
 
 def pool_tokens(tokens: torch.Tensor, token_grid: tuple[int, int, int],

@@ -103,16 +103,17 @@ def check_checkpoint(path) -> None:
 
 
 def extract_benchmark(benchmark: Path, store: Path, settings: DemoSettings):
+    from extract.config import ExtractionConfig
     from extract.pipeline import ExtractionSettings, run_extraction
-    from extract.protocol import SamplingProtocol
+    from store.protocol import SamplingProtocol
 
     database = json.loads((benchmark / ANNOTATION_FILE).read_text())["database"]
     videos = [(vid, str(benchmark / VIDEO_DIR / f"{vid}.mp4")) for vid in sorted(database)]
-    extraction = ExtractionSettings(
-        videos=videos, store=str(store), backbone=DEMO_BACKBONE, backbone_source="demo backbone",
-        protocol=SamplingProtocol(**DEMO_PROTOCOL), layers=DEMO_LAYERS,
-        tokens=DEMO_TOKENS, checkpoint=settings.checkpoint, seed=settings.synth.seed,
-        batch_size=64, num_workers=0, device="cpu")
+    extraction = ExtractionSettings(ExtractionConfig(
+        store=str(store), backbone=DEMO_BACKBONE, protocol=SamplingProtocol(**DEMO_PROTOCOL),
+        layers=DEMO_LAYERS, tokens=list(DEMO_TOKENS), checkpoint=settings.checkpoint,
+        seed=settings.synth.seed, batch_size=64, num_workers=0, device="cpu"),
+        videos=videos, backbone_source="demo backbone")
     summary = run_extraction(extraction, show_progress=settings.progress)
     if summary.failed:
         video, reason = next(iter(summary.failed.items()))
