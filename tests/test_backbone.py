@@ -13,7 +13,7 @@ from extract.backbone import (PRESETS, VideoMAEv2, backbone_config, build_backbo
                               count_parameters, load_checkpoint, sincos_position_table)
 from helpers.backbone import TINY, clips, random_state
 from helpers.reference_videomae import RefVideoMAEv2, reference_position_table
-from losa_tal import InputError
+from losa_tal import ConfigError, InputError
 
 CASES = {
     "mean-pooling": (TINY, (16, 32, 32)),
@@ -105,9 +105,9 @@ def test_token_grid_matches_the_token_count():
 
 def test_bad_indices_and_clips_are_refused():
     model = VideoMAEv2(**TINY)
-    with pytest.raises(InputError, match="block 3 does not exist in a 3-block"):
+    with pytest.raises(ConfigError, match="block 3 does not exist in a 3-block"):
         model.forward_intermediates(clips(16, 32, 32), [0, 3])
-    with pytest.raises(InputError, match="block -4"):
+    with pytest.raises(ConfigError, match="block -4"):
         model.forward_taps(clips(16, 32, 32), [-4])
     with pytest.raises(TypeError):
         model.forward_intermediates(clips(16, 32, 32), [1.0])

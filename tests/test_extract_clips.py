@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from extract import clips, decoding
 from extract.clips import (ClipChunks, backbone_frames, gather_clips, iter_chunks, make_loader,
                            open_video, scale_frames)
-from extract.protocol import SamplingProtocol
 from helpers.videos import write_empty, write_random_bytes, write_truncated, write_video
+from store.protocol import SamplingProtocol
 
 
 def official_clip(frames: np.ndarray, start: int, size: int) -> torch.Tensor:

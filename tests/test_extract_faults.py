@@ -32,13 +32,13 @@ from click.testing import CliRunner
 from cli import main
 from extract.clips import KILL_AT_ENV
 from extract.pipeline import run_extraction
-from extract.protocol import SamplingProtocol
 from helpers import REPO
 from helpers.extraction import (TINY, assert_same_contents, cli_args, settings_for, store_contents,
                                 write_videos)
 from helpers.videos import write_empty, write_random_bytes, write_truncated, write_video
 from losa_tal import InputError
 from store import FeatureStore
+from store.protocol import SamplingProtocol
 
 # Four videos of 24, 14, 10 and 4 clips: batches of 3 write each video in several pieces.
 FAULT_VIDEOS = {"v0.mkv": (108, 30), "v1.mp4": (68, 25), "v2.avi": (52, 30), "v3.mkv": (28, 30)}

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 from extract.backbone import build_backbone
 from extract.pipeline import run_extraction
-from extract.protocol import SamplingProtocol
 from helpers import REPO
 from helpers.evaluation_inputs import ACTIONFORMER_FILE, needs_thumos
 from helpers.extraction import (LAYERS, SIZE, TINY, TOKENS, VIDEOS, assert_same_contents,
@@ -32,6 +31,7 @@ from helpers.extraction import (LAYERS, SIZE, TINY, TOKENS, VIDEOS, assert_same_
 from helpers.videos import write_random_bytes, write_video
 from losa_tal import InputError
 from store import LAST, FeatureStore
+from store.protocol import SamplingProtocol
 
 
 def reference_features(path, seed=0, checkpoint_state=None) -> dict:
@@ -270,9 +270,13 @@ def test_presets_say_what_to_download_and_where(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("dataset", ["thumos", "anet"])
 def test_presets_write_where_the_training_configs_read(dataset):
-    preset = json.loads((REPO / "configs" / "datasets" / f"{dataset}.json").read_text())
-    SamplingProtocol.from_dict(preset["protocol"])
-    trains = [json.loads(p.read_text())["data"] for p in (REPO / "configs" / "train").glob("*.json")
-              if json.loads(p.read_text())["data"].get("dataset", dataset) == dataset]
+    from extract.config import load_preset
+    from training.config import load_config
+
+    # Both through their typed loaders (which check every key), so defaults count as written.
+    preset = vars(load_preset(dataset))
+    trains = [vars(data) for data in (load_config(p).data for p in
+                                      (REPO / "configs" / "train").glob("*.json"))
+              if data.dataset == dataset]
     assert trains and all(t["store"] == preset["store"] for t in trains)
     assert all(t["annotations"] == preset["annotations"] for t in trains)

@@ -95,13 +95,13 @@ def test_workers_whose_chunks_dev_shm_cannot_hold_are_refused_in_one_line(tmp_pa
 
     from cli import main
     from extract import pipeline
-    from extract.pipeline import ExtractionSettings, shared_memory_needed
+    from extract.config import ExtractionConfig
+    from extract.pipeline import shared_memory_needed
     from helpers.extraction import TINY as TINY_BACKBONE
     from helpers.extraction import cli_args
     from helpers.videos import write_video
 
-    thumos = ExtractionSettings(videos=[], store="s", backbone="vit_g", batch_size=32,
-                                num_workers=8)
+    thumos = ExtractionConfig(batch_size=32, num_workers=8)
     # 32 clips every 4 frames use 31 * 4 + 16 distinct frames of 3 x 224 x 224 float32; each
     # worker holds 4 chunks ahead and the one it fills.
     assert shared_memory_needed(thumos) == 8 * 5 * 140 * 3 * 224 * 224 * 4

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from extract.protocol import SamplingProtocol
-from losa_tal import InputError
+from store.protocol import SamplingProtocol
+from losa_tal import ConfigError, InputError
 
 
 def test_defaults_are_the_official_videomaev2_tal_protocol():
@@ -81,7 +81,7 @@ def test_record_round_trips_through_json():
                                  {"fps": 0}, {"resize": "stretch"}, {"tail": "loop"},
                                  {"img_size": 22.5}, {"normalise": "kinetics"}])
 def test_bad_values_are_refused_with_the_field_named(bad):
-    with pytest.raises(InputError, match=next(iter(bad))):
+    with pytest.raises(ConfigError, match=next(iter(bad))):
         SamplingProtocol(**bad)
 
 

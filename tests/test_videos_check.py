@@ -8,10 +8,10 @@ from click.testing import CliRunner
 
 from cli import main
 from extract import decoding
-from extract.protocol import SamplingProtocol
 from helpers.indexed_videos import (can_encode, write_cut_before_keyframe, write_indexed,
                                     write_trimmed)
 from helpers.videos import write_random_bytes, write_truncated, write_video
+from store.protocol import SamplingProtocol
 
 VFR_TIMES = np.cumsum([0.0] + [0.02, 0.05, 0.03] * 20)[:60]
 

@@ -6,10 +6,11 @@ import numpy as np
 from click.testing import CliRunner
 
 from cli import main
+from extract.config import ExtractionConfig
 from extract.pipeline import ExtractionSettings
-from extract.protocol import SamplingProtocol
 from helpers.videos import write_video
 from store import FeatureStore
+from store.protocol import SamplingProtocol
 
 TINY = {"embed_dim": 32, "depth": 4, "num_heads": 2, "patch_size": 16}
 SIZE = 32
@@ -28,11 +29,12 @@ def write_videos(folder, specs=VIDEOS) -> list:
     return sorted((Path(name).stem, str(folder / name)) for name in specs)
 
 
-def settings_for(videos, store, **changes) -> ExtractionSettings:
-    values = dict(videos=videos, store=str(store), backbone=dict(TINY),
-                  protocol=SamplingProtocol(img_size=SIZE), layers=list(LAYERS), tokens=TOKENS,
-                  batch_size=5, num_workers=0, device="cpu")
-    return ExtractionSettings(**{**values, **changes})
+def settings_for(videos, store, expected_durations=None, **changes) -> ExtractionSettings:
+    values = dict(store=str(store), backbone=dict(TINY), protocol=SamplingProtocol(img_size=SIZE),
+                  layers=list(LAYERS), tokens=list(TOKENS), batch_size=5, num_workers=0,
+                  device="cpu")
+    return ExtractionSettings(ExtractionConfig(**{**values, **changes}), videos=videos,
+                              expected_durations=expected_durations or {})
 
 
 def cli_args(videos_dir, store, backbone_file, *extra) -> list:

@@ -7,8 +7,8 @@ import time
 
 import numpy as np
 
-from extract.protocol import SamplingProtocol
 from store import LAST, FeatureStore
+from store.protocol import SamplingProtocol
 
 D, K = 8, 4
 LAYERS = [2, 5]
