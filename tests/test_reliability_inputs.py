@@ -382,7 +382,7 @@ HOSTILE_CHECKPOINTS = {  # name -> builder(trained fixture, marker path) -> byte
     "a tensor": lambda t, m: torch.zeros(4),
     "format version 99": lambda t, m: _with(t["state"], format_version=99),
     "config of another width": lambda t, m: _config_with(t["state"], "head.embed_dim", 64),
-    "config with a NaN": lambda t, m: _config_with(t["state"], "eval.score_threshold",
+    "config with a NaN": lambda t, m: _config_with(t["state"], "postprocess.score_threshold",
                                                    float("nan")),
     "config with an unknown key": lambda t, m: _config_with(t["state"], "head.bogus", 1),
     "a NaN weight": lambda t, m: _with(t["state"], ema={

@@ -289,6 +289,21 @@ def run_cli(args):
     return result.exit_code, result.output.strip()
 
 
+def test_the_model_flag_trains_the_losa_recipe_as_the_head_only_baseline(tmp_path):
+    """``--model head_only`` (``make train MODEL=head_only``) replaces a head-only recipe."""
+    videos = {**synthetic_videos(2, "training"), **synthetic_videos(1, "validation", first=2)}
+    store_path = write_store(tmp_path / "last_only.zarr", videos, layers=())
+    config_path = write_config(tmp_path / "losa.json", tiny_config(train={"epochs": 1}))
+    args = ["train", "--config", str(config_path), "--store", str(store_path), "--annotations",
+            str(write_annotations(tmp_path / "gt.json", videos)), "--quiet"]
+    code, output = run_cli([*args, "--out", str(tmp_path / "losa")])
+    assert code == 2 and "holds no intermediate layers, which LoSA needs" in output
+    code, output = run_cli([*args, "--out", str(tmp_path / "head_only"), "--model", "head_only"])
+    assert code == 0 and output.startswith("trained 1 epochs"), output
+    saved = json.loads((tmp_path / "head_only" / "config.json").read_text())
+    assert saved["model"]["type"] == "head_only"
+
+
 def test_missing_store_says_to_extract_first(tmp_path):
     code, output = run_cli(["train", "--config", str(ROOT / "configs/train/thumos_vitg_losa.json"),
                             "--store", str(tmp_path / "nowhere.zarr"),

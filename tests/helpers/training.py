@@ -76,7 +76,7 @@ def tiny_config(**sections) -> Config:
         "model": {"losa": {"bottleneck": 16, "num_heads": 2, "short_window": 3, "dropout": 0.1}},
         # max_seq_len 96: the head pads every input to it (ActionFormer), here the video length
         "head": {"embed_dim": 32, "num_levels": 3, "window": 5, "num_heads": 2, "max_seq_len": 96,
-                 "regression_bounds": [0, 4, 8], "drop_path": 0.1},
+                 "regression_ranges": [[0, 4], [4, 8], [8, None]], "drop_path": 0.1},
         "train": {"epochs": 3, "batch_size": 2, "micro_batch": 1},
         "optim": {"warmup_epochs": 1, "lr_head": 2e-3, "lr_adapter": 2e-3, "ema_decay": 0.8},
         "eval": {"every": 0},
