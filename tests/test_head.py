@@ -375,3 +375,20 @@ def test_the_constructor_and_the_config_refuse_the_same_argument_by_name(argumen
         with pytest.raises(ConfigError, match=f"^{key}: must be") as err:
             build()
         assert err.value.key == key
+
+
+def test_head_config_is_the_constructor_signature_with_its_defaults():
+    import dataclasses
+    import inspect
+
+    from head.config import HeadConfig, open_ranges
+
+    parameters = dict(inspect.signature(ActionFormerHead.__init__).parameters)
+    for name in ("self", "in_dim", "num_classes"):
+        del parameters[name]
+    defaults = dataclasses.asdict(HeadConfig())
+    assert list(parameters) == list(defaults)
+    signature = {name: p.default for name, p in parameters.items()}
+    assert open_ranges(signature.pop("regression_ranges")) == \
+        open_ranges(defaults.pop("regression_ranges"))
+    assert signature == defaults

@@ -218,3 +218,21 @@ def test_long_range_relative_bias_starts_as_the_plain_band_and_learns_where_to_l
 def test_relative_bias_needs_a_band():
     with pytest.raises(ValueError, match="needs a long_window"):
         small_losa(long_relative_bias=True)
+
+
+def test_losa_config_is_the_constructor_signature_with_its_defaults():
+    import dataclasses
+    import inspect
+
+    from adapt import LosaConfig
+
+    parameters = dict(inspect.signature(LoSA.__init__).parameters)
+    for name in ("self", "dim", "num_layers", "num_tokens"):
+        del parameters[name]
+    assert {name: p.default for name, p in parameters.items()} == \
+        dataclasses.asdict(LosaConfig())
+    config = LosaConfig(bottleneck=16, num_heads=2, adapters="short")
+    built = LoSA.from_config(DIM, LAYERS, TOKENS, config)
+    assert count_trainable_parameters(built) == losa_parameter_count(
+        DIM, LAYERS, TOKENS, **dataclasses.asdict(config))
+    assert not hasattr(built, "long")
