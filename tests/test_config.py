@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,26 @@ def test_overrides_are_json_literals_with_bare_strings(tmp_path):
     assert config.eval.max_videos is None
     assert config.model.losa.long_window == 33
     assert parse_override("train.amp=false") == (["train", "amp"], False)
+
+
+def test_set_reaches_every_key(tmp_path):
+    """``--set section.key=value`` for every key of every section (sub-sections included)."""
+    def leaves(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    path = write(tmp_path, {})
+    defaults = dict(leaves(Config().to_dict()))
+    assert {"postprocess.nms_method", "head.regression_ranges", "model.losa.zero_init"} <= \
+        set(defaults)
+    for key, value in defaults.items():
+        # The default written back by --set gives the defaults; a wrong type names the key.
+        assert load_config(path, [f"{key}={json.dumps(value)}"]) == Config(), key
+        with pytest.raises(InputError, match=f": {re.escape(key)}: expected"):
+            load_config(path, [f"{key}={json.dumps({'a': 1})}"])
 
 
 @pytest.mark.parametrize("override, problem", [

@@ -274,6 +274,32 @@ def test_head_only_reads_a_store_without_intermediate_layers(tmp_path):
     assert summary["epoch"] == 1 and summary["best"] is not None
 
 
+def test_a_checkpoint_saved_with_the_old_config_keys_still_infers_the_same(tmp_path):
+    """Checkpoints hold their config as plain data; one written before the keys took the
+    public API's names (eval.nms, eval.pre_nms_topk, head.regression_bounds, ...) loads
+    through training.config.RENAMED and predicts what the renamed config predicts."""
+    videos = {**synthetic_videos(2, "training"), **synthetic_videos(1, "validation", first=2)}
+    store_path = write_store(tmp_path / "store.zarr", videos)
+    annotations_path = write_annotations(tmp_path / "gt.json", videos)
+    config = tiny_config(train={"epochs": 1}, postprocess={"nms_method": "hard",
+                                                           "iou_threshold": 0.3})
+    train(config, store_path, annotations_path, tmp_path / "run", progress=False)
+    state = ckpt.load(tmp_path / "run" / "last.pt")
+    old = json.loads(json.dumps(state["config"]))
+    post, head = old.pop("postprocess"), old["head"]
+    del old["description"]
+    assert head.pop("regression_ranges") == [[0, 4], [4, 8], [8, None]]
+    head["regression_bounds"] = [0, 4, 8]
+    old["eval"].update(score_threshold=post["score_threshold"], pre_nms_topk=post["pre_nms_top_k"],
+                       min_duration=post["min_duration"], max_segments=post["max_segments"],
+                       nms=post["nms_method"], nms_sigma=post["sigma"],
+                       iou_threshold=post["iou_threshold"], voting_iou=post["voting_iou"])
+    ckpt.save(tmp_path / "old.pt", {**state, "config": old})
+    renamed = infer(tmp_path / "run" / "last.pt", store_path, annotations_path, "validation")
+    assert infer(tmp_path / "old.pt", store_path, annotations_path, "validation") == renamed
+    assert sum(map(len, renamed["results"].values())) > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Refusals: the wrong store, the wrong checkpoint, a run directory in use.
 
