@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from losa_tal import ConfigError, build_config, read_config_file
+from losa_tal import ConfigError, build_config, check_values, read_config_file
 from store.protocol import SamplingProtocol
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "datasets"
@@ -51,13 +51,12 @@ class ExtractionConfig:
 
     def check(self):
         parse_tokens(self.tokens)
-        if self.batch_size < 1:
-            raise ConfigError("batch_size", "must be positive")
-        if self.num_workers < 0:
-            raise ConfigError("num_workers", "must be zero or more")
-        if self.format is not None and self.format not in STORE_FORMATS:
-            raise ConfigError("format", f"must be one of {', '.join(STORE_FORMATS)} or null, "
-                              f"got {self.format!r}")
+        check_values([
+            ("batch_size", self.batch_size >= 1, "positive", self.batch_size),
+            ("num_workers", self.num_workers >= 0, "zero or more", self.num_workers),
+            ("format", self.format in (None, *STORE_FORMATS),
+             f"one of {', '.join(STORE_FORMATS)} or null", self.format),
+        ])
 
 
 def load_preset(name: str) -> ExtractionConfig:

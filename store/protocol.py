@@ -27,7 +27,7 @@ import math
 
 import numpy as np
 
-from losa_tal import ConfigError, InputError
+from losa_tal import InputError, check_values
 
 RESIZE_MODES = ("direct", "short_side_crop")
 NORMALISATIONS = ("none", "imagenet")
@@ -79,19 +79,19 @@ class SamplingProtocol:
         self.check()
 
     def check(self):
-        """ConfigError naming the field, for a value the arithmetic below cannot use."""
-        for name in ("clip_len", "clip_stride", "frame_interval", "img_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(name, f"must be a positive integer, got {value!r}")
-        if self.fps is not None and not (isinstance(self.fps, (int, float))
-                                         and math.isfinite(self.fps) and self.fps > 0):
-            raise ConfigError("fps", f"must be a positive number or null, got {self.fps!r}")
-        for name, allowed in (("resize", RESIZE_MODES), ("normalise", NORMALISATIONS),
-                              ("tail", TAIL_POLICIES), ("resize_on", RESIZE_PLACES)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(name, f"must be one of {', '.join(allowed)}, "
-                                  f"got {getattr(self, name)!r}")
+        """ConfigError naming the field, for a value the arithmetic below cannot use (types
+        too: the protocol is also built directly, not only by the config loader)."""
+        fps = self.fps
+        check_values([
+            *((name, _is_count(getattr(self, name)), "a positive integer", getattr(self, name))
+              for name in ("clip_len", "clip_stride", "frame_interval", "img_size")),
+            ("fps", fps is None or (isinstance(fps, (int, float)) and math.isfinite(fps)
+                                    and fps > 0), "a positive number or null", fps),
+            *((name, getattr(self, name) in allowed, f"one of {', '.join(allowed)}",
+               getattr(self, name))
+              for name, allowed in (("resize", RESIZE_MODES), ("normalise", NORMALISATIONS),
+                                    ("tail", TAIL_POLICIES), ("resize_on", RESIZE_PLACES))),
+        ])
 
     # -- record -----------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -190,6 +190,10 @@ def time_at(frame_times: np.ndarray, position: np.ndarray, fps: float) -> np.nda
     step = frame_times[-1] / last if last else 1 / fps
     inside = np.interp(position, np.arange(last + 1), frame_times)
     return np.where(position > last, frame_times[-1] + (position - last) * step, inside)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def frame_times_duration(frame_times: np.ndarray, fps: float | None) -> float | None:
