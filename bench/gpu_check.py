@@ -24,7 +24,6 @@ Without CUDA (or with ``--reduced``) every section runs at toy sizes on the CPU 
 group), so CI runs this script end to end; its figures then say nothing about speed.
 """
 import argparse
-import dataclasses
 import os
 import platform
 import socket
@@ -44,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from bench.extract import backbone_speed, bf16_peak, clip_flops  # noqa: E402
 from bench.train import loader_fed_epoch, time_steps  # noqa: E402
 from extract.backbone import build_backbone  # noqa: E402
-from extract.config import load_preset  # noqa: E402
+from extract.config import ExtractionConfig, load_preset  # noqa: E402
 from training.config import load_config  # noqa: E402
 
 PRESET = load_preset("thumos")  # the default ViT-g layout
@@ -235,10 +234,11 @@ def pipeline_section(device, sizes, folder):
     from store.protocol import SamplingProtocol
 
     videos = write_videos(folder, sizes.videos, sizes.frames)
-    settings = ExtractionSettings(dataclasses.replace(
-        PRESET, store=os.path.join(folder, "pipeline.zarr"), backbone=sizes.backbone,
+    settings = ExtractionSettings(ExtractionConfig(
+        store=os.path.join(folder, "pipeline.zarr"), backbone=sizes.backbone,
         protocol=SamplingProtocol(img_size=sizes.img_size), layers=sizes.layers,
-        batch_size=sizes.batch, num_workers=sizes.workers, device=str(device)), videos=videos)
+        tokens=PRESET.tokens, batch_size=sizes.batch, num_workers=sizes.workers,
+        device=str(device)), videos=videos)
     summary = run_extraction(settings, show_progress=False)
     say("pipeline", f"{summary.clips} clips of {len(videos)} generated 320x180 videos in "
                     f"{summary.seconds:.1f} s = {summary.clips / summary.seconds:.1f} clips/s "
