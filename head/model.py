@@ -22,8 +22,8 @@ from torch import nn
 
 from head.blocks import (ConvNormReLU, MaskedConv1d, Scale, TransformerBlock, downsample_mask,
                          zero_padding)
-from head.config import (THUMOS_REGRESSION_RANGES, HeadConfig, level_windows,  # noqa: F401
-                         open_ranges, padding_factor)
+from head.config import (THUMOS_REGRESSION_RANGES, HeadConfig, level_windows, open_ranges,
+                         padding_factor)
 from head.losses import diou_loss, sigmoid_focal_loss
 from head.postprocess import postprocess
 from head.targets import assign_targets, make_points

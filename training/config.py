@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from adapt.config import LosaConfig, losa_parameter_count
 from head.config import HeadConfig, PostprocessConfig, head_parameter_count
-from losa_tal import (ConfigError, InputError, apply_overrides, build_config,  # noqa: F401
+from losa_tal import (ConfigError, apply_overrides, build_config,  # noqa: F401 - parse_override
                       check_positive_integers, check_values, config_arguments, input_error,
                       parse_override, read_config_file)
 
