@@ -30,7 +30,8 @@ $(STAMP): setup.cfg pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest
 
-# The quick subset: skips the crash/resume and multi-process campaigns.
+# The quick subset, about 2 minutes on 2 shared cores at load 5: skips what is marked slow (the
+# end-to-end trainings, the crash/resume and hostile-input campaigns, the multi-process runs).
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 

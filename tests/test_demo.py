@@ -74,6 +74,7 @@ def test_refuses_a_folder_that_holds_other_files(tmp_path):
     assert (tmp_path / "mine.txt").read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_refuses_a_checkpoint_that_does_not_fit_the_demo_backbone(tmp_path):
     import torch
 

@@ -147,6 +147,7 @@ def five_video_store(tmp_path_factory):
     return write_store(root / "store.zarr", videos), write_annotations(root / "gt.json", videos)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [2, 3])
 def test_sharded_evaluation_gives_the_predictions_of_one_process(five_video_store, tmp_path,
                                                                  size):

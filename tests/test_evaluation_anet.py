@@ -49,6 +49,7 @@ def test_class_agnostic_dataset_gives_every_action_the_one_class(anet_files):
     assert len({a for v in annotations.videos("training").values() for a in v.labels}) > 1
 
 
+@pytest.mark.slow
 def test_class_agnostic_training_learns_one_class_and_infer_labels_it(anet_files, tmp_path):
     store_path, annotations_path = anet_files
     # 30 epochs: with ActionFormer's recipe (lr 0 at step 0, crop jitter) 20 reach only 0.83.

@@ -225,6 +225,7 @@ def deadline(seconds):
         signal.signal(signal.SIGALRM, previous)
 
 
+@pytest.mark.slow
 def test_two_workers_fed_many_short_videos_and_a_long_one_never_stall(tmp_path):
     """The DataLoader returns items in worker order; a worker waiting for a video once stalled
     the main process that waited for that worker (a deadlock, now an ``idle`` item)."""

@@ -186,6 +186,7 @@ def test_append_with_another_backbone_protocol_or_layout_is_refused(videos, zarr
 
 
 # -- the command line --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_with_workers_skips_a_corrupt_video_and_equals_the_in_process_run(
         videos, zarr_store, tmp_path):
     folder = tmp_path / "videos"

@@ -65,6 +65,7 @@ def finish(writers) -> list:
     return published
 
 
+@pytest.mark.slow
 def test_training_and_inference_read_a_store_while_writers_append(tmp_path):
     from click.testing import CliRunner
 
@@ -173,6 +174,7 @@ read_while_appended(sys.argv[1], float(sys.argv[2]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".h5", ".zarr"])
 def test_a_reader_without_write_access_reads_while_the_owner_appends(tmp_path, suffix):
     """A lab shares one store: the owner appends while a user who can only read it reads. Each

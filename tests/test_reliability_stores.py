@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
+from helpers import slow_except
 from helpers.training import (synthetic_videos, tiny_config, write_annotations, write_config,
                               write_store)
 
@@ -115,7 +116,7 @@ def same_output(name, honest_out: Path, out: Path) -> bool:
         np.array_equal(np.load(honest_out / f), np.load(out / f)) for f in files)
 
 
-@pytest.mark.parametrize("lie", list(LIES))
+@pytest.mark.parametrize("lie", slow_except(LIES, ["feature_dim larger", "num_clips one more"]))
 def test_a_store_that_lies_is_refused_by_every_command(honest, tmp_path, lie):
     store = tmp_path / "store.zarr"
     shutil.copytree(honest["store"], store)

@@ -51,6 +51,7 @@ def train_and_infer(store, tmp_path, name, config, annotations, *extra) -> dict:
     return json.loads(preds.read_text())
 
 
+@pytest.mark.slow
 def test_train_and_infer_from_http_and_file_urls_equal_the_local_path(served, tmp_path):
     www, base = served
     videos = {**synthetic_videos(4, "training"), **synthetic_videos(2, "validation", first=4)}

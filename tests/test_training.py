@@ -152,6 +152,7 @@ def test_resize_mode_resamples_whole_videos_and_scales_segments(dataset_files):
 # ---------------------------------------------------------------------------------------------
 # Training, inference, evaluation.
 
+@pytest.mark.slow
 def test_losa_overfits_a_few_videos_and_infer_writes_what_evaluate_reads(dataset_files, tmp_path):
     store_path, annotations_path = dataset_files
     # 40 epochs: these intermediate layers are pure noise, which the zero-projection fusion
