@@ -18,7 +18,7 @@ import click
 # Lets ``python cli.py`` work from any directory without installing the project.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from losa_tal import InputError, __version__  # noqa: E402
+from losa_tal import ConfigError, InputError, __version__  # noqa: E402
 
 COMMANDS = {
     "synth": "synth.commands:synth",
@@ -58,10 +58,11 @@ class LazyGroup(click.Group):
                 warnings.simplefilter("default")
                 warnings.showwarning = show_warning_line
                 return super().invoke(ctx)
-        except InputError as err:
-            # Bad input is the user's to fix: one line naming the file, never a traceback.
+        except (InputError, ConfigError) as err:
+            # Bad input is the user's to fix: one line naming the file (or the setting, where a
+            # command's flag_errors does not name its flag), never a traceback.
             click.echo(f"error: {err}", err=True)
-            ctx.exit(err.exit_code)
+            ctx.exit(InputError.exit_code)
         except (KeyboardInterrupt, Terminated) as err:
             # Cleanup (finally blocks) has run; a stop is not a failure (exit 1) but a signal.
             sig = signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT

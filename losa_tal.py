@@ -3,6 +3,8 @@
 Kept in one tiny module so that any package can import it without pulling in torch.
 """
 
+import contextlib
+
 __version__ = "0.1.0"
 
 
@@ -96,6 +98,31 @@ def checked_config(cls, arguments: dict):
 def config_arguments(config) -> dict:
     """A config dataclass's fields as keyword arguments (the reverse of ``checked_config``)."""
     return {name: getattr(config, name) for name in type(config).__dataclass_fields__}
+
+
+@contextlib.contextmanager
+def flag_errors(flags: dict):
+    """The command-line edge of library checks: around the call that takes a command's flags.
+
+    ``flags`` maps the library's names for values to the command's flags
+    (``{"tiou_threshold": "--tiou"}``). A ConfigError about a mapped key becomes the one-line
+    ``--tiou: problem``; in the message of that or of any InputError, a key that the library
+    names in backticks ("pass `resume` to continue it") becomes its flag ("pass --resume").
+    """
+    try:
+        yield
+    except ConfigError as err:
+        if err.key not in flags:
+            raise
+        raise InputError(_named_by_flags(f"{flags[err.key]}: {err.problem}", flags)) from None
+    except InputError as err:
+        raise InputError(_named_by_flags(str(err), flags)) from None
+
+
+def _named_by_flags(message: str, flags: dict) -> str:
+    for key, flag in flags.items():
+        message = message.replace(f"`{key}`", flag)
+    return message
 
 
 def read_config_file(path) -> dict:

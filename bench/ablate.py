@@ -18,10 +18,14 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from losa_tal import InputError, input_error  # noqa: E402
+from losa_tal import InputError, flag_errors, input_error  # noqa: E402
 from synth.ablate import (QUICK_EPOCHS, QUICK_SYNTH, VARIANTS, AblationSettings,  # noqa: E402
                           run_ablation, table_markdown)
 from synth.config import SynthConfig  # noqa: E402
+
+
+# The settings these flags give, by the names synth/ablate.py uses (losa_tal.flag_errors).
+FLAGS = {"out": "--out", "variants": "--variants", "seed": "--seed", "videos": "--videos"}
 
 
 def parse_args(argv):
@@ -57,7 +61,8 @@ def settings_from(args) -> AblationSettings:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        summary = run_ablation(settings_from(args))
+        with flag_errors(FLAGS):
+            summary = run_ablation(settings_from(args))
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

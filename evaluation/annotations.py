@@ -90,7 +90,7 @@ class Annotations:
             found = self.test_subset
             if found is None:
                 raise input_error(self.name, "cannot tell which subset is the test split; choose "
-                                  f"one with --subset (subsets: {', '.join(self.subsets)})")
+                                  f"one with `subset` (subsets: {', '.join(self.subsets)})")
             return found
         found = self._subset_named(subset)
         if found is None:

@@ -1,7 +1,13 @@
 """``evaluate``, ``fuse`` and ``visualize``: click commands (heavy imports happen inside them)."""
 import click
 
+from losa_tal import flag_errors
+
 from .fusion import TOP_DETECTIONS, TOPK
+
+# The library's names for the values these commands' flags give (losa_tal.flag_errors).
+EVALUATE_FLAGS = {"tiou": "--tiou", "dataset": "--dataset", "subset": "--subset"}
+FUSE_FLAGS = {"topk": "--topk", "top_detections": "--top-detections"}
 
 
 preds_option = click.option("--preds", "preds_path", required=True, metavar="PRED.json",
@@ -39,11 +45,12 @@ def evaluate(preds_path, gt_path, subset, tiou, dataset, ignore_other_videos, js
     from .report import format_report
     from .thresholds import parse_tiou
 
-    thresholds = parse_tiou(tiou, dataset)
-    annotations = load_annotations(gt_path)
-    predictions = load_predictions(preds_path)
-    evaluation = evaluate_detections(annotations, predictions, subset, thresholds,
-                                     ignore_other_videos)
+    with flag_errors(EVALUATE_FLAGS):
+        thresholds = parse_tiou(tiou, dataset)
+        annotations = load_annotations(gt_path)
+        predictions = load_predictions(preds_path)
+        evaluation = evaluate_detections(annotations, predictions, subset, thresholds,
+                                         ignore_other_videos)
     report = evaluation.report()
     click.echo(format_report(report, per_class=per_class))
     if json_path:
@@ -85,7 +92,8 @@ def fuse(preds_path, scores_path, topk, top_detections, out_path):
     from .files import write_json_atomic
     from .fusion import fuse_predictions
 
-    fused = fuse_predictions(preds_path, scores_path, topk, top_detections)
+    with flag_errors(FUSE_FLAGS):
+        fused = fuse_predictions(preds_path, scores_path, topk, top_detections)
     write_json_atomic(out_path, fused, compact=True)
     count = sum(map(len, fused["results"].values()))
     click.echo(f"wrote {count} detections for {len(fused['results'])} videos to {out_path}")
@@ -111,6 +119,7 @@ def visualize(preds_path, gt_path, video_id, video_file, out_path, tiou_threshol
     """Draw one video's timeline: ground truth against detections, TP/FP coloured."""
     from .timeline import plot_timeline
 
-    path = plot_timeline(gt_path, preds_path, video_id, out_path, video_file=video_file,
-                         tiou_threshold=tiou_threshold, top=top)
+    with flag_errors({"tiou_threshold": "--tiou", "video_file": "--video-file"}):
+        path = plot_timeline(gt_path, preds_path, video_id, out_path, video_file=video_file,
+                             tiou_threshold=tiou_threshold, top=top)
     _echo_written([path])

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from losa_tal import input_error
+from losa_tal import ConfigError, input_error
 
 from .annotations import is_finite_number
 from .files import cyclic_gc_paused, read_json_object, require_key
@@ -105,8 +105,9 @@ def fuse_predictions(predictions, video_scores, topk: int = TOPK,
     Every video of the predictions needs scores; a problem raises InputError before any result.
     """
     predictions, video_scores = load_predictions(predictions), load_video_scores(video_scores)
-    if topk < 1 or top_detections < 1:
-        raise input_error("--topk/--top-detections", "must be at least 1")
+    for key, value in (("topk", topk), ("top_detections", top_detections)):
+        if value < 1:
+            raise ConfigError(key, f"must be at least 1, got {value}")
     if np.any(predictions.scores < 0):
         raise input_error(predictions.name, "detection scores must be >= 0 to fuse (a square "
                           f"root is taken), got {predictions.scores.min()!r}")

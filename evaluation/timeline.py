@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from losa_tal import InputError, input_error
+from losa_tal import ConfigError, InputError, input_error
 
 from .annotations import load_annotations
 from .matching import greedy_match
@@ -29,7 +29,7 @@ def plot_timeline(annotations, predictions, video_id, out_path, video_file=None,
     draw, best first (default max(10, 2 x the video's ground truth)).
     """
     if not 0.0 < tiou_threshold <= 1.0:
-        raise input_error("--tiou", f"threshold {tiou_threshold!r} is outside (0, 1]")
+        raise ConfigError("tiou_threshold", f"threshold {tiou_threshold!r} is outside (0, 1]")
     annotations, predictions = load_annotations(annotations), load_predictions(predictions)
     video = annotations.video(video_id)
     detections = predictions.for_video(video_id)
@@ -65,7 +65,7 @@ def read_thumbnails(video_file, count: int):
     try:
         import decord
     except ImportError:
-        raise InputError("decord is not installed; it reads --video-file") from None
+        raise InputError("decord is not installed; it reads `video_file`") from None
     try:
         with _native_stderr_silenced():
             reader = decord.VideoReader(os.fspath(video_file), ctx=decord.cpu(0))

@@ -134,17 +134,18 @@ def export(path, out, layer, storage_options):
 def import_(directory, out, fps, clip_len, clip_stride, frame_interval, annotations, backbone,
             dtype, store_format, storage_options):
     """Make a last-layer-only store from [T, D] .npy files (e.g. published VideoMAEv2 features)."""
-    from losa_tal import ConfigError, InputError
+    from losa_tal import ConfigError, InputError, flag_errors
 
     from .transfer import import_features
 
     if fps is not None and not (math.isfinite(fps) and fps > 0):
         raise InputError(f"--fps: must be a positive number, got {fps}")
     try:
-        imported, skipped = import_features(
-            directory, out, fps=fps, clip_len=clip_len, clip_stride=clip_stride,
-            frame_interval=frame_interval, annotations=annotations, format=store_format,
-            dtype=dtype, backbone=backbone, progress=True, storage_options=storage_options)
+        with flag_errors({"fps": "--fps", "annotations": "--annotations"}):
+            imported, skipped = import_features(
+                directory, out, fps=fps, clip_len=clip_len, clip_stride=clip_stride,
+                frame_interval=frame_interval, annotations=annotations, format=store_format,
+                dtype=dtype, backbone=backbone, progress=True, storage_options=storage_options)
     except ConfigError as err:  # a protocol field, set by the flag of its name
         raise InputError(f"--{err.key.replace('_', '-')}: protocol {err.key}: {err.problem}") \
             from None

@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 
-from losa_tal import input_error
+from losa_tal import ConfigError, input_error
 
 from .errors import storage_errors
 from .journal import write_all
@@ -163,7 +163,7 @@ def _annotated_videos(path: str) -> dict:
 
 
 def _video_info(path, video_id, annotation, default_fps, annotations_path) -> dict:
-    fps, source = default_fps, "--fps"
+    fps, source = default_fps, None  # None: import_features's fps argument
     duration = num_frames = None
     if annotation is not None:
         duration, num_frames = annotation.duration, annotation.num_frames
@@ -172,10 +172,11 @@ def _video_info(path, video_id, annotation, default_fps, annotations_path) -> di
         elif num_frames and duration:
             fps, source = num_frames / duration, annotations_path
     if fps is None:
-        raise input_error(path, f"no frame rate for video {video_id!r}: give --fps, or "
-                          "--annotations with its fps (or frame count and duration)")
+        raise input_error(path, f"no frame rate for video {video_id!r}: give `fps`, or "
+                          "`annotations` with its fps (or frame count and duration)")
     if not (math.isfinite(fps) and fps > 0):
-        raise input_error(source, f"video {video_id!r}: frame rate {fps} is not a positive number")
+        problem = f"video {video_id!r}: frame rate {fps} is not a positive number"
+        raise ConfigError("fps", problem) if source is None else input_error(source, problem)
     if num_frames is None and duration and math.isfinite(duration * fps):
         num_frames = round(duration * fps)
     return {"fps": float(fps), "num_frames": num_frames, "duration": duration,

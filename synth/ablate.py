@@ -25,7 +25,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from losa_tal import input_error
+from losa_tal import ConfigError, input_error
 from synth.config import SynthConfig
 
 VARIANTS = {
@@ -64,7 +64,7 @@ def run_ablation(settings: AblationSettings) -> dict:
     out = Path(settings.out)
     for variant in settings.variants:
         if variant not in VARIANTS:
-            raise input_error("--variants", f"unknown variant {variant!r}; choose from "
+            raise ConfigError("variants", f"unknown variant {variant!r}; choose from "
                               + ", ".join(VARIANTS))
     settings.synth.check()
     _claim_output(out, settings)
@@ -257,9 +257,9 @@ def _claim_output(out: Path, settings: AblationSettings) -> None:
     if marker.is_file():
         if json.loads(marker.read_text()) != settings.identity():
             raise input_error(out, "holds an ablation with other settings (benchmark or "
-                              "epochs); choose another --out or delete it")
+                              "epochs); choose another `out` or delete it")
         return
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise input_error(out, "exists and holds no ablation; choose another --out")
+        raise input_error(out, "exists and holds no ablation; choose another `out`")
     out.mkdir(parents=True, exist_ok=True)
     _write_text(marker, json.dumps(settings.identity(), indent=1))

@@ -1,9 +1,14 @@
 """``synth`` and ``demo``: the click commands of the synthetic benchmark (heavy imports inside)."""
+from dataclasses import fields
+
 import click
 
+from losa_tal import flag_errors
 from synth.config import SynthConfig  # a plain dataclass: no numpy behind it
 
 _DEFAULT = SynthConfig()
+# Every SynthConfig field is an option of both commands: a field's problem names its flag.
+SYNTH_FLAGS = {f.name: "--" + f.name.replace("_", "-") for f in fields(SynthConfig)}
 
 
 def _benchmark_options(function):
@@ -31,7 +36,8 @@ def _benchmark_options(function):
 
 def _synth_config(**values):
     config = SynthConfig(**values)
-    config.check()
+    with flag_errors(SYNTH_FLAGS):
+        config.check()
     return config
 
 

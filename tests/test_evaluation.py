@@ -10,11 +10,12 @@ from hypothesis import strategies as st
 
 from evaluation import (EvaluationWarning, evaluate_detections, evaluate_map, load_annotations,
                         load_predictions, parse_tiou)
+from evaluation.commands import EVALUATE_FLAGS
 from evaluation.metrics import rank_order
 from helpers.evaluation_inputs import (ACTIONFORMER_FILE, OPENTAD_FILE, gt_dict, needs_thumos,
                                        preds_dict)
 from helpers.reference_map import reference_map
-from losa_tal import InputError
+from losa_tal import InputError, flag_errors
 
 
 def class_ap(gt, preds, label, thresholds=(0.5,)):
@@ -216,7 +217,8 @@ def test_subset_without_ground_truth_is_an_error_not_a_nan():
 
 def test_ambiguous_default_subset_asks_for_one():
     gt = {"database": {"a": {"subset": "x", "annotations": []}, "b": {"subset": "y"}}}
-    with pytest.raises(InputError, match=r"choose one with --subset \(subsets: x, y\)"):
+    with pytest.raises(InputError, match=r"choose one with --subset \(subsets: x, y\)"), \
+            flag_errors(EVALUATE_FLAGS):
         load_annotations(gt).videos()
 
 
@@ -232,7 +234,7 @@ def test_tiou_specs_parse_exactly():
 @pytest.mark.parametrize("spec", ["0.3,abc", "", "0:1:0", "0.7:0.3:0.1", "0.3:0.7:0.15", "1.5",
                                   "0", "nan", "0.1:0.2"])
 def test_bad_tiou_specs_are_input_errors(spec):
-    with pytest.raises(InputError, match="^--tiou: "):
+    with pytest.raises(InputError, match="^--tiou: "), flag_errors(EVALUATE_FLAGS):
         parse_tiou(spec)
 
 

@@ -1,10 +1,15 @@
 """``cli.py train`` and ``cli.py infer``. Only click is imported here; torch loads on use."""
 import click
 
-from evaluation.commands import topk_option, video_scores_option  # no torch there either
+from evaluation.commands import FUSE_FLAGS, topk_option, video_scores_option  # no torch
+from losa_tal import flag_errors
 from store.urls import storage_options_flag
 
 MODEL_CHOICES = ("losa", "head_only")
+# training.train's names for what these flags give (losa_tal.flag_errors).
+STORE_FLAGS = {"store_path": "--store"}
+TRAIN_FLAGS = {**STORE_FLAGS, "out_dir": "--out", "resume": "--resume", "model.type": "--model"}
+INFER_FLAGS = {**STORE_FLAGS, **FUSE_FLAGS, "subset": "--subset"}
 
 
 @click.command()
@@ -46,8 +51,9 @@ def train(config_path, store_path, annotations_path, out_dir, model_type, epochs
     config = load_config(config_path, overrides)  # refuses a bad config before torch loads
     from training.train import train as run_training
     out_dir = out_dir or str(Path("runs") / Path(config_path).stem)
-    summary = run_training(config, store_path, annotations_path, out_dir, resume=resume,
-                           progress=not quiet, storage_options=storage_options)
+    with flag_errors(TRAIN_FLAGS):
+        summary = run_training(config, store_path, annotations_path, out_dir, resume=resume,
+                               progress=not quiet, storage_options=storage_options)
     if torchrun.launch().is_main:  # under torchrun, the main process reports
         best = summary["best"]
         best_text = (f", best average mAP {best['average_map']:.4f} at epoch {best['epoch']}"
@@ -81,10 +87,11 @@ def infer(run_dir, checkpoint_path, store_path, annotations_path, subset, out_pa
 
     if (run_dir is None) == (checkpoint_path is None):
         raise InputError("--run/--checkpoint: give exactly one of them")
-    predictions = run_inference(run_dir or checkpoint_path, store_path, annotations_path, subset,
-                                out_path, device=device, progress=not quiet,
-                                video_scores=scores_path, topk=topk,
-                                storage_options=storage_options)
+    with flag_errors(INFER_FLAGS):
+        predictions = run_inference(run_dir or checkpoint_path, store_path, annotations_path,
+                                    subset, out_path, device=device, progress=not quiet,
+                                    video_scores=scores_path, topk=topk,
+                                    storage_options=storage_options)
     count = sum(len(v) for v in predictions["results"].values())
     click.echo(f"wrote {count} segments for {len(predictions['results'])} videos to {out_path}")
 
@@ -111,6 +118,7 @@ def convert_actionformer(checkpoint_path, config_path, store_path, annotations_p
     """An official ActionFormer checkpoint and config -> a head-only run directory."""
     from training.convert import convert_actionformer as run_conversion
 
-    path = run_conversion(checkpoint_path, config_path, store_path, out_dir, annotations_path,
-                          storage_options)
+    with flag_errors(STORE_FLAGS):
+        path = run_conversion(checkpoint_path, config_path, store_path, out_dir,
+                              annotations_path, storage_options)
     click.echo(f"wrote {path}; predict with: python cli.py infer --run {out_dir} ...")

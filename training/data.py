@@ -436,7 +436,7 @@ def needed_layers(config, store, store_path) -> list:
     needed = stored if config.model.layers is None else list(config.model.layers)
     if not needed:
         raise input_error(store_path, "holds no intermediate layers, which LoSA needs "
-                          "(extract some, or train with --model head_only)")
+                          "(extract some, or train with `model.type` head_only)")
     missing = [layer for layer in needed if layer not in stored]
     if missing:
         raise input_error(store_path, f"lacks intermediate layers {missing} that the config "

@@ -14,7 +14,7 @@ def open_store(path, dataset: str, storage_options: dict | None = None):
 
     if not is_url(str(path)) and not Path(path).exists():
         raise input_error(path, f"feature store not found; run `make extract DATASET={dataset}` "
-                          "first (or pass --store)")
+                          "first (or pass `store_path`)")
     return FeatureStore.open(path, storage_options)
 
 

@@ -69,7 +69,7 @@ def exclusive_run_directory(out_dir: Path, world):
         lock = locks.acquire(str(out_dir / RUN_LOCK))
     if lock is None:
         raise input_error(out_dir, "another training run is writing to it right now; wait for "
-                          "it to end, or choose another --out")
+                          "it to end, or choose another `out_dir`")
     try:
         yield
     finally:
@@ -326,7 +326,7 @@ class Trainer:
         last = self.out_dir / "last.pt"
         if last.exists() and not resume:
             raise input_error(self.out_dir, "already holds a training run (last.pt); pass "
-                              "--resume to continue it, or choose another --out")
+                              "`resume` to continue it, or choose another `out_dir`")
         if resume and last.exists():
             self._restore(ckpt.load(last), last)
         elif resume:
@@ -343,7 +343,7 @@ class Trainer:
         differing = config_differences(Config.from_dict(state["config"], str(path)), self.config)
         if differing:
             raise input_error(path, f"was trained with different settings ({', '.join(differing)});"
-                              " resume with the run's own config.json, or choose another --out")
+                              " resume with the run's own config.json, or choose another `out_dir`")
         if state["classes"] != self.classes:
             raise input_error(self.annotations_path, f"its classes differ from those {path} was "
                               "trained on")
