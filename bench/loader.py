@@ -132,8 +132,8 @@ def main():
         config.data.num_workers = args.workers
         config.data.max_seq_len = args.length
         store = FeatureStore.open(store_path)
-        dataset = StoreDataset(store, store_path, load_annotations(gt_path), gt_path,
-                               "validation", ["Jump"], layers, config.data, train=True)
+        dataset = StoreDataset(store, load_annotations(gt_path), "validation", ["Jump"], layers,
+                               config.data, train=True)
         sample = dataset[(0, 0)]
         batch_bytes = args.batch * sum(sample[k].nbytes for k in ("last", "inter")
                                        if sample[k] is not None)

@@ -128,8 +128,8 @@ def seeded_predictions(store_path, annotations_path, world):
                          eval={"score_threshold": 0.0, "max_segments": 50})
     store, annotations = open_store(store_path, "thumos"), open_annotations(annotations_path)
     classes = list(annotations.classes)
-    dataset = StoreDataset(store, store_path, annotations, annotations_path, "validation",
-                           classes, list(store.layers), config.data, train=False)
+    dataset = StoreDataset(store, annotations, "validation", classes, list(store.layers),
+                           config.data, train=False)
     torch.manual_seed(0)
     model = Detector(store.feature_dim, len(classes), len(store.layers), store.num_tokens,
                      config.model, config.head)

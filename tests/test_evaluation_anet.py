@@ -40,9 +40,8 @@ def test_class_agnostic_dataset_gives_every_action_the_one_class(anet_files):
     store_path, annotations_path = anet_files
     annotations = load_annotations(annotations_path)
     config = tiny_config(data={"class_agnostic": True})
-    dataset = StoreDataset(FeatureStore.open(store_path), store_path, annotations,
-                           annotations_path, "training", [AGNOSTIC_LABEL], [], config.data,
-                           train=True)
+    dataset = StoreDataset(FeatureStore.open(store_path), annotations, "training",
+                           [AGNOSTIC_LABEL], [], config.data, train=True)
     labels = np.concatenate([t.labels for t in dataset.truth.values()])
     written = sum(len(v.labels) for v in annotations.videos("training").values())
     assert len(labels) == written and set(labels.tolist()) == {0}

@@ -80,8 +80,8 @@ def test_real_thumos_ground_truth_reaches_the_head_as_multi_label_targets(tmp_pa
     annotations = load_annotations(thumos)
     config = tiny_config(data={"max_seq_len": 2304, "crop_ratio": None})  # the whole video
     with pytest.warns(UserWarning, match="199 of 200 'Validation' videos in .* not in the store"):
-        dataset = StoreDataset(FeatureStore.open(store_path), store_path, annotations, thumos,
-                               "Validation", annotations.classes, [], config.data, train=True)
+        dataset = StoreDataset(FeatureStore.open(store_path), annotations, "Validation",
+                               annotations.classes, [], config.data, train=True)
     sample = dataset[0]
     truth = annotations.videos("Validation")[vid]
     assert len(sample["segments"]) == len(truth.labels) == 8
@@ -202,9 +202,8 @@ def test_standardise_centres_features_and_travels_in_the_checkpoint_to_infer(tmp
     state = ckpt.load(tmp_path / "run" / "last.pt")  # weights_only=True inside
     store = FeatureStore.open(store_path)
     model = build_trained_detector(state, store, "last.pt")
-    training_set = StoreDataset(store, store_path, load_annotations(annotations_path),
-                                annotations_path, "training", CLASSES, list(LAYERS), config.data,
-                                train=False)
+    training_set = StoreDataset(store, load_annotations(annotations_path), "training",
+                                CLASSES, list(LAYERS), config.data, train=False)
     batch = collate([training_set[i] for i in range(len(training_set))])
     last, inter = model.standardised_inputs(batch)
     valid = batch["mask"]
@@ -226,9 +225,8 @@ def test_standardise_centres_features_and_travels_in_the_checkpoint_to_infer(tmp
         assert torch.allclose(state["ema"][name], getattr(fresh, name), rtol=1e-5), name
     weights = {k: v for k, v in state["ema"].items() if not k.endswith(("_mean", "_std"))}
     fresh.load_state_dict(weights, strict=False)
-    validation = StoreDataset(store, store_path, load_annotations(annotations_path),
-                              annotations_path, "validation", CLASSES, list(LAYERS), config.data,
-                              train=False)
+    validation = StoreDataset(store, load_annotations(annotations_path), "validation",
+                              CLASSES, list(LAYERS), config.data, train=False)
     in_memory = predict(fresh, validation, config.postprocess, "cpu", CLASSES)
     from_checkpoint = infer(tmp_path / "run", store_path, annotations_path, subset="validation")
     assert from_checkpoint["results"] == in_memory["results"]

@@ -40,9 +40,8 @@ def training_set(store_path, annotations_path, **data):
     from evaluation import load_annotations
 
     config = tiny_config(data={"max_seq_len": 64, **data})
-    return StoreDataset(FeatureStore.open(store_path), store_path,
-                        load_annotations(annotations_path), annotations_path, "training", CLASSES,
-                        list(LAYERS), config.data, train=True, seed=5)
+    return StoreDataset(FeatureStore.open(store_path), load_annotations(annotations_path),
+                        "training", CLASSES, list(LAYERS), config.data, train=True, seed=5)
 
 
 def test_features_stay_float16_until_the_device_converts_them(fp16_files):

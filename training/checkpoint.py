@@ -160,7 +160,7 @@ def store_signature(store, layers) -> dict:
     }
 
 
-def check_store_matches(signature: dict, store, store_path, checkpoint_path) -> None:
+def check_store_matches(signature: dict, store, checkpoint_path) -> None:
     """Refuse a store whose features are not the ones the checkpoint was trained on."""
     current = store_signature(store, [])
     differing = [key for key in ("backbone", "protocol", "feature_dim")
@@ -168,9 +168,9 @@ def check_store_matches(signature: dict, store, store_path, checkpoint_path) -> 
     if signature["layers"] and signature.get("tokens") != current["tokens"]:
         differing.append("tokens")
     if differing:
-        raise input_error(store_path, f"its {', '.join(differing)} differ from those of the "
+        raise input_error(store.path, f"its {', '.join(differing)} differ from those of the "
                           f"store the checkpoint {checkpoint_path} was trained on")
     missing = [layer for layer in signature["layers"] if layer not in list(store.layers)]
     if missing:
-        raise input_error(store_path, f"lacks intermediate layers {missing} that the checkpoint "
+        raise input_error(store.path, f"lacks intermediate layers {missing} that the checkpoint "
                           f"{checkpoint_path} reads")

@@ -106,11 +106,9 @@ class StoreDataset(torch.utils.data.Dataset):
     With ``cache`` set (``training/cache.py``) they come from memory instead of the store.
     """
 
-    def __init__(self, store, store_path, annotations, annotations_path, subset: str,
-                 classes, layers, data_config, train: bool, seed: int = 0,
-                 max_videos: int | None = None):
+    def __init__(self, store, annotations, subset: str, classes, layers, data_config,
+                 train: bool, seed: int = 0, max_videos: int | None = None):
         self.store = store
-        self.store_path = str(store_path)
         self.subset = subset
         self.layers = list(layers)  # intermediate layers read; empty for head-only
         self.config = data_config
@@ -125,11 +123,11 @@ class StoreDataset(torch.utils.data.Dataset):
                             if head_label(label, data_config) in index}
         present = [vid for vid in sorted(wanted) if vid in store]
         if not present:
-            raise input_error(store_path, f"holds none of the {len(wanted)} '{subset}' videos "
-                              f"of {annotations_path}")
+            raise input_error(store.path, f"holds none of the {len(wanted)} '{subset}' videos "
+                              f"of {annotations.name}")
         if len(present) < len(wanted):
-            warnings.warn(f"{store_path}: {len(wanted) - len(present)} of {len(wanted)} "
-                          f"'{subset}' videos in {annotations_path} are not in the store; "
+            warnings.warn(f"{store.path}: {len(wanted) - len(present)} of {len(wanted)} "
+                          f"'{subset}' videos in {annotations.name} are not in the store; "
                           "skipping them", stacklevel=2)
         if max_videos is not None:
             present = present[:max_videos]
@@ -428,21 +426,21 @@ def batch_to(batch: dict, device, low_precision: bool = False) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Does the store hold what the config needs?
 
-def needed_layers(config, store, store_path) -> list:
+def needed_layers(config, store) -> list:
     """Intermediate layers the model reads; refuses a store that lacks any of them."""
     if config.model.type == "head_only":
         return []
     stored = list(store.layers)
     needed = stored if config.model.layers is None else list(config.model.layers)
     if not needed:
-        raise input_error(store_path, "holds no intermediate layers, which LoSA needs "
+        raise input_error(store.path, "holds no intermediate layers, which LoSA needs "
                           "(extract some, or train with `model.type` head_only)")
     missing = [layer for layer in needed if layer not in stored]
     if missing:
-        raise input_error(store_path, f"lacks intermediate layers {missing} that the config "
+        raise input_error(store.path, f"lacks intermediate layers {missing} that the config "
                           f"needs (model.layers); it holds {stored}")
     tokens = config.model.tokens
     if tokens is not None and list(store.tokens) != list(tokens):
-        raise input_error(store_path, f"holds a pooled token grid {list(store.tokens)}, the "
+        raise input_error(store.path, f"holds a pooled token grid {list(store.tokens)}, the "
                           f"config needs {list(tokens)} (model.tokens)")
     return needed

@@ -41,17 +41,15 @@ def infer(run_or_checkpoint, store_path=None, annotations_path=None, subset=None
     path = checkpoint_path(run_or_checkpoint)
     state = ckpt.load(path)
     config = Config.from_dict(state["config"], f"{path} (config)")
-    store_path = store_path or config.data.store
-    annotations_path = annotations_path or config.data.annotations
-    store = open_store(store_path, config.data.dataset, storage_options)
-    ckpt.check_store_matches(state["store"], store, store_path, path)
-    annotations = open_annotations(annotations_path)
+    store = open_store(store_path or config.data.store, config.data.dataset, storage_options)
+    ckpt.check_store_matches(state["store"], store, path)
+    annotations = open_annotations(annotations_path or config.data.annotations)
     layers = state["store"]["layers"]
     model = build_trained_detector(state, store, path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = resolve_subset(annotations, subset or config.eval.subset, train=False)
-    dataset = StoreDataset(store, store_path, annotations, annotations_path, name,
-                           state["classes"], layers, config.data, train=False)
+    dataset = StoreDataset(store, annotations, name, state["classes"], layers, config.data,
+                           train=False)
     scores = None if video_scores is None else _checked_video_scores(video_scores, dataset)
     predictions = predict(model.to(device), dataset, config.postprocess, device, state["classes"],
                           amp=config.train.amp, progress=progress)
@@ -70,7 +68,7 @@ def _checked_video_scores(path, dataset):
 
     scores = load_video_scores(path)
     for vid in dataset.videos:
-        scores.lookup(vid, dataset.store_path)
+        scores.lookup(vid, dataset.store.path)
     return scores
 
 

@@ -86,18 +86,17 @@ class Trainer:
         self.config = config
         self.out_dir = Path(out_dir)
         self.progress = progress and world.is_main
-        self.store_path = store_path or config.data.store
-        self.annotations_path = annotations_path or config.data.annotations
 
-        self.store = open_store(self.store_path, config.data.dataset, storage_options)
-        self.annotations = open_annotations(self.annotations_path)
+        self.store = open_store(store_path or config.data.store, config.data.dataset,
+                                storage_options)
+        self.annotations = open_annotations(annotations_path or config.data.annotations)
         self.classes = head_classes(self.annotations, config.data)
-        self.layers = needed_layers(config, self.store, self.store_path)
+        self.layers = needed_layers(config, self.store)
         self.train_set = self._dataset(config.data.train_subset, train=True)
         self.eval_set = self._dataset(config.eval.subset, train=False,
                                       max_videos=config.eval.max_videos)
         if not any(len(t.segments) for t in self.eval_set.truth.values()):
-            raise input_error(self.annotations_path, f"the '{self.eval_set.subset}' videos the "
+            raise input_error(self.annotations.name, f"the '{self.eval_set.subset}' videos the "
                               "store holds have no ground-truth segments to evaluate against "
                               "(eval.subset, eval.max_videos)")
         self.steps_per_epoch, self.accum_steps = self._batch_plan()
@@ -127,9 +126,9 @@ class Trainer:
 
     def _dataset(self, subset, train, max_videos=None):
         name = resolve_subset(self.annotations, subset, train)
-        return StoreDataset(self.store, self.store_path, self.annotations, self.annotations_path,
-                            name, self.classes, self.layers, self.config.data, train=train,
-                            seed=self.config.train.seed, max_videos=max_videos)
+        return StoreDataset(self.store, self.annotations, name, self.classes, self.layers,
+                            self.config.data, train=train, seed=self.config.train.seed,
+                            max_videos=max_videos)
 
     def _batch_plan(self):
         """Optimizer steps per epoch and micro-batches per step on this process."""
@@ -141,7 +140,7 @@ class Trainer:
                              f"{self.world.size} processes")
         steps = len(self.train_set) // train.batch_size
         if steps == 0:
-            raise input_error(self.store_path, f"only {len(self.train_set)} training videos, "
+            raise input_error(self.store.path, f"only {len(self.train_set)} training videos, "
                               f"fewer than train.batch_size {train.batch_size}")
         return steps, micro_per_step // self.world.size
 
@@ -259,7 +258,7 @@ class Trainer:
         loss, num_positives = distributed.sum_across(self.world, totals).tolist()
         if not math.isfinite(loss):
             videos = [s["video"] for batch in micro_batches for s in batch["samples"]]
-            raise input_error(self.store_path, f"non-finite loss at epoch {epoch + 1} in the "
+            raise input_error(self.store.path, f"non-finite loss at epoch {epoch + 1} in the "
                               f"step with videos {videos}; check these features (store verify) "
                               "or lower the learning rate")
         if config.optim.clip_grad > 0:
@@ -345,12 +344,12 @@ class Trainer:
             raise input_error(path, f"was trained with different settings ({', '.join(differing)});"
                               " resume with the run's own config.json, or choose another `out_dir`")
         if state["classes"] != self.classes:
-            raise input_error(self.annotations_path, f"its classes differ from those {path} was "
+            raise input_error(self.annotations.name, f"its classes differ from those {path} was "
                               "trained on")
         if state["epoch"] > self.config.train.epochs:
             raise input_error(path, f"is at epoch {state['epoch']}, beyond the run's "
                               f"train.epochs {self.config.train.epochs}")
-        ckpt.check_store_matches(state["store"], self.store, self.store_path, path)
+        ckpt.check_store_matches(state["store"], self.store, path)
         ckpt.load_into(self.model, state["model"], path, "model")
         ckpt.load_into(self.ema, state["ema"], path, "ema")
         ckpt.load_into(self.optimizer, state["optimizer"], path, "optimizer")

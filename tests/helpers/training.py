@@ -124,5 +124,5 @@ def make_dataset(store_path, annotations_path, train=True, layers=LAYERS, **data
     store = CountingStore(FeatureStore.open(store_path))
     annotations = load_annotations(annotations_path)
     subset = "training" if train else "validation"
-    return StoreDataset(store, store_path, annotations, annotations_path, subset, CLASSES,
-                        list(layers), config.data, train=train, seed=3)
+    return StoreDataset(store, annotations, subset, CLASSES, list(layers), config.data,
+                        train=train, seed=3)
