@@ -215,6 +215,23 @@ def test_subset_without_ground_truth_is_an_error_not_a_nan():
         evaluate_map(gt, preds_dict({"t1": [(0, 1, "A", 1.0)]}), subset="testing")
 
 
+def test_select_relabels_as_parsing_the_relabelled_file_would():
+    """Training scores a class-agnostic head on the selected videos, every label one class: the
+    same ground truth (and cleaning) as writing that file and parsing it."""
+    gt = gt_dict({"v1": [(0, 10, "A"), (0, 10, "B"), (20, 25, "B"), (20, 25, "B")],
+                  "v2": [(3, 4, "A")], "v3": [(5, 6, "B")]})
+    picked = load_annotations(gt).select(["v3", "v1"], relabel=lambda label: "action")
+    by_file = load_annotations(gt_dict({"v3": [(5, 6, "action")],
+                                        "v1": [(0, 10, "action"), (20, 25, "action")]}))
+    assert list(picked.videos("test")) == ["v3", "v1"] and picked.classes == ["action"]
+    for vid in ("v1", "v3"):
+        assert picked.video(vid).segments.tolist() == by_file.video(vid).segments.tolist()
+        assert picked.video(vid).labels == by_file.video(vid).labels
+    # one duplicate dropped on loading (20-25 B twice), one more by the relabelling (0-10)
+    assert picked.cleaning(["v1"]).duplicate == 2
+    assert load_annotations(gt).select(["v2"]).video("v2").labels == ["A"]
+
+
 def test_ambiguous_default_subset_asks_for_one():
     gt = {"database": {"a": {"subset": "x", "annotations": []}, "b": {"subset": "y"}}}
     with pytest.raises(InputError, match=r"choose one with --subset \(subsets: x, y\)"), \
