@@ -254,6 +254,45 @@ def test_cli_bad_options_are_one_line_errors(videos, tmp_path):
     assert not (tmp_path / "x.zarr").exists()
 
 
+def test_set_and_presets_reach_every_key_and_errors_say_where_the_value_came_from(
+        videos, tmp_path, monkeypatch):
+    """Flags win over --set, --set over the preset; a bad value is one line naming its flag,
+    --set, or the preset file and key, also when only running the backbone finds it bad."""
+    from extract import commands
+
+    folder = Path(videos[0][1]).parent
+    backbone = tmp_path / "tiny.json"
+    backbone.write_text(json.dumps(TINY))
+    monkeypatch.setattr(commands, "PRESET_DIR", tmp_path)
+    (tmp_path / "mine.json").write_text(json.dumps({"protocol": {"clip_stride": 8, "fps": 15},
+                                                    "layers": [9]}))
+    base = ["extract", "--videos", folder, "--backbone", backbone, "--random-init",
+            "--img-size", SIZE, "--num-workers", 0, "--device", "cpu", "--no-progress"]
+    cases = {
+        ("--set", "protocol.clip_stride=0"): "--set: protocol.clip_stride: must be a positive "
+                                             "integer, got 0",
+        ("--set", "protocol.stride=3"): "--set: protocol.stride: unknown key",
+        ("--set", "tokens=[9, 1, 1]", "--layers", "1"): "--set: tokens: grid 9x1x1 is finer "
+                                                       "than the backbone's",
+        ("--preset", "mine"): f"{tmp_path / 'mine.json'}: layers: block 9 does not exist",
+    }
+    for extra, message in cases.items():
+        result = run_cli(*base, "--out", tmp_path / "x.zarr", *extra)
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+        assert result.stderr.startswith(f"error: {message}"), result.stderr
+    assert not (tmp_path / "x.zarr").exists()
+    store = tmp_path / "set.zarr"
+    result = run_cli(*base, "--out", store, "--preset", "mine", "--layers", "1",
+                     "--set", "protocol.clip_stride=2", "--clip-stride", "4",
+                     "--set", "protocol.fps=10")
+    assert result.exit_code == 0, result.output
+    meta = FeatureStore.open(store).meta
+    protocol = meta["protocol"]
+    # --clip-stride over --set over the preset; --set over the preset; the flags over both.
+    assert (protocol["clip_stride"], protocol["fps"], protocol["img_size"]) == (4, 10, SIZE)
+    assert meta["layers"] == [1] and protocol["tail"] == "drop"  # a default stays
+
+
 def test_presets_say_what_to_download_and_where(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = run_cli("extract", "--preset", "thumos")
