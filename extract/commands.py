@@ -89,9 +89,6 @@ def extract(ctx, preset, random_init, overrides, compile_model, storage_options,
     torchrun ranks) may share one store. A video that cannot be decoded is reported and
     skipped; the exit status is then 1.
     """
-    from extract.pipeline import (ExtractionSettings, annotated_durations, check_shared_memory,
-                                  find_videos, format_summary, run_extraction)
-
     given = dict(flags_by_key(flags))
     if "layers" in given:
         given["layers"] = _parse_layers(given["layers"])
@@ -107,6 +104,10 @@ def extract(ctx, preset, random_init, overrides, compile_model, storage_options,
     if random_init:
         config = dataclasses.replace(config, checkpoint=None)
     check_inputs(config, random_init)
+    # Only now torch: a bad setting is refused in a fraction of a second.
+    from extract.pipeline import (ExtractionSettings, annotated_durations, check_shared_memory,
+                                  find_videos, format_summary, run_extraction)
+
     durations = annotated_durations(config.annotations, config.subset) \
         if config.annotations else {}
     videos, missing = find_videos(config.videos, list(durations) if config.annotations else None)

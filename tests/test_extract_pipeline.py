@@ -11,6 +11,7 @@ determinism 2 (Zarr equals HDF5; the CLI with 2 workers equals the in-process ru
 crashes 0, disk/permissions 0, concurrency 0.
 """
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -291,6 +292,23 @@ def test_set_and_presets_reach_every_key_and_errors_say_where_the_value_came_fro
     # --clip-stride over --set over the preset; --set over the preset; the flags over both.
     assert (protocol["clip_stride"], protocol["fps"], protocol["img_size"]) == (4, 10, SIZE)
     assert meta["layers"] == [1] and protocol["tail"] == "drop"  # a default stays
+
+
+def test_a_bad_setting_is_refused_without_importing_torch(tmp_path):
+    """The extract command checks its settings before it imports the pipeline."""
+    code = ("import sys\n"
+            "from click.testing import CliRunner\n"
+            "import cli\n"
+            f"args = ['extract', '--videos', {str(tmp_path)!r}, '--out', 'x.zarr', '--random-init',"
+            " '--set', 'protocol.clip_strde=3']\n"
+            "result = CliRunner().invoke(cli.main, args)\n"
+            "print(result.exit_code, result.output.strip())\n"
+            "print('torch' in sys.modules)\n")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    lines = child.stdout.splitlines()
+    assert lines[0].startswith("2 error: --set: protocol.clip_strde: unknown key"), child
+    assert lines[1:] == ["False"], child.stdout
 
 
 def test_presets_say_what_to_download_and_where(tmp_path, monkeypatch):
