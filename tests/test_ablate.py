@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import REPO
 from synth.ablate import VARIANTS, summarise, table_markdown
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _ablate(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "bench" / "ablate.py"), *args,
+    return subprocess.run([sys.executable, str(REPO / "bench" / "ablate.py"), *args,
                            "--no-progress"], capture_output=True, text=True, env=env)
 
 
@@ -98,7 +97,7 @@ def test_head_receptive_field_matches_the_layers_worked_out_by_hand():
     attention of window 9: 1 + 4 steps each) and the tower (3 convs k3: 3 steps): 15. Level 1
     adds a strided block on the stem's 12 (k/v conv k3 stride 2: 1 step, attention 4 level-1
     steps = 8) and a tower of 3 level-1 steps (6): 12 + 9 + 6 = 27."""
-    sys.path.insert(0, str(ROOT / "bench"))
+    sys.path.insert(0, str(REPO / "bench"))
     from long_range import receptive_field
 
     reach = receptive_field()

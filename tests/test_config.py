@@ -5,16 +5,15 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from head.config import HeadConfig
+from helpers import REPO
 from losa_tal import InputError
 from training.config import Config, load_config, parse_override
 
-ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = sorted((ROOT / "configs" / "train").glob("*.json"))
+SHIPPED = sorted((REPO / "configs" / "train").glob("*.json"))
 
 
 def write(tmp_path, data, name="config.json"):
@@ -31,9 +30,9 @@ def test_shipped_configs_load_and_cover_the_three_recipes():
         # Every shipped file spells out its sections, so a reader sees the recipe in one place.
         assert set(json.loads(path.read_text())) == set(config.to_dict())
     # The head-only baseline is the LoSA recipe with --model head_only (model.type).
-    thumos = ROOT / "configs/train/thumos_vitg_losa.json"
+    thumos = REPO / "configs/train/thumos_vitg_losa.json"
     assert load_config(thumos, ["model.type=head_only"]).model.type == "head_only"
-    assert load_config(ROOT / "configs/train/anet_vitg_losa.json").data.mode == "resize"
+    assert load_config(REPO / "configs/train/anet_vitg_losa.json").data.mode == "resize"
 
 
 # The demo recipe as it was written before the keys took the public API's names.
@@ -59,7 +58,7 @@ def test_configs_in_the_old_keys_load_as_the_renamed_ones(tmp_path):
     # The old score threshold also set the NMS floor.
     assert post.score_threshold == post.min_score == 0.01
     assert old.eval.subset == "test" and old.eval.every == 0
-    new = load_config(ROOT / "configs/demo/train.json", [
+    new = load_config(REPO / "configs/demo/train.json", [
         "postprocess.pre_nms_top_k=1000", "postprocess.nms_method=hard", "postprocess.sigma=0.7",
         "postprocess.iou_threshold=0.3", "postprocess.score_threshold=0.01",
         "postprocess.min_score=0.01"])
@@ -87,7 +86,7 @@ def test_a_typo_is_refused_without_importing_torch(tmp_path):
         f"result = CliRunner().invoke(cli.main, ['train', '--config', {str(path)!r}])\n"
         "print(result.exit_code, result.output.strip())\n"
         "print('torch' in sys.modules)\n")], capture_output=True, text=True, timeout=60,
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     message = (f"{path}: head.windw: unknown key (known in head: "
                + ", ".join(sorted(HeadConfig.__dataclass_fields__)) + ")")
     assert child.stdout.splitlines() == [message, f"2 error: {message}", "False"], child.stderr
@@ -204,7 +203,7 @@ DOCUMENTED = {  # doc -> the dataclasses whose keys it tables (under a heading n
 def documented_defaults(doc: str, name: str) -> dict:
     """``| `key` | default | meaning |`` rows of the doc's sections whose heading names ``name``."""
     rows, inside = {}, False
-    for line in (ROOT / doc).read_text().splitlines():
+    for line in (REPO / doc).read_text().splitlines():
         if line.startswith("#"):
             inside = f"`{name}`" in line or f".{name}`" in line
         elif inside and line.startswith("| `"):

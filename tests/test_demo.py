@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import REPO
+
 SMALL = ["--videos", "6", "--min-seconds", "10", "--max-seconds", "12", "--epochs", "2",
          "--no-progress"]
 
@@ -18,7 +19,7 @@ SMALL = ["--videos", "6", "--min-seconds", "10", "--max-seconds", "12", "--epoch
 def _demo(*args, cwd=None):
     # One torch thread in the child too, as the rest of the suite (conftest.py).
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), "demo", *args],
+    return subprocess.run([sys.executable, str(REPO / "cli.py"), "demo", *args],
                           capture_output=True, text=True, env=env, cwd=cwd)
 
 

@@ -20,10 +20,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from helpers import REPO
 from training import distributed
 from training.distributed import World
 
-ROOT = Path(__file__).resolve().parent.parent
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce",
                "gather", "scatter", "reduce_scatter", "all_to_all", "barrier")
 PICKLING = ("all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list")
@@ -81,8 +81,8 @@ def test_the_wrapper_fails_on_a_cpu_tensor_as_nccl_does(monkeypatch):
 def test_only_training_distributed_calls_collectives():
     """So the device rule above covers every collective the training uses."""
     pattern = re.compile(r"\bdist\.(%s)\(" % "|".join(COLLECTIVES + PICKLING))
-    offenders = [str(path.relative_to(ROOT)) for folder in ("training", "adapt", "head")
-                 for path in (ROOT / folder).rglob("*.py")
+    offenders = [str(path.relative_to(REPO)) for folder in ("training", "adapt", "head")
+                 for path in (REPO / folder).rglob("*.py")
                  if path.name != "distributed.py" and pattern.search(path.read_text())]
     assert offenders == []
 

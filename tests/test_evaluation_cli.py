@@ -1,6 +1,5 @@
 """``python cli.py evaluate``: output, report, plots, and a one-line error for every bad input."""
 import json
-import os
 import subprocess
 import sys
 
@@ -8,10 +7,9 @@ import pytest
 from click.testing import CliRunner
 
 import cli
+from helpers import REPO
 from helpers.evaluation_inputs import (ACTIONFORMER_FILE, OPENTAD_FILE, gt_dict, needs_thumos,
                                        preds_dict, write_json)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_cli(*args):
@@ -117,14 +115,14 @@ def test_evaluate_runs_without_torch_or_matplotlib(files):
             "except SystemExit as exit:\n    assert not exit.code, exit.code\n"
             "heavy = [m for m in ('torch', 'matplotlib', 'decord') if m in sys.modules]\n"
             "print('heavy modules:', heavy)\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                             text=True, check=True)
     assert "heavy modules: []" in result.stdout
 
 
 def test_speed_benchmark_runs_and_agrees_with_the_reference():
     result = subprocess.run([sys.executable, "bench/eval_speed.py", "--detections", "4000",
-                             "--videos", "20", "--repeat", "1"], cwd=ROOT, capture_output=True,
+                             "--videos", "20", "--repeat", "1"], cwd=REPO, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr
     assert "speed ratio reference / whole cli command:" in result.stdout
@@ -260,7 +258,7 @@ def test_subprocess_error_is_one_line_with_exit_status_2(tmp_path):
     gt = write_input(tmp_path / "gt.json", GOOD_GT)
     preds = write_input(tmp_path / "preds.json", bad_detection(segment=[2, 1]))
     result = subprocess.run([sys.executable, "cli.py", "evaluate", "--gt", gt, "--preds", preds],
-                            cwd=ROOT, capture_output=True, text=True)
+                            cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr == (f"error: {preds}: video 'v1', detection 0: segment ends before it "
                              "starts (2.0 > 1.0)\n")

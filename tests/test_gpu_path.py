@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +17,8 @@ import torch.nn.functional as F
 
 from extract.backbone import VideoMAEv2
 from extract.pipeline import pick_device, weight_dtype
+from helpers import REPO
 from helpers.backbone import TINY, clips, random_state
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_pick_device_makes_the_ranks_gpu_current(monkeypatch):
@@ -64,7 +62,7 @@ def test_the_stored_feature_is_pooled_and_normed_in_float32_with_bf16_weights():
 @pytest.mark.slow
 def test_the_gpu_check_runs_in_its_reduced_form_on_the_cpu():
     """What `make gpu-check` runs on a GPU node, at toy sizes: every section prints its line."""
-    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True,
+    result = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], capture_output=True,
                             text=True, timeout=600,
                             env={**os.environ, "PY": sys.executable, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

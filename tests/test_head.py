@@ -11,6 +11,7 @@ from head import ActionFormerHead, assign_targets, make_points
 from head.losses import diou_loss, sigmoid_focal_loss
 from head.model import THUMOS_REGRESSION_RANGES
 from head.nms import segment_iou
+from helpers import REPO
 from helpers.evaluation_inputs import ACTIONFORMER_FILE, needs_thumos
 
 THUMOS = Path(ACTIONFORMER_FILE)
@@ -324,8 +325,7 @@ def test_stage_two_does_not_import_timm():
 
     code = ("import sys, adapt, head, training.train, training.infer, evaluation; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('timm', 'torchvision')))")
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]"
 

@@ -10,16 +10,14 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers import REPO, TESTS_DIR
 from helpers.concurrency import CHUNK, CHUNKS, late_features, read_only_view
 from store import LAST, FeatureStore
 
-TESTS_DIR = Path(__file__).resolve().parent
-ROOT = TESTS_DIR.parent
 LATE_IDS = [f"late_{index:03d}" for index in range(8)]
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
@@ -124,7 +122,7 @@ def test_two_importers_fill_one_store_at_once(tmp_path):
             np.float32)
         np.save(source / f"{vid}.npy", expected[vid])
     store = tmp_path / "store.zarr"
-    command = [sys.executable, str(ROOT / "cli.py"), "store", "import", str(source), "--out",
+    command = [sys.executable, str(REPO / "cli.py"), "store", "import", str(source), "--out",
                str(store), "--fps", "30"]
     importers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, env=CHILD_ENV) for _ in range(2)]
@@ -151,7 +149,7 @@ def test_two_trainings_into_one_run_directory_do_not_both_write_it(tmp_path):
     annotations = write_annotations(tmp_path / "gt.json", videos)
     config = write_config(tmp_path / "config.json", tiny_config(train={"epochs": 2}))
     run = tmp_path / "run"
-    command = [sys.executable, str(ROOT / "cli.py"), "train", "--config", str(config),
+    command = [sys.executable, str(REPO / "cli.py"), "train", "--config", str(config),
                "--store", str(store), "--annotations", str(annotations), "--out", str(run),
                "--quiet"]
     trainings = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -10,21 +10,19 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import REPO
 from helpers.training import (synthetic_videos, tiny_config, write_annotations, write_config,
                               write_store)
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def cli(*args, hash_seed):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
            "PYTHONHASHSEED": str(hash_seed)}
-    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], env=env,
+    result = subprocess.run([sys.executable, str(REPO / "cli.py"), *map(str, args)], env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     return result

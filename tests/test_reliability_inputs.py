@@ -25,7 +25,7 @@ from hypothesis import currently_in_test_context, event, given
 from hypothesis import strategies as st
 
 import cli
-from helpers import slow_except
+from helpers import REPO, slow_except
 from helpers.hostile import CodeExecution, fuzz
 from helpers.stores import HOSTILE_IDS, files_under
 from helpers.training import (synthetic_videos, tiny_config, write_annotations, write_config,
@@ -33,8 +33,6 @@ from helpers.training import (synthetic_videos, tiny_config, write_annotations, 
 from store import LAST, FeatureStore
 from store.names import decode_video_id, encode_video_id
 from training.config import Config
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def invoke(*args):
@@ -319,7 +317,7 @@ def test_hostile_config_values_are_refused_naming_the_config(tmp_path):
         set_dotted(raw, key, value)
         config = write_file(tmp_path / f"config_{index}.json", raw)
         cases.append((str(config), str(tmp_path / "no_store.zarr"), str(tmp_path / f"run_{index}")))
-    child = subprocess.run([sys.executable, "-c", CONFIG_CHILD.format(root=str(ROOT))],
+    child = subprocess.run([sys.executable, "-c", CONFIG_CHILD.format(root=str(REPO))],
                            input=json.dumps(cases), capture_output=True, text=True, timeout=600,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     outcomes = [json.loads(line) for line in child.stdout.splitlines()]

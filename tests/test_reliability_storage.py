@@ -15,11 +15,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-TESTS_DIR = Path(__file__).resolve().parent
+from helpers import TESTS_DIR
 
 
 @pytest.fixture(scope="module")

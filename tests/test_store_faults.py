@@ -15,13 +15,13 @@ import time
 import numpy as np
 import pytest
 
+from helpers import TESTS_DIR
 from helpers.stores import (as_stored, assert_video_equals, clip_times, make_meta, run_plan,
                             video_features, video_info, write_video)
 from losa_tal import InputError
 from store import LAST, FeatureStore
 from store.verify import verify_store
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 PLAN = [("v0", 0, 30), ("v1", 1, 25), ("v2", 2, 30), ("v3", 3, 12)]
 
 
@@ -35,7 +35,7 @@ run_plan(sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3]), sys.argv[4] =
 
 
 def start_writer(location, plan=PLAN, pause=0.0, use_claims=True, prelude=""):
-    script = CHILD.format(tests=TESTS_DIR, prelude=prelude)
+    script = CHILD.format(tests=str(TESTS_DIR), prelude=prelude)
     return subprocess.Popen(
         [sys.executable, "-c", script, str(location), json.dumps(plan), str(pause),
          "claims" if use_claims else "none"],

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import REPO
 from synth.config import SynthConfig
 from synth.generator import ANNOTATION_FILE, CLASSES, VIDEO_DIR, generate
 
-ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(videos=3, size=64, fps=15, min_seconds=10.0, max_seconds=14.0)
 
 
@@ -116,7 +116,7 @@ def test_balls_move_inside_actions_and_rest_outside(benchmark):
     (["--seed", "-2"], "error: --seed: must be zero or more"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, args, message):
-    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "synth", "--out",
+    result = subprocess.run([sys.executable, str(REPO / "cli.py"), "synth", "--out",
                              str(tmp_path / "b"), "--no-progress", *args],
                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
     assert result.returncode == 2
@@ -125,7 +125,7 @@ def test_bad_options_are_one_line_errors(tmp_path, args, message):
 
 
 def test_cli_writes_the_benchmark(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "synth", "--out",
+    result = subprocess.run([sys.executable, str(REPO / "cli.py"), "synth", "--out",
                              str(tmp_path / "c"), "--videos", "2", "--min-seconds", "8",
                              "--max-seconds", "8.5", "--seed", "5", "--no-progress"],
                             capture_output=True, text=True)

@@ -20,6 +20,7 @@ import torch
 from click.testing import CliRunner
 
 from evaluation import evaluate_map, load_annotations
+from helpers import REPO
 from helpers.evaluation_inputs import ACTIONFORMER_FILE, needs_thumos
 from helpers.training import (CLASSES, DIM, LAYERS, TOKENS, assert_same_state, final_weights,
                               make_dataset, synthetic_videos, tiny_config, write_annotations,
@@ -32,7 +33,6 @@ from training.data import (StoreDataset, collate, seconds_to_steps, steps_to_sec
 from training.infer import infer
 from training.train import train
 
-ROOT = Path(__file__).resolve().parent.parent
 # One thread, as in this process (tests/conftest.py): runs stay bitwise comparable across processes.
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
@@ -303,7 +303,7 @@ def test_a_checkpoint_saved_with_the_old_config_keys_still_infers_the_same(tmp_p
 # Refusals: the wrong store, the wrong checkpoint, a run directory in use.
 
 def cli_main():
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(REPO))
     import cli
 
     return cli.main
@@ -330,7 +330,7 @@ def test_the_model_flag_trains_the_losa_recipe_as_the_head_only_baseline(tmp_pat
 
 
 def test_missing_store_says_to_extract_first(tmp_path):
-    code, output = run_cli(["train", "--config", str(ROOT / "configs/train/thumos_vitg_losa.json"),
+    code, output = run_cli(["train", "--config", str(REPO / "configs/train/thumos_vitg_losa.json"),
                             "--store", str(tmp_path / "nowhere.zarr"),
                             "--out", str(tmp_path / "run")])
     assert code == 2
@@ -424,7 +424,7 @@ def test_wrong_checkpoints_and_stores_are_one_line_errors(dataset_files, tmp_pat
 # Crash and resume; processes.
 
 def cli_train(config_path, store_path, annotations_path, out_dir, *extra):
-    return [sys.executable, str(ROOT / "cli.py"), "train", "--config", str(config_path),
+    return [sys.executable, str(REPO / "cli.py"), "train", "--config", str(config_path),
             "--store", str(store_path), "--annotations", str(annotations_path),
             "--out", str(out_dir), "--quiet", *extra]
 

@@ -7,21 +7,20 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import REPO
+from helpers.training import (CLASSES, LAYERS, assert_same_state, final_weights, synthetic_videos,
+                              tiny_config, write_annotations, write_store)
 from losa_tal import InputError
 from store import LAST, FeatureStore
 from training import cache as cache_module
 from training.cache import build_cache, plan_cache, split_bytes
 from training.data import StoreDataset, batch_to, collate
 from training.train import train
-
-from helpers.training import (CLASSES, LAYERS, assert_same_state, final_weights, synthetic_videos,
-                              tiny_config, write_annotations, write_store)
 
 CPU = torch.device("cpu")
 
@@ -140,8 +139,7 @@ def test_host_buffers_are_reused_only_once_nothing_views_them():
 
 
 def test_loader_bench_prints_its_figures_from_one_run():
-    root = Path(__file__).resolve().parent.parent
-    result = subprocess.run([sys.executable, str(root / "bench" / "loader.py"), "--dim", "32",
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "loader.py"), "--dim", "32",
                              "--videos", "3", "--batches", "2", "--length", "256",
                              "--workers", "1"],
                             capture_output=True, text=True, timeout=120,
