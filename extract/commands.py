@@ -136,15 +136,17 @@ def flags_by_key(flags: dict):
 def load_config(preset, given: dict, overrides=()) -> tuple:
     """``(ExtractionConfig, origins)`` from the defaults, the preset, ``--set`` items and the
     flags' values (``given``, by dotted key). ``origins`` says where each key set came from
-    (a flag, ``--set`` or the preset file), for ``refusals``."""
+    (a flag, ``--set`` or the preset file), for ``refusals``. Each source is checked for what
+    it decides: a preset value that --set or a flag replaces is not looked at."""
     from losa_tal import (ConfigError, apply_overrides, build_config, parse_override,
                           read_config_file)
 
+    replaced = {*given, *(".".join(parse_override(item)[0]) for item in overrides)}
     raw, origins = {}, {}
     config = DEFAULT
     if preset:
         path = _preset_path(preset)
-        raw = read_config_file(path)
+        raw = _without(read_config_file(path), replaced)
         config = build_config(ExtractionConfig, raw, str(path))  # names the file and key
         origins = {key: str(path) for key in raw}
     if overrides:
@@ -162,6 +164,19 @@ def load_config(preset, given: dict, overrides=()) -> tuple:
         config = dataclasses.replace(config, **section)
         config.check()
     return config, origins
+
+
+def _without(raw: dict, keys) -> dict:
+    """``raw`` less the dotted ``keys`` (``"protocol.fps"`` removes ``raw["protocol"]["fps"]``)."""
+    kept = {key: dict(value) if isinstance(value, dict) else value for key, value in raw.items()}
+    for key in keys:
+        *sections, last = key.split(".")
+        node = kept
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return kept
 
 
 @contextlib.contextmanager

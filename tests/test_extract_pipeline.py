@@ -257,15 +257,16 @@ def test_cli_bad_options_are_one_line_errors(videos, tmp_path):
 
 def test_set_and_presets_reach_every_key_and_errors_say_where_the_value_came_from(
         videos, tmp_path, monkeypatch):
-    """Flags win over --set, --set over the preset; a bad value is one line naming its flag,
-    --set, or the preset file and key, also when only running the backbone finds it bad."""
+    """Flags win over --set, --set over the preset (whose replaced values are not looked at);
+    a bad value is one line naming its flag, --set, or the preset file and key, also when only
+    running the backbone finds it bad."""
     from extract import commands
 
     folder = Path(videos[0][1]).parent
     backbone = tmp_path / "tiny.json"
     backbone.write_text(json.dumps(TINY))
     monkeypatch.setattr(commands, "PRESET_DIR", tmp_path)
-    (tmp_path / "mine.json").write_text(json.dumps({"protocol": {"clip_stride": 8, "fps": 15},
+    (tmp_path / "mine.json").write_text(json.dumps({"protocol": {"clip_stride": 0, "fps": 15},
                                                     "layers": [9]}))
     base = ["extract", "--videos", folder, "--backbone", backbone, "--random-init",
             "--img-size", SIZE, "--num-workers", 0, "--device", "cpu", "--no-progress"]
@@ -275,7 +276,11 @@ def test_set_and_presets_reach_every_key_and_errors_say_where_the_value_came_fro
         ("--set", "protocol.stride=3"): "--set: protocol.stride: unknown key",
         ("--set", "tokens=[9, 1, 1]", "--layers", "1"): "--set: tokens: grid 9x1x1 is finer "
                                                        "than the backbone's",
-        ("--preset", "mine"): f"{tmp_path / 'mine.json'}: layers: block 9 does not exist",
+        ("--preset", "mine"): f"{tmp_path / 'mine.json'}: protocol.clip_stride: must be a "
+                              "positive integer, got 0",
+        # the flag decides the stride, the preset still the layers
+        ("--preset", "mine", "--clip-stride", "4"): f"{tmp_path / 'mine.json'}: layers: block 9 "
+                                                    "does not exist",
     }
     for extra, message in cases.items():
         result = run_cli(*base, "--out", tmp_path / "x.zarr", *extra)
