@@ -134,7 +134,8 @@ def _check_thresholds(tiou_thresholds) -> np.ndarray:
     thresholds = np.asarray(parse_tiou() if tiou_thresholds is None else tiou_thresholds,
                             dtype=np.float64).reshape(-1)
     if len(thresholds) == 0 or not np.all((thresholds > 0) & (thresholds <= 1)):
-        raise ConfigError("tiou_thresholds", f"need thresholds in (0, 1], got {thresholds.tolist()}")
+        raise ConfigError("tiou_thresholds",
+                          f"need thresholds in (0, 1], got {thresholds.tolist()}")
     return thresholds
 
 
