@@ -101,22 +101,40 @@ def config_arguments(config) -> dict:
 
 
 @contextlib.contextmanager
-def flag_errors(flags: dict):
+def flag_errors(flags: dict, origins: dict | None = None):
     """The command-line edge of library checks: around the call that takes a command's flags.
 
     ``flags`` maps the library's names for values to the command's flags
     (``{"tiou_threshold": "--tiou"}``). A ConfigError about a mapped key becomes the one-line
     ``--tiou: problem``; in the message of that or of any InputError, a key that the library
     names in backticks ("pass `resume` to continue it") becomes its flag ("pass --resume").
+    ``origins`` (optional) says where each dotted key's value came from where that may be a
+    file or ``--set`` rather than a flag; its entries win over ``flags`` and cover the keys
+    below them (``"protocol"`` covers ``"protocol.fps"``). A key named by a source other than
+    its own flag is repeated after it: ``--set: protocol.fps: ...``, ``--fps: protocol fps:``.
     """
     try:
         yield
     except ConfigError as err:
-        if err.key not in flags:
+        source = _origin(err.key, origins or {}) or flags.get(err.key)
+        if source is None:
             raise
-        raise InputError(_named_by_flags(f"{flags[err.key]}: {err.problem}", flags)) from None
+        if source == flags.get(err.key) and "." not in err.key:
+            named = ""
+        else:
+            named = err.key.replace(".", " ") if source in flags.values() else err.key
+            named += ": "
+        message = f"{source}: {named}{err.problem}"
+        raise InputError(_named_by_flags(message, flags)) from None
     except InputError as err:
         raise InputError(_named_by_flags(str(err), flags)) from None
+
+
+def _origin(key: str, origins: dict):
+    """The source of ``key`` or of the closest section above it in ``origins``."""
+    parts = key.split(".")
+    return next((origins[".".join(parts[:end])] for end in range(len(parts), 0, -1)
+                 if ".".join(parts[:end]) in origins), None)
 
 
 def _named_by_flags(message: str, flags: dict) -> str:

@@ -4,10 +4,10 @@ functions).
 Settings (``ExtractionConfig``, extract/config.py, holds their defaults) come from, in order of
 precedence: the flags given, ``--set key=value``, the dataset preset (``--preset thumos`` reads
 ``configs/datasets/thumos.json``) and the defaults. Library code refuses a value with a
-``ConfigError`` naming its key; ``refusals`` turns it, here and only here, into the one-line
-error naming where the value came from: its flag, ``--set``, or the preset file and key.
+``ConfigError`` naming its key; ``losa_tal.flag_errors`` turns it, here as in every command,
+into the one-line error naming where the value came from: its flag, ``--set``, or the preset
+file and key.
 """
-import contextlib
 import dataclasses
 import json
 import os
@@ -17,6 +17,7 @@ import click
 
 from extract.config import PRESET_DIR, STORE_FORMATS, ExtractionConfig, parse_tokens
 from store.protocol import NORMALISATIONS, RESIZE_MODES, RESIZE_PLACES, TAIL_POLICIES
+from losa_tal import flag_errors
 from store.urls import storage_options_flag
 
 DEFAULT = ExtractionConfig()
@@ -93,7 +94,7 @@ def extract(ctx, preset, random_init, overrides, compile_model, storage_options,
     if "layers" in given:
         given["layers"] = _parse_layers(given["layers"])
     if "tokens" in given:
-        with refusals({}):
+        with flag_errors(FLAGS):
             given["tokens"] = list(parse_tokens(given["tokens"]))
     backbone_source = FLAGS["backbone"]
     if "backbone" in given:
@@ -115,7 +116,7 @@ def extract(ctx, preset, random_init, overrides, compile_model, storage_options,
         config=config, videos=videos, compile=compile_model, storage_options=storage_options,
         backbone_source=backbone_source,
         expected_durations={vid: d for vid, d in durations.items() if d})
-    with refusals(origins), _rank_group() as total_failures:
+    with flag_errors(FLAGS, origins), _rank_group() as total_failures:
         if config.num_workers:  # as run_extraction does, but naming the flags in its advice
             check_shared_memory(config, name=FLAGS.get)
         summary = run_extraction(settings, show_progress=not no_progress)
@@ -136,7 +137,7 @@ def flags_by_key(flags: dict):
 def load_config(preset, given: dict, overrides=()) -> tuple:
     """``(ExtractionConfig, origins)`` from the defaults, the preset, ``--set`` items and the
     flags' values (``given``, by dotted key). ``origins`` says where each key set came from
-    (a flag, ``--set`` or the preset file), for ``refusals``. Each source is checked for what
+    (a flag, ``--set`` or the preset file), for ``flag_errors``. Each source is checked for what
     it decides: a preset value that --set or a flag replaces is not looked at."""
     from losa_tal import (ConfigError, apply_overrides, build_config, parse_override,
                           read_config_file)
@@ -156,7 +157,7 @@ def load_config(preset, given: dict, overrides=()) -> tuple:
     origins.update({key: FLAGS[key] for key in given})
     section = {key: value for key, value in given.items() if "." not in key}
     protocol = {key.partition(".")[2]: value for key, value in given.items() if "." in key}
-    with refusals(origins):
+    with flag_errors(FLAGS, origins):
         try:
             section["protocol"] = dataclasses.replace(config.protocol, **protocol)
         except ConfigError as err:
@@ -177,33 +178,6 @@ def _without(raw: dict, keys) -> dict:
         if isinstance(node, dict):
             node.pop(last, None)
     return kept
-
-
-@contextlib.contextmanager
-def refusals(origins: dict):
-    """A ConfigError inside becomes the one-line InputError naming where the value came from:
-    ``--clip-stride: protocol clip_stride: ...``, ``--set: key: ...``, ``preset.json: key: ...``
-    (a default is named by its flag)."""
-    from losa_tal import ConfigError, InputError
-
-    try:
-        yield
-    except ConfigError as err:
-        key = err.key
-        source = next((origins[part] for part in _prefixes(key) if part in origins),
-                      FLAGS.get(key))
-        if source is None:
-            raise InputError(f"{key}: {err.problem}") from None
-        if source in FLAGS.values():  # a flag: the key said too where it is not the flag's name
-            named = f"{key.replace('.', ' ')}: " if "." in key else ""
-            raise InputError(f"{source}: {named}{err.problem}") from None
-        raise InputError(f"{source}: {key}: {err.problem}") from None
-
-
-def _prefixes(key: str) -> list:
-    """``"protocol.fps"`` -> ``["protocol.fps", "protocol"]``: the most specific first."""
-    parts = key.split(".")
-    return [".".join(parts[:end]) for end in range(len(parts), 0, -1)]
 
 
 def check_inputs(config: ExtractionConfig, random_init: bool) -> None:
