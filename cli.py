@@ -18,7 +18,8 @@ import click
 # Lets ``python cli.py`` work from any directory without installing the project.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from losa_tal import ConfigError, InputError, __version__  # noqa: E402
+from losa_tal import ConfigError, InputError, __version__, flag_errors  # noqa: E402
+from store.urls import FLAGS as STORE_URL_FLAGS  # noqa: E402
 
 COMMANDS = {
     "synth": "synth.commands:synth",
@@ -54,7 +55,9 @@ class LazyGroup(click.Group):
 
     def invoke(self, ctx):
         try:
-            with warnings.catch_warnings(), stopped_by_sigterm():
+            # Every store-taking command has --storage-options: its name in messages is
+            # translated here, once, rather than by each command.
+            with warnings.catch_warnings(), stopped_by_sigterm(), flag_errors(STORE_URL_FLAGS):
                 warnings.simplefilter("default")
                 warnings.showwarning = show_warning_line
                 return super().invoke(ctx)

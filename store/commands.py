@@ -141,7 +141,7 @@ def import_(directory, out, fps, clip_len, clip_stride, frame_interval, annotati
     if fps is not None and not (math.isfinite(fps) and fps > 0):
         raise InputError(f"--fps: must be a positive number, got {fps}")
     try:
-        with flag_errors({"fps": "--fps", "annotations": "--annotations"}):
+        with flag_errors({"fps": "--fps", "annotations": "--annotations", "format": "--format"}):
             imported, skipped = import_features(
                 directory, out, fps=fps, clip_len=clip_len, clip_stride=clip_stride,
                 frame_interval=frame_interval, annotations=annotations, format=store_format,

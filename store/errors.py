@@ -18,7 +18,7 @@ _REASONS = {
 # What a failed request to a URL store means. The file systems (s3fs, HTTP, gcsfs...) raise
 # their own exception types, so they are told apart by name along the exception's chain.
 CANNOT_CONNECT = "cannot connect to the store's server"
-NOT_AUTHORISED = "not authorised (check the credentials: --storage-options or the environment)"
+NOT_AUTHORISED = "not authorised (check the credentials: `storage_options` or the environment)"
 NOT_FOUND = "not found"
 READ_ONLY = "read-only: this server does not accept writes (http:// stores are read-only)"
 _REMOTE_BY_NAME = {

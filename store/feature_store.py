@@ -331,12 +331,12 @@ def _existing_format(location: str):
 def _format_for_writing(location: str, requested):
     if requested is not None and requested not in BACKENDS:
         raise ValueError(f"format must be one of {', '.join(BACKENDS)} or None, got {requested!r}")
+    if requested == "hdf5" and is_url(location):  # before: a URL is taken to be Zarr
+        raise input_error(location, "HDF5 stores must be local files; use `format` zarr for URLs")
     existing = _existing_format(location)
     if existing is not None and requested is not None and existing != requested:
         raise input_error(location, f"is an existing {existing} store; cannot write it as "
                           f"{requested}")
-    if requested == "hdf5" and is_url(location):
-        raise input_error(location, "HDF5 stores must be local files; use --format zarr for URLs")
     if existing or requested:
         return existing or requested
     return "hdf5" if location.lower().endswith(HDF5_SUFFIXES) else "zarr"

@@ -11,6 +11,8 @@ import click
 from losa_tal import input_error
 
 FLAG = "--storage-options"
+# How library messages name it ("check `storage_options`"); cli.py swaps in the flag.
+FLAGS = {"storage_options": FLAG}
 HELP = ("Options of a URL store's file system (fsspec), as a JSON object, e.g. "
         "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}', '{\"profile\": \"lab\"}' or "
         "'{\"anon\": true}'; by default the environment's (AWS_* variables, ~/.aws).")

@@ -79,7 +79,8 @@ def demo(out, checkpoint, epochs, no_progress, **values):
     settings = DemoSettings(out=out, checkpoint=checkpoint, synth=config,
                             train_overrides=[] if epochs is None else [f"train.epochs={epochs}"],
                             progress=not no_progress)
-    report = run_demo(settings)
+    with flag_errors({"out": "--out"}):
+        report = run_demo(settings)
     click.echo(f"\nmAP (%) on the test split, seed {report['seed']}:")
     click.echo(comparison_table(report))
     click.echo("seconds: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()))

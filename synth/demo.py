@@ -339,11 +339,11 @@ def _claim_output(out: Path) -> None:
     """Start from an empty folder: a previous demo's output is replaced; anything else is
     refused, so the demo never deletes files it did not write."""
     if out.exists() and not out.is_dir():
-        raise input_error(out, "exists and is not a folder; choose another --out")
+        raise input_error(out, "exists and is not a folder; choose another `out`")
     if out.is_dir() and any(out.iterdir()):
         if not _is_demo_output(out):
             raise input_error(out, "folder is not empty and holds no demo output; choose "
-                              "another --out")
+                              "another `out`")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     _write_text(out / ".losa-demo", "written by `cli.py demo`; rerunning the demo replaces "

@@ -118,7 +118,7 @@ def convert_actionformer(checkpoint_path, config_path, store_path, annotations_p
     """An official ActionFormer checkpoint and config -> a head-only run directory."""
     from training.convert import convert_actionformer as run_conversion
 
-    with flag_errors(STORE_FLAGS):
+    with flag_errors({**STORE_FLAGS, "out_dir": "--out"}):
         path = run_conversion(checkpoint_path, config_path, store_path, out_dir,
                               annotations_path, storage_options)
     click.echo(f"wrote {path}; predict with: python cli.py infer --run {out_dir} ...")

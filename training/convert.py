@@ -171,7 +171,7 @@ def convert_actionformer(checkpoint_path, config_path, store_path, out_dir,
 
     out_dir = Path(out_dir)
     if (out_dir / "best.pt").exists() or (out_dir / "last.pt").exists():
-        raise input_error(out_dir, "already holds a run; choose another --out")
+        raise input_error(out_dir, "already holds a run; choose another `out_dir`")
     af = read_actionformer_config(config_path)
     annotations_path = str(annotations_path or af["dataset"].get("json_file") or "")
     store = open_store(store_path, af["dataset_name"] or "actionformer", storage_options)
