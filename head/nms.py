@@ -37,30 +37,30 @@ def segment_iou(segment, segments, eps: float = 1e-12, length_offset: float = 0.
     return intersection / union.clamp(min=eps)
 
 
-def suppression_weight(iou, method: str, iou_threshold: float, sigma: float):
+def suppression_weight(iou, nms_method: str, iou_threshold: float, sigma: float):
     """How much a detection keeps of its score next to a kept one it overlaps by ``iou``."""
-    if method == "soft":
+    if nms_method == "soft":
         return torch.exp(-(iou * iou) / sigma)
-    if method == "linear":
+    if nms_method == "linear":
         return torch.where(iou >= iou_threshold, 1 - iou, torch.ones_like(iou))
-    if method == "hard":
+    if nms_method == "hard":
         return (iou < iou_threshold).to(iou.dtype)
-    raise ValueError(f"unknown NMS method {method!r}; choose one of {METHODS}")
+    raise ValueError(f"unknown NMS method {nms_method!r}; choose one of {METHODS}")
 
 
-def suppress(segments, scores, labels, method: str = DEFAULT.nms_method,
+def suppress(segments, scores, labels, nms_method: str = DEFAULT.nms_method,
              iou_threshold: float = DEFAULT.iou_threshold, sigma: float = DEFAULT.sigma,
              min_score: float = DEFAULT.min_score, max_segments: int | None = DEFAULT.max_segments,
              voting_iou: float | None = DEFAULT.voting_iou):
-    """One video's final detections: per-class NMS (or ``method="none"``: rank only), then
+    """One video's final detections: per-class NMS (or ``nms_method="none"``: rank only), then
     optional boundary voting among the candidates overlapping each kept segment by
     ``voting_iou`` (see ``segment_voting``). Returns (segments, scores, labels), best first.
     """
-    if method == "none":
+    if nms_method == "none":
         order = scores.argsort(descending=True, stable=True)[:max_segments]
         kept = segments[order], scores[order], labels[order]
     else:
-        kept = batched_nms(segments, scores, labels, method, iou_threshold, sigma, min_score,
+        kept = batched_nms(segments, scores, labels, nms_method, iou_threshold, sigma, min_score,
                            max_segments)
     kept_segments, kept_scores, kept_labels = kept
     if voting_iou is not None and kept_segments.shape[0]:
@@ -69,7 +69,7 @@ def suppress(segments, scores, labels, method: str = DEFAULT.nms_method,
     return kept_segments, kept_scores, kept_labels
 
 
-def batched_nms(segments, scores, labels, method: str = DEFAULT.nms_method,
+def batched_nms(segments, scores, labels, nms_method: str = DEFAULT.nms_method,
                 iou_threshold: float = DEFAULT.iou_threshold, sigma: float = DEFAULT.sigma,
                 min_score: float = DEFAULT.min_score,
                 max_segments: int | None = DEFAULT.max_segments):
@@ -79,8 +79,8 @@ def batched_nms(segments, scores, labels, method: str = DEFAULT.nms_method,
     detections with their (possibly decayed) scores, best first (stable on ties: class, then the
     order in which they were kept), at most ``max_segments`` (None: no limit).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown NMS method {method!r}; choose one of {METHODS}")
+    if nms_method not in METHODS:
+        raise ValueError(f"unknown NMS method {nms_method!r}; choose one of {METHODS}")
     limit = segments.shape[0] if max_segments is None else min(max_segments, segments.shape[0])
     grid_segments, grid_scores, grid_labels, alive = _per_class_grid(segments, scores, labels)
     alive &= grid_scores >= min_score
@@ -97,7 +97,7 @@ def batched_nms(segments, scores, labels, method: str = DEFAULT.nms_method,
         alive[rows, best] = False
         iou = segment_iou(grid_segments[rows, best][:, None], grid_segments,
                           length_offset=NMS_LENGTH_OFFSET)
-        weight = suppression_weight(iou, method, iou_threshold, sigma)
+        weight = suppression_weight(iou, nms_method, iou_threshold, sigma)
         grid_scores = torch.where(alive, grid_scores * weight, grid_scores)
         alive &= (grid_scores >= min_score) & (weight > 0)
     if not kept_columns:

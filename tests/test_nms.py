@@ -24,7 +24,7 @@ def reference_weight(iou, method, iou_threshold, sigma):
     return 0.0 if iou >= iou_threshold else 1.0
 
 
-def reference_nms(detections, method, iou_threshold, sigma, min_score, max_segments):
+def reference_nms(detections, nms_method, iou_threshold, sigma, min_score, max_segments):
     """One detection at a time, one class at a time, in plain Python.
 
     detections: list of (start, end, score, label). Returns the same tuples, best first.
@@ -40,7 +40,7 @@ def reference_nms(detections, method, iou_threshold, sigma, min_score, max_segme
             picked += 1
             survivors = []
             for other in live:
-                weight = reference_weight(reference_iou((start, end), other), method,
+                weight = reference_weight(reference_iou((start, end), other), nms_method,
                                           iou_threshold, sigma)
                 other[2] *= weight
                 if weight > 0 and other[2] >= min_score:
@@ -76,7 +76,7 @@ detection = st.tuples(coordinate, st.integers(1, 20).map(lambda v: v / 2),
 @given(detections=st.lists(detection, max_size=30), method=st.sampled_from(["soft", "linear", "hard"]),
        iou_threshold=st.sampled_from([0.1, 0.5, 0.7]), max_segments=st.integers(1, 40))
 def test_nms_equals_reference(detections, method, iou_threshold, max_segments):
-    options = dict(method=method, iou_threshold=iou_threshold, sigma=0.5, min_score=0.001,
+    options = dict(nms_method=method, iou_threshold=iou_threshold, sigma=0.5, min_score=0.001,
                    max_segments=max_segments)
     assert_same_detections(run_nms(detections, **options),
                            reference_nms(detections, **options))
@@ -84,7 +84,7 @@ def test_nms_equals_reference(detections, method, iou_threshold, max_segments):
 
 def test_gaussian_soft_nms_decays_by_hand_computed_weight():
     # IoU([0, 4], [2, 6]) = 2 / 6; the second keeps exp(-(1/3)**2 / 0.5) of its score.
-    got = run_nms([(0, 4, 0.9, 0), (2, 6, 0.8, 0), (2, 6, 0.7, 1)], method="soft", sigma=0.5)
+    got = run_nms([(0, 4, 0.9, 0), (2, 6, 0.8, 0), (2, 6, 0.7, 1)], nms_method="soft", sigma=0.5)
     assert got[0] == (0, 4, pytest.approx(0.9), 0)
     assert got[1] == (2, 6, pytest.approx(0.7), 1)      # another class: untouched
     assert got[2] == (2, 6, pytest.approx(0.8 * math.exp(-1 / 9 / 0.5)), 0)
@@ -92,7 +92,7 @@ def test_gaussian_soft_nms_decays_by_hand_computed_weight():
 
 def test_hard_nms_removes_overlaps_above_threshold_only():
     detections = [(0, 10, 0.9, 0), (1, 10, 0.8, 0), (8, 18, 0.7, 0)]   # IoUs 0.9 and 2/18
-    got = run_nms(detections, method="hard", iou_threshold=0.5)
+    got = run_nms(detections, nms_method="hard", iou_threshold=0.5)
     assert [d[:3] for d in got] == [(0, 10, pytest.approx(0.9)), (8, 18, pytest.approx(0.7))]
 
 
@@ -119,7 +119,7 @@ def test_voting_in_chunks_equals_voting_at_once():
     segments = torch.stack([starts, starts + 1 + torch.rand(200, generator=generator) * 20], 1)
     scores = torch.rand(200, generator=generator)
     labels = torch.randint(0, 3, (200,), generator=generator)
-    kept, _, kept_labels = batched_nms(segments, scores, labels, method="hard", iou_threshold=0.3)
+    kept, _, kept_labels = batched_nms(segments, scores, labels, nms_method="hard", iou_threshold=0.3)
     at_once = segment_voting(kept, kept_labels, segments, scores, labels, 0.5, chunk=10_000)
     chunked = segment_voting(kept, kept_labels, segments, scores, labels, 0.5, chunk=7)
     assert kept.shape[0] > 7 and not torch.equal(at_once, kept)
