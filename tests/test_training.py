@@ -185,6 +185,7 @@ def test_standardise_centres_features_and_travels_in_the_checkpoint_to_infer(tmp
     random-weight ViT gives): zero mean, unit std on the training videos; the statistics are
     checkpoint buffers that infer uses; LoSA at initialisation feeds the head what head-only
     does."""
+    from training.config import Config
     from training.data import channel_statistics
     from training.detector import Detector
     from training.infer import build_trained_detector, predict
@@ -201,7 +202,7 @@ def test_standardise_centres_features_and_travels_in_the_checkpoint_to_infer(tmp
     # The training videos, standardised by the trained model's buffers.
     state = ckpt.load(tmp_path / "run" / "last.pt")  # weights_only=True inside
     store = FeatureStore.open(store_path)
-    model = build_trained_detector(state, store, "last.pt")
+    model = build_trained_detector(state, Config.from_dict(state["config"]), store, "last.pt")
     training_set = StoreDataset(store, load_annotations(annotations_path), "training",
                                 CLASSES, list(LAYERS), config.data, train=False)
     batch = collate([training_set[i] for i in range(len(training_set))])

@@ -45,7 +45,7 @@ def infer(run_or_checkpoint, store_path=None, annotations_path=None, subset=None
     ckpt.check_store_matches(state["store"], store, path)
     annotations = open_annotations(annotations_path or config.data.annotations)
     layers = state["store"]["layers"]
-    model = build_trained_detector(state, store, path)
+    model = build_trained_detector(state, config, store, path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = resolve_subset(annotations, subset or config.eval.subset, train=False)
     dataset = StoreDataset(store, annotations, name, state["classes"], layers, config.data,
@@ -83,9 +83,9 @@ def checkpoint_path(run_or_checkpoint) -> Path:
     return path
 
 
-def build_trained_detector(state: dict, store, path) -> Detector:
-    """The detector a checkpoint describes, with its EMA weights; a mismatch is one line."""
-    config = Config.from_dict(state["config"], f"{path} (config)")
+def build_trained_detector(state: dict, config: Config, store, path) -> Detector:
+    """The detector checkpoint ``state`` (with its parsed ``config``) describes, with its EMA
+    weights; a weight mismatch is one line naming ``path``."""
     model = Detector(store.feature_dim, len(state["classes"]), len(state["store"]["layers"]),
                      store.num_tokens, config.model, config.head,
                      standardise=config.data.standardise)
