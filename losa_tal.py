@@ -143,24 +143,30 @@ def _named_by_flags(message: str, flags: dict) -> str:
     return message
 
 
-def read_config_file(path) -> dict:
-    """The JSON object in a config file, or an InputError naming the file."""
+def read_config_file(path, shape: str = "a config must be a JSON object of sections") -> dict:
+    """The object in a JSON file (YAML for ``.yaml``/``.yml``: ``load_yaml``'s safe subset), or
+    an InputError naming the file; ``shape`` says what a file holding something else lacks."""
     import json
     from pathlib import Path
 
+    import yaml
+
     path = Path(path)
+    language = "YAML" if path.suffix.lower() in (".yaml", ".yml") else "JSON"
     try:
-        raw = json.loads(path.read_text())
+        text = path.read_text()
+        raw = load_yaml(text) if language == "YAML" else json.loads(text)
     except FileNotFoundError:
         raise input_error(path, "config file not found") from None
     except (OSError, UnicodeDecodeError) as err:
         raise input_error(path, f"cannot read config ({err})") from None
-    except json.JSONDecodeError as err:
-        raise input_error(path, f"not valid JSON ({err})") from None
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise input_error(path, f"not valid {language} ({' '.join(str(err).split())[:200]})") \
+            from None
     except RecursionError:
-        raise input_error(path, f"not valid JSON ({TOO_DEEP})") from None
+        raise input_error(path, f"not valid {language} ({TOO_DEEP})") from None
     if not isinstance(raw, dict):
-        raise input_error(path, "a config must be a JSON object of sections")
+        raise input_error(path, shape)
     return raw
 
 

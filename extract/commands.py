@@ -9,7 +9,6 @@ into the one-line error naming where the value came from: its flag, ``--set``, o
 file and key.
 """
 import dataclasses
-import json
 import os
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import click
 
 from extract.config import PRESET_DIR, STORE_FORMATS, ExtractionConfig, parse_tokens
 from store.protocol import NORMALISATIONS, RESIZE_MODES, RESIZE_PLACES, TAIL_POLICIES
-from losa_tal import flag_errors
+from losa_tal import flag_errors, read_config_file
 from store.urls import storage_options_flag
 
 DEFAULT = ExtractionConfig()
@@ -139,8 +138,7 @@ def load_config(preset, given: dict, overrides=()) -> tuple:
     flags' values (``given``, by dotted key). ``origins`` says where each key set came from
     (a flag, ``--set`` or the preset file), for ``flag_errors``. Each source is checked for what
     it decides: a preset value that --set or a flag replaces is not looked at."""
-    from losa_tal import (ConfigError, apply_overrides, build_config, parse_override,
-                          read_config_file)
+    from losa_tal import ConfigError, apply_overrides, build_config, parse_override
 
     replaced = {*given, *(".".join(parse_override(item)[0]) for item in overrides)}
     raw, origins = {}, {}
@@ -210,30 +208,11 @@ def _preset_path(name: str) -> Path:
     return path
 
 
-def _read_mapping(path) -> dict:
-    """A JSON or YAML file holding one object."""
-    import yaml
-
-    from losa_tal import TOO_DEEP, input_error, load_yaml
-
-    try:
-        text = Path(path).read_text()
-        data = load_yaml(text) if str(path).lower().endswith((".yaml", ".yml")) else \
-            json.loads(text)
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
-        raise input_error(path, f"cannot read: {' '.join(str(err).split())[:200]}") from None
-    except RecursionError:
-        raise input_error(path, f"cannot read: {TOO_DEEP}") from None
-    if not isinstance(data, dict):
-        raise input_error(path, "expected an object of settings")
-    return data
-
-
 def _backbone_spec(value: str) -> tuple:
     """``(source, spec)`` of ``--backbone``: a preset name, or the kwargs of a JSON/YAML file
     (then named by its path in messages)."""
     if value.lower().endswith((".json", ".yaml", ".yml")) or os.path.isfile(value):
-        return value, _read_mapping(value)
+        return value, read_config_file(value, "expected an object of settings")
     return FLAGS["backbone"], value
 
 
