@@ -1,9 +1,18 @@
-"""Project-wide basics every stage shares: the version and the error type for bad user input.
+"""Project-wide basics every stage shares: the version, the error types for bad user input,
+the typed config loader and the command-line edge that names flags in errors.
 
-Kept in one tiny module so that any package can import it without pulling in torch.
+Only the standard library at import (PyYAML inside ``load_yaml``), so that any package, and a
+config check, can import it without pulling in torch.
 """
 
 import contextlib
+import dataclasses
+import importlib
+import json
+import math
+import types
+import typing
+from pathlib import Path
 
 __version__ = "0.1.0"
 
@@ -29,8 +38,6 @@ def lazy_attributes(package: str, homes: dict):
     def __getattr__(name):
         if name not in homes:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        import importlib
-
         return getattr(importlib.import_module(homes[name]), name)
 
     return __getattr__
@@ -85,6 +92,11 @@ def check_values(checks) -> None:
 
 def check_positive_integers(**values) -> None:
     check_values((key, value >= 1, "a positive integer", value) for key, value in values.items())
+
+
+def finite_and_at_least(value: float, low: float) -> bool:
+    """For range checks: False for NaN and infinities as well as for values under ``low``."""
+    return math.isfinite(value) and value >= low
 
 
 def checked_config(cls, arguments: dict):
@@ -146,9 +158,6 @@ def _named_by_flags(message: str, flags: dict) -> str:
 def read_config_file(path, shape: str = "a config must be a JSON object of sections") -> dict:
     """The object in a JSON file (YAML for ``.yaml``/``.yml``: ``load_yaml``'s safe subset), or
     an InputError naming the file; ``shape`` says what a file holding something else lacks."""
-    import json
-    from pathlib import Path
-
     import yaml
 
     path = Path(path)
@@ -173,8 +182,6 @@ def read_config_file(path, shape: str = "a config must be a JSON object of secti
 def parse_override(item: str):
     """``"optim.lr_head=2e-4"`` -> ``(["optim", "lr_head"], 2e-4)``: the value is a JSON
     literal, or a string when it is not valid JSON (``model.type=head_only``)."""
-    import json
-
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise InputError(f"--set {item}: expected key.sub=value")
@@ -203,9 +210,6 @@ def apply_overrides(raw: dict, overrides) -> dict:
 def build_config(cls, raw, source: str, prefix: str = ""):
     """Instantiate dataclass ``cls`` from plain data: unknown keys, wrong types and values its
     ``check()`` refuses are InputErrors naming ``source`` and the dotted key."""
-    import dataclasses
-    import typing
-
     where = prefix.rstrip(".") or "top level"
     if not isinstance(raw, dict):
         raise input_error(source, f"{where}: expected an object, got {type(raw).__name__}")
@@ -223,40 +227,21 @@ def build_config(cls, raw, source: str, prefix: str = ""):
             values[name] = build_config(hint, value, source, f"{prefix}{name}.")
         elif not _matches(value, hint):
             raise input_error(source, f"{prefix}{name}: expected {_describe(hint)}, "
-                              f"got {_dump(value)}")
+                              f"got {json.dumps(value)}")
         else:
             values[name] = value
     try:
         config = cls(**values)  # a frozen dataclass may check itself here (__post_init__)
+        if hasattr(config, "check"):
+            config.check()
     except ConfigError as err:
         raise input_error(source, f"{prefix}{err.key}: {err.problem}") from None
-    check_config(config, source, prefix)
     return config
-
-
-def check_config(config, source: str, prefix: str = "") -> None:
-    """Run ``config.check()`` (if it has one), naming the file and dotted key of a problem."""
-    check = getattr(config, "check", None)
-    if check is None:
-        return
-    try:
-        check()
-    except ConfigError as err:
-        raise input_error(source, f"{prefix}{err.key}: {err.problem}") from None
-
-
-def _dump(value) -> str:
-    import json
-
-    return json.dumps(value)
 
 
 def _matches(value, hint) -> bool:
     """Whether plain JSON data fits a type hint; ints count as numbers where floats are
     expected, booleans never count as numbers."""
-    import types
-    import typing
-
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         return any(_matches(value, arg) for arg in typing.get_args(hint))
@@ -275,9 +260,6 @@ def _matches(value, hint) -> bool:
 
 
 def _describe(hint) -> str:
-    import types
-    import typing
-
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(arg) for arg in typing.get_args(hint))

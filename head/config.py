@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from losa_tal import check_positive_integers, check_values
+from losa_tal import check_positive_integers, check_values, finite_and_at_least
 
 GLOBAL_WINDOW = -1  # a level's ``window`` that means: attend to the whole sequence
 # A config asking for more pyramid levels, embedding convs, stem blocks or tower layers than this
@@ -103,8 +103,8 @@ class HeadConfig:
             ("cls_prior_prob", 0 < self.cls_prior_prob < 1, "in (0, 1)", self.cls_prior_prob),
             ("focal_alpha", self.focal_alpha <= 1 and finite(self.focal_alpha),
              "at most 1 (negative disables it)", self.focal_alpha),
-            *((name, 0 <= getattr(self, name) and finite(getattr(self, name)),
-               "finite and zero or more", getattr(self, name))
+            *((name, finite_and_at_least(getattr(self, name), 0), "finite and zero or more",
+               getattr(self, name))
               for name in ("focal_gamma", "reg_loss_weight")),
             ("loss_norm_init", 0 < self.loss_norm_init and finite(self.loss_norm_init),
              "finite and positive", self.loss_norm_init),
@@ -170,8 +170,8 @@ class PostprocessConfig:
         check_values([
             *((name, 0 <= getattr(self, name) <= 1, "in [0, 1]", getattr(self, name))
               for name in ("score_threshold", "iou_threshold", "min_score")),
-            ("min_duration", 0 <= self.min_duration and math.isfinite(self.min_duration),
-             "finite and zero or more", self.min_duration),
+            ("min_duration", finite_and_at_least(self.min_duration, 0), "finite and zero or more",
+             self.min_duration),
             ("nms_method", self.nms_method in methods, f"one of {', '.join(methods)}",
              self.nms_method),
             ("sigma", 0 < self.sigma and math.isfinite(self.sigma), "finite and positive",

@@ -10,8 +10,8 @@ import pytest
 
 from head.config import HeadConfig
 from helpers import REPO
-from losa_tal import InputError
-from training.config import Config, load_config, parse_override
+from losa_tal import InputError, parse_override
+from training.config import Config, load_config
 
 SHIPPED = sorted((REPO / "configs" / "train").glob("*.json"))
 

@@ -16,22 +16,17 @@ The defaults are ActionFormer's THUMOS-14 settings.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 from adapt.config import LosaConfig, losa_parameter_count
 from head.config import HeadConfig, PostprocessConfig, head_parameter_count
-from losa_tal import (ConfigError, apply_overrides, build_config,  # noqa: F401 - parse_override
-                      check_positive_integers, check_values, config_arguments, input_error,
-                      parse_override, read_config_file)
+from losa_tal import (ConfigError, apply_overrides, build_config, check_positive_integers,
+                      check_values, config_arguments, finite_and_at_least, input_error,
+                      read_config_file)
 
 MODEL_TYPES = ("losa", "head_only")
 CACHE_KINDS = ("auto", "none", "ram", "pinned", "gpu")
 DATA_MODES = ("window", "resize")
-
-
-def finite_and_at_least(value: float, low: float) -> bool:
-    return math.isfinite(value) and value >= low
 
 
 @dataclass
