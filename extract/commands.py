@@ -15,8 +15,8 @@ from pathlib import Path
 import click
 
 from extract.config import PRESET_DIR, STORE_FORMATS, ExtractionConfig, parse_tokens
-from store.protocol import NORMALISATIONS, RESIZE_MODES, RESIZE_PLACES, TAIL_POLICIES
 from losa_tal import flag_errors, read_config_file
+from store.protocol import NORMALISATIONS, RESIZE_MODES, RESIZE_PLACES, TAIL_POLICIES
 from store.urls import storage_options_flag
 
 DEFAULT = ExtractionConfig()

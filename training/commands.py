@@ -4,8 +4,8 @@ import click
 from evaluation.commands import FUSE_FLAGS, topk_option, video_scores_option  # no torch
 from losa_tal import flag_errors
 from store.urls import storage_options_flag
+from training.config import MODEL_TYPES, load_config  # no torch
 
-MODEL_CHOICES = ("losa", "head_only")
 # training.train's names for what these flags give (losa_tal.flag_errors).
 STORE_FLAGS = {"store_path": "--store"}
 TRAIN_FLAGS = {**STORE_FLAGS, "out_dir": "--out", "resume": "--resume", "model.type": "--model"}
@@ -21,7 +21,7 @@ INFER_FLAGS = {**STORE_FLAGS, **FUSE_FLAGS, "subset": "--subset"}
               help="Ground-truth JSON (default: the config's data.annotations).")
 @click.option("--out", "out_dir", default=None,
               help="Run directory (default: runs/<config name>).")
-@click.option("--model", "model_type", type=click.Choice(MODEL_CHOICES), default=None,
+@click.option("--model", "model_type", type=click.Choice(MODEL_TYPES), default=None,
               help="LoSA adapters + head, or the head-only baseline (overrides model.type).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Overrides train.epochs.")
@@ -41,7 +41,6 @@ def train(config_path, store_path, annotations_path, out_dir, model_type, epochs
     from pathlib import Path
 
     import torchrun
-    from training.config import load_config
 
     overrides = list(overrides)
     if model_type is not None:
