@@ -45,7 +45,7 @@ def pairs_with_equal_keys(pred_keys: np.ndarray, gt_keys: np.ndarray):
 def pair_iou(pred_segments, gt_segments, pair_pred, pair_gt) -> np.ndarray:
     """tIoU of each (pred, gt) index pair."""
     return elementwise_tiou(pred_segments[:, 0][pair_pred], pred_segments[:, 1][pair_pred],
-                       gt_segments[:, 0][pair_gt], gt_segments[:, 1][pair_gt])
+                            gt_segments[:, 0][pair_gt], gt_segments[:, 1][pair_gt])
 
 
 def greedy_match(pred_segments, pred_keys, gt_segments, gt_keys, thresholds) -> np.ndarray:

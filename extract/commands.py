@@ -105,8 +105,8 @@ def extract(ctx, preset, random_init, overrides, compile_model, storage_options,
         config = dataclasses.replace(config, checkpoint=None)
     check_inputs(config, random_init)
     # Only now torch: a bad setting is refused in a fraction of a second.
-    from extract.pipeline import (ExtractionSettings, annotated_durations, check_shared_memory,
-                                  find_videos, format_summary, run_extraction)
+    from extract.pipeline import (ExtractionSettings, annotated_durations, find_videos,
+                                  format_summary, run_extraction)
 
     durations = annotated_durations(config.annotations, config.subset) \
         if config.annotations else {}
@@ -116,8 +116,6 @@ def extract(ctx, preset, random_init, overrides, compile_model, storage_options,
         backbone_source=backbone_source,
         expected_durations={vid: d for vid, d in durations.items() if d})
     with flag_errors(FLAGS, origins), _rank_group() as total_failures:
-        if config.num_workers:  # as run_extraction does, but naming the flags in its advice
-            check_shared_memory(config, name=FLAGS.get)
         summary = run_extraction(settings, show_progress=not no_progress)
         failures = total_failures(len(summary.failed))
     click.echo(format_summary(summary, missing))

@@ -251,16 +251,16 @@ def shared_memory_needed(config: ExtractionConfig) -> int:
     return config.num_workers * (PREFETCH_CHUNKS + 1) * chunk
 
 
-def check_shared_memory(config: ExtractionConfig, name=str) -> None:
+def check_shared_memory(config: ExtractionConfig) -> None:
     """Refuse, in one line, to start workers whose chunks /dev/shm cannot hold (Docker gives a
-    container 64 MB), rather than let them die of SIGBUS mid-video. ``name(key)`` is what the
-    caller calls a setting in its advice (the command line: its flag)."""
+    container 64 MB), rather than let them die of SIGBUS mid-video. The advice names the
+    settings in backticks; the command line names their flags (losa_tal.flag_errors)."""
     free, needed = shared_memory_free(), shared_memory_needed(config)
     if free is not None and free < needed:
         raise input_error(SHARED_MEMORY, f"{free / 2**20:.0f} MB free, but {config.num_workers}"
                           f" decoding workers can hold {needed / 2**20:.0f} MB of frames there; "
                           "give it more (docker run --shm-size=8g, or mount a larger tmpfs) or "
-                          f"lower {name('num_workers')} or {name('batch_size')}")
+                          "lower `num_workers` or `batch_size`")
 
 
 def weight_dtype(device: torch.device) -> torch.dtype:
