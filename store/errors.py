@@ -12,6 +12,9 @@ _REASONS = {
     errno.EROFS: "read-only file system",
     errno.EACCES: "permission denied",
     errno.EPERM: "operation not permitted",
+    **dict.fromkeys((errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP),
+                    "this file system refuses file locks, which HDF5 stores need (write a Zarr "
+                    "store here)"),
 }
 
 

@@ -8,6 +8,7 @@ feature array of the wrong shape, a clip range outside the video) are ``ValueErr
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import warnings
@@ -18,13 +19,14 @@ from losa_tal import InputError, input_error
 
 from .errors import storage_errors
 from .hdf5_backend import Hdf5Backend
-from .locks import try_claim
+from .locks import NO_LOCKS, try_claim
 from .meta import (LAST, TIMES_KEY, array_key, checked_meta, meta_differences, new_meta,
                    video_record_problems)
-from .names import encode_video_id
+from .names import HASHED_MARK, decode_video_id, encode_video_id
 from .urls import check_storage_options, is_url
 from .zarr_backend import ZarrBackend
 
+PLAN = "plan"
 BACKENDS = {"zarr": ZarrBackend, "hdf5": Hdf5Backend}
 HDF5_SUFFIXES = (".h5", ".hdf5")
 
@@ -45,16 +47,27 @@ class FeatureStore:
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
     def create(cls, path, meta: dict, format: str | None = None,
-               storage_options: dict | None = None) -> "FeatureStore":
+               storage_options: dict | None = None,
+               single_writer: bool = False) -> "FeatureStore":
         """A writer: creates the store, or opens an existing one whose metadata matches ``meta``.
-        ``storage_options`` go to the file system of a URL store (store/urls.py)."""
+        ``storage_options`` go to the file system of a URL store (store/urls.py).
+        ``single_writer`` promises that no other process writes this store meanwhile, which a
+        file system that cannot create a file only if it is absent needs (see docs/store.md)."""
         location = _location(path)
         options = check_storage_options(location, storage_options)
-        requested = new_meta(meta)
         format = _format_for_writing(location, format)
+        backend_class = BACKENDS[format]
+        requested = new_meta({**meta, "format_version": backend_class.format_version})
         with storage_errors(location, "cannot create or open the store"):
-            backend = BACKENDS[format].create_or_open(location, requested, **_backend_options(options))
+            backend = backend_class.create_or_open(location, requested,
+                                                   **_backend_options(options))
             stored = _read_checked_meta(backend, location)
+            backend.require_writable_layout()
+            if not (backend.exclusive_create or single_writer):
+                raise input_error(location, "this file system cannot create a file only if it "
+                                  "is absent, so two writers could overwrite each other's "
+                                  "videos; write to a local or shared POSIX directory or to "
+                                  "S3, or promise a single writer (`single_writer`)")
         differences = meta_differences(stored, requested)
         if differences:
             raise input_error(location, "was written with a different " + "; ".join(differences)
@@ -128,10 +141,15 @@ class FeatureStore:
 
     # -- reading ---------------------------------------------------------------------------------
     def videos(self) -> list[str]:
-        """Ids of the complete videos, sorted (videos being written are not listed)."""
+        """Ids of the committed videos, sorted (videos being written are not listed). One
+        listing: a record is read only for the rare id too long to be its own name."""
         with storage_errors(self.path, "cannot list the videos"):
-            records = self._backend.complete_videos()
-        return sorted(_stored_id(name, record) for name, record in records.items())
+            return sorted(self._id_of(name) for name in self._backend.committed_names())
+
+    def _id_of(self, name: str) -> str:
+        if HASHED_MARK not in name:
+            return decode_video_id(name)
+        return _stored_id(name, self._backend.record(name) or {})
 
     def __contains__(self, video_id) -> bool:
         return isinstance(video_id, str) and bool(video_id) and self._record(video_id) is not None
@@ -270,24 +288,87 @@ class FeatureStore:
     def claim(self, video_id: str):
         """Take a video for this process: ``with fs.claim(vid) as mine: if mine: ...``.
 
-        Yields False while another process holds it. The claim is an ``flock``, dropped by the
-        kernel if this process dies, so a killed run never blocks its resume. On object storage
-        (no locks) it always yields True, with a warning: shard the videos between writers.
+        Yields False while another process holds it. A claim only saves duplicate work (the
+        commit decides what is stored, exactly once): it is an ``flock``, dropped by the kernel
+        if this process dies, and where there are no working locks (object storage, a file
+        system that refuses ``flock``) every claim succeeds, with one warning.
         """
         directory = self._backend.claims_dir
         if directory is None:
-            if not self._warned_no_claims:
-                warnings.warn(f"{self.path}: claims need a POSIX file system; on object storage "
-                              "give each writer its own videos", stacklevel=3)
-                self._warned_no_claims = True
+            self._warn_no_claims("object storage has no locks")
             yield True
             return
         with contextlib.ExitStack() as stack:
-            with storage_errors(self.path, f"cannot claim video {video_id!r}"):
+            try:
                 mine = stack.enter_context(try_claim(directory, encode_video_id(video_id)))
+            except OSError as err:
+                if err.errno not in NO_LOCKS:
+                    with storage_errors(self.path, f"cannot claim video {video_id!r}"):
+                        raise
+                self._warn_no_claims(f"file locks are refused here ({os.strerror(err.errno)})")
+                mine = True
             yield mine
 
+    def _warn_no_claims(self, reason: str):
+        if not self._warned_no_claims:
+            warnings.warn(f"{self.path}: {reason}; writers may extract a video twice, and "
+                          "the store keeps one copy", stacklevel=4)
+            self._warned_no_claims = True
+
+    # -- the plan: what the store should hold ----------------------------------------------------
+    def planned_videos(self) -> list[dict] | None:
+        """The videos recorded as planned (``{"video_id", ...}`` each, in plan order), or None."""
+        with storage_errors(self.path, "cannot read the plan"):
+            parts = self._backend.read_documents(PLAN)
+        if not parts:
+            return None
+        planned = {}
+        for name, data in parts:
+            entries = _plan_entries(data)
+            if entries is None:
+                raise input_error(self.path, f"plan part {name!r} is damaged (not a JSON list of "
+                                  "videos)")
+            for entry in entries:
+                planned.setdefault(entry["video_id"], entry)
+        return list(planned.values())
+
+    def record_plan(self, entries: list[dict]) -> list[dict]:
+        """Record ``entries`` (``{"video_id", ...}`` each) as planned, those with new ids only,
+        and return the whole plan: every writer, on any machine, then agrees on it."""
+        for entry in entries:
+            if not (isinstance(entry, dict) and isinstance(entry.get("video_id"), str)):
+                raise ValueError(f"a plan entry is a dict with a 'video_id', got {entry!r}")
+        if not self._writable:
+            raise ValueError(f"{self.path} was opened for reading; use FeatureStore.create")
+        while True:
+            planned = self.planned_videos() or []
+            known = {entry["video_id"] for entry in planned}
+            new = [entry for entry in entries if entry["video_id"] not in known]
+            if not new:
+                return planned
+            part = f"{len(self._backend.read_documents(PLAN)) + 1:06d}"
+            with storage_errors(self.path, "cannot record the plan"):
+                if self._backend.create_document(PLAN, part, json_bytes(new)):
+                    return planned + new
+            # Another writer recorded a part first: read it and add only what is still new.
+
     # -- maintenance -----------------------------------------------------------------------------
+    def leftovers(self, older_than: float) -> list[tuple[str, float]]:
+        """What no committed video uses and no one has written for ``older_than`` seconds."""
+        if not hasattr(self._backend, "leftovers"):
+            return []
+        with storage_errors(self.path, "cannot list the store"):
+            return self._backend.leftovers(older_than)
+
+    def remove_leftover(self, relative: str):
+        with storage_errors(self.path, f"cannot remove {relative}"):
+            self._backend.remove(relative)
+
+    def commit_problem(self, video_id: str):
+        """Why a listed video's commit cannot be read (None when it can)."""
+        with storage_errors(self.path, "cannot read the store"):
+            return self._backend.commit_problem(encode_video_id(video_id))
+
     def incomplete_videos(self) -> list[str]:
         """Names (encoded) of video groups without a completion marker; readers ignore them."""
         with storage_errors(self.path, "cannot list the videos"):
@@ -346,4 +427,20 @@ def _read_checked_meta(backend, location) -> dict:
     meta = backend.read_meta()
     if meta is None:
         raise input_error(location, "is not a LoSA-TAL feature store (no 'losa_tal' metadata)")
-    return checked_meta(location, meta)
+    return checked_meta(location, meta, backend.readable_versions)
+
+
+def json_bytes(value) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _plan_entries(data: bytes):
+    try:
+        entries = json.loads(data)
+    except ValueError:
+        return None
+    if isinstance(entries, list) and all(isinstance(entry, dict) and
+                                         isinstance(entry.get("video_id"), str)
+                                         for entry in entries):
+        return entries
+    return None

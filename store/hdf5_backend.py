@@ -56,6 +56,11 @@ def _h5py():
 
 class Hdf5Backend:
     format = "hdf5"
+    format_version = 1
+    readable_versions = (1,)
+    # The publish lock makes each append exclusive, so a file created only if absent is never
+    # needed; the store requires working locks instead (one machine, see docs/store.md).
+    exclusive_create = True
 
     def __init__(self, location, writable: bool):
         self.location = os.path.abspath(str(location))
@@ -140,11 +145,14 @@ class Hdf5Backend:
                                   "it needs one access with write permission to be rolled back "
                                   f"({describe_os_error(err)})") from err
 
-    def complete_videos(self) -> dict:
+    def committed_names(self) -> list[str]:
         with self.reading():
             for name in self._videos():
                 self._remember_if_complete(name)
-        return dict(self._complete)
+        return list(self._complete)
+
+    def commit_problem(self, name: str):
+        return None  # a video's record is part of its group; its reads name any damage
 
     def record(self, name: str):
         if name not in self._complete:
@@ -178,7 +186,28 @@ class Hdf5Backend:
     def incomplete_videos(self) -> list[str]:
         with self.reading():
             names = list(self._videos())
-        return sorted(set(names) - set(self.complete_videos()))
+        return sorted(set(names) - set(self.committed_names()))
+
+    # -- documents (the plan): attributes of one group, appended like a video ----------------------
+    def read_documents(self, folder: str) -> list[tuple[str, bytes]]:
+        with self.reading():
+            group = self._handle.get(folder)
+            if not isinstance(group, _h5py().Group):
+                return []
+            return sorted((name, str(value).encode()) for name, value in group.attrs.items())
+
+    def create_document(self, folder: str, name: str, data: bytes) -> bool:
+        def add(main) -> bool:
+            group = main.require_group(folder)
+            if name in group.attrs:
+                return False
+            group.attrs[name] = data.decode()
+            return True
+
+        return self._append(add)
+
+    def require_writable_layout(self):
+        pass
 
     # -- writing ---------------------------------------------------------------------------------
     @property
@@ -191,6 +220,17 @@ class Hdf5Backend:
         return Hdf5Staging(self._staging.new_path(".h5"), lambda path: self._publish(name, path))
 
     def _publish(self, name: str, staged: str) -> bool:
+        def copy_in(main) -> bool:
+            with _h5py().File(staged, "r", locking=False) as source:
+                return self._copy_in(main, name, source)
+
+        published = self._append(copy_in)
+        locks.remove_path(staged)
+        return published
+
+    def _append(self, change):
+        """Run ``change(open main file)`` all or nothing: under the exclusive publish lock,
+        through the undo journal, rolled back if anything fails or the process dies."""
         with locks.exclusive(self._publish_lock):
             self._roll_back_interrupted_publish()
             try:
@@ -199,28 +239,26 @@ class Hdf5Backend:
                 roll_back(self.location, self._journal)  # its header was cut: nothing to undo
                 raise
             try:
-                published = self._copy_in(main_file, name, staged)
+                with _h5py().File(main_file, "a") as main:
+                    result = change(main)
                 main_file.check()
             except BaseException:
                 main_file.close()
                 roll_back(self.location, self._journal)  # a failed write leaves no trace either
                 raise
             main_file.commit()
-        locks.remove_path(staged)
-        return published
+        return result
 
     @staticmethod
-    def _copy_in(main_file, name: str, staged: str) -> bool:
-        h5py = _h5py()
-        with h5py.File(main_file, "a") as main, h5py.File(staged, "r", locking=False) as source:
-            videos = main.require_group(VIDEOS)
-            existing = videos.get(name)
-            if existing is not None and _is_marked_complete(existing):
-                return False  # another writer was first: keep theirs
-            if existing is not None:
-                del videos[name]  # unmarked: not ours to keep (files from older versions)
-            main.copy(source[STAGED_GROUP], videos, name=name)
-            videos[name].attrs["complete"] = True
+    def _copy_in(main, name: str, source) -> bool:
+        videos = main.require_group(VIDEOS)
+        existing = videos.get(name)
+        if existing is not None and _is_marked_complete(existing):
+            return False  # another writer was first: keep theirs
+        if existing is not None:
+            del videos[name]  # unmarked: not ours to keep (files from older versions)
+        main.copy(source[STAGED_GROUP], videos, name=name)
+        videos[name].attrs["complete"] = True
         return True
 
     def _roll_back_interrupted_publish(self):

@@ -11,6 +11,7 @@ needs the ``flock`` mount option. Object stores have no locks at all (see docs/s
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import shutil
@@ -18,6 +19,9 @@ import uuid
 import weakref
 
 LOCK_SUFFIX = ".lock"
+# What flock raises on a file system that refuses locks (Lustre without the flock option, some
+# FUSE and NFS set-ups): the lock is unavailable, not held by someone else.
+NO_LOCKS = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOLCK, errno.EINVAL}
 OWNER_SEPARATOR = "--"
 
 

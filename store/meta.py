@@ -12,7 +12,9 @@ import math
 
 from losa_tal import __version__, input_error
 
-FORMAT_VERSION = 1
+# Layout versions, decided by each backend: Zarr stores are written as 2 (commit records, many
+# machines) and still read as 1; HDF5 stores are 1.
+FORMAT_VERSIONS = (1, 2)
 LAST = "last"
 DTYPES = ("float16", "float32")
 # What must agree before a writer may append to an existing store.
@@ -48,7 +50,7 @@ def new_meta(meta: dict) -> dict:
         full = json_normal({"dtype": "float16", **meta})
     except (TypeError, ValueError) as err:
         raise ValueError(f"store metadata is not JSON-serialisable: {err}") from None
-    full.setdefault("format_version", FORMAT_VERSION)
+    full.setdefault("format_version", FORMAT_VERSIONS[0])
     full.setdefault("software_version", __version__)
     full.setdefault("created", datetime.datetime.now(datetime.timezone.utc)
                     .isoformat(timespec="seconds"))
@@ -58,14 +60,14 @@ def new_meta(meta: dict) -> dict:
     return full
 
 
-def checked_meta(store_path, meta) -> dict:
+def checked_meta(store_path, meta, versions=FORMAT_VERSIONS) -> dict:
     """Root metadata read from a store, refused with an InputError if it cannot be right."""
     if not isinstance(meta, dict):
         raise input_error(store_path, "root metadata is not a JSON object")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in versions:
         raise input_error(store_path, f"format_version {version!r} is not supported "
-                          f"(this software reads version {FORMAT_VERSION})")
+                          f"(this software reads version {' or '.join(map(str, versions))})")
     problems = meta_problems(meta)
     if problems:
         raise input_error(store_path, "root metadata: " + "; ".join(problems))

@@ -1,23 +1,29 @@
-"""The Zarr v3 layout (the default): a directory, or any fsspec URL.
+"""The Zarr v3 layout (the default): a directory, or any fsspec URL; many writers on many machines.
 
 ```
-STORE/zarr.json                 root group; attributes {"losa_tal": root metadata}
-STORE/videos/<name>/zarr.json   one group per video; attributes: its record, "complete": true
-STORE/videos/<name>/last        [T, D]      chunked along T only
-STORE/videos/<name>/layer_<i>   [T, K, D]   chunked along T only
-STORE/videos/<name>/times       [T] float64 seconds
-STORE/.writers/staging/         videos being written (removed when their writer dies)
-STORE/.writers/claims/          one lock file per video being extracted
+STORE/zarr.json                         root group; attributes {"losa_tal": root metadata}
+STORE/commits/<name>                    a committed video: JSON {"video_id", "path", "record"}
+STORE/attempts/<name>/<attempt>/        one writer's attempt at a video (a Zarr group):
+                                        last [T, D], layer_<i> [T, K, D], times [T] float64
+STORE/plan/<part>                       the videos the store should hold (JSON lists, in parts)
+STORE/.writers/                         local scratch: claim locks, commit temporaries
 ```
 Arrays use the standard ``crc32c`` codec (a checksum per chunk, so damaged bytes are an error
 rather than wrong features) and no compression: fp16 activations shrink by under 10% and a
 decompressor would slow training reads.
 
-Publication. On a local directory a video is written in ``.writers/staging`` and published by
-one ``os.rename`` into ``videos/``: readers see all of it or nothing, and if two writers race, the
-second rename fails and its copy is dropped. An fsspec URL (object stores cannot rename a
-directory) writes straight into ``videos/<name>`` and sets ``"complete": true`` last; readers
-ignore groups without it, and the next writer of that video replaces them.
+Commit protocol (format 2). Each attempt writes only under its own ``attempts/<name>/<attempt>``
+(a name no other writer uses). The video is published by *creating* ``commits/<name>`` only if
+it does not exist: ``link`` of a finished temporary on a POSIX file system (atomic on local
+disks, NFS, Lustre and GPFS alike), a conditional PUT (``If-None-Match: *``) on S3. Exactly one
+attempt wins; a loser deletes only its own attempt. Nothing else decides what is safe: locks
+(``claims``) only save duplicate work, and no writer deletes another's data. Leftovers of dead
+attempts are removed by ``store gc`` (by age). A file system that can create a file only if
+absent neither way is refused for writing unless the caller promises to be the only writer.
+
+Format 1 (stores written before): ``videos/<name>/`` groups published by ``rename`` and marked
+``"complete": true``, safe on one machine only. They stay readable; ``store upgrade`` turns one
+into format 2 in place (a commit record per complete video, no data copied).
 """
 from __future__ import annotations
 
@@ -25,6 +31,10 @@ import contextlib
 import errno
 import json
 import os
+import re
+import socket
+import tempfile
+import time
 import uuid
 
 import numpy as np
@@ -34,14 +44,22 @@ from losa_tal import input_error
 from . import locks
 from .urls import is_url
 
+FORMAT_VERSION = 2
 ROOT_META_KEY = "losa_tal"
-VIDEOS = "videos"
+COMMITS = "commits"
+ATTEMPTS = "attempts"
+LEGACY_VIDEOS = "videos"  # format 1
 WRITERS = ".writers"
 METADATA_FILE = "zarr.json"
+# Errors of os.link that mean "this file system has no hard links" (not "the name exists").
+_NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.ENOSYS,
+             errno.EMLINK}
 
 
 class ZarrBackend:
     format = "zarr"
+    format_version = FORMAT_VERSION
+    readable_versions = (1, FORMAT_VERSION)
 
     def __init__(self, location, writable: bool, storage_options: dict | None = None):
         import zarr.storage
@@ -58,40 +76,36 @@ class ZarrBackend:
                     self.location, storage_options=options, read_only=not writable)
             except (ImportError, ValueError) as err:  # unknown protocol, missing driver
                 raise input_error(self.location, f"cannot open this URL: {err}") from None
-            # Locks need a POSIX file system; only file:// URLs have one.
+            self._root = self._root.rstrip("/")
             protocols = self._fs.protocol
             protocols = (protocols,) if isinstance(protocols, str) else protocols
-            self._local = self._root if "file" in protocols else None
-            self.renames = False
+            # file:// URLs have a POSIX file system underneath: locks and links work there.
+            self._local = self._root if "file" in protocols or "local" in protocols else None
+            self._s3 = "s3" in protocols or "s3a" in protocols
         else:
             self._fs = None
             self._root = self._local = os.path.abspath(self.location)
             self._store = zarr.storage.LocalStore(self._root, read_only=not writable)
-            self.renames = True
-        self._complete = {}  # name -> record; a published video never changes
+            self._s3 = False
+        self.layout = None  # the store's format_version, once its metadata is read
+        self._commits = {}  # name -> commit document; a committed video never changes
         self._arrays = {}
-        self._staging = None
+        self._exclusive = None  # can this file system create a file only if absent?
 
     # -- creation --------------------------------------------------------------------------------
     @classmethod
     def create_or_open(cls, location, meta: dict,
                        storage_options: dict | None = None) -> "ZarrBackend":
-        if is_url(str(location)):
-            backend = cls(location, writable=True, storage_options=storage_options)
-            if backend._read_root() is None:
-                backend._create_root(backend._store, meta)
-            return backend
-        root = os.path.abspath(str(location))
-        if not _has_file(root, METADATA_FILE):
-            _create_local_root(root, meta)
-        return cls(root, writable=True)
-
-    @staticmethod
-    def _create_root(store, meta):
-        import zarr
-
-        zarr.open_group(store, mode="w", attributes={ROOT_META_KEY: meta})
-        zarr.open_group(store, path=VIDEOS, mode="w")
+        if not is_url(str(location)):
+            root = os.path.abspath(str(location))
+            if not _has_file(root, METADATA_FILE):
+                _create_local_root(root, meta)
+            return cls(root, writable=True)
+        backend = cls(location, writable=True, storage_options=storage_options)
+        if backend._read_root() is None:
+            # Created only if absent: a second writer starting at once keeps the first's root.
+            backend.create_exclusive(METADATA_FILE, _root_document(meta))
+        return backend
 
     @staticmethod
     def is_store(location) -> bool:
@@ -105,61 +119,272 @@ class ZarrBackend:
         if document is None:
             raise input_error(self.location, "no such feature store (no readable zarr.json)")
         attributes = document.get("attributes")
-        return attributes.get(ROOT_META_KEY) if isinstance(attributes, dict) else None
+        meta = attributes.get(ROOT_META_KEY) if isinstance(attributes, dict) else None
+        if isinstance(meta, dict):
+            self.layout = meta.get("format_version")
+        return meta
 
     # -- reading ---------------------------------------------------------------------------------
-    def complete_videos(self) -> dict:
-        """``{name: record}`` of every published video (checks only names not seen before)."""
-        unseen = [name for name in self._list_video_names() if name not in self._complete]
-        for name, document in zip(unseen, self._read_jsons(
-                [f"{VIDEOS}/{name}/{METADATA_FILE}" for name in unseen])):
-            self._remember_if_complete(name, document)
-        return dict(self._complete)
+    def committed_names(self) -> list[str]:
+        """Names of the committed videos: one listing (format 1: one read per new video)."""
+        if self.layout == 1:
+            return [name for name in self._list(LEGACY_VIDEOS) if self.record(name) is not None]
+        return self._list(COMMITS)
 
     def record(self, name: str):
-        """The record of a published video, or None."""
-        if name not in self._complete:
-            self._remember_if_complete(name, self._read_json(f"{VIDEOS}/{name}/{METADATA_FILE}"))
-        return self._complete.get(name)
+        """A committed video's record, or None (absent, or its commit is unreadable)."""
+        document = self.commit_document(name)
+        return None if document is None else document["record"]
 
-    def _remember_if_complete(self, name, document):
-        attributes = (document or {}).get("attributes")
-        if isinstance(attributes, dict) and attributes.get("complete") is True:
-            self._complete[name] = attributes
+    def commit_document(self, name: str):
+        """``{"video_id", "path", "record"}`` of a committed video, or None."""
+        if name not in self._commits:
+            document = self._read_commit(name)
+            if document is None:
+                return None
+            self._commits[name] = document
+        return self._commits[name]
+
+    def _read_commit(self, name: str):
+        if self.layout == 1:
+            group = _parse_json(self._read_bytes([f"{LEGACY_VIDEOS}/{name}/{METADATA_FILE}"])[0])
+            attributes = (group or {}).get("attributes")
+            if not (isinstance(attributes, dict) and attributes.get("complete") is True):
+                return None
+            return {"video_id": attributes.get("video_id"), "path": f"{LEGACY_VIDEOS}/{name}",
+                    "record": attributes}
+        document = _parse_json(self._read_bytes([f"{COMMITS}/{name}"])[0])
+        if not (isinstance(document, dict) and isinstance(document.get("record"), dict)
+                and _is_store_path(document.get("path"))):
+            return None
+        return document
+
+    def commit_problem(self, name: str):
+        """Why a listed commit cannot be used (None if it can): for ``store verify``."""
+        if self.layout == 1 or self.commit_document(name) is not None:
+            return None
+        raw = self._read_bytes([f"{COMMITS}/{name}"])[0]
+        return "its commit record is missing" if raw is None else \
+            "its commit record is damaged (not a commit document)"
 
     def array(self, name: str, key: str):
-        """A published video's array (shape, dtype, slicing), or None if it has none by that key."""
+        """A committed video's array (shape, dtype, slicing), or None if it has none by that key."""
         import zarr
 
+        document = self.commit_document(name)
+        if document is None:
+            return None
         if (name, key) not in self._arrays:
             try:
                 self._arrays[name, key] = zarr.open_array(
-                    self._store, path=f"{VIDEOS}/{name}/{key}", mode="r")
+                    self._store, path=f"{document['path']}/{key}", mode="r", zarr_format=3)
             except (FileNotFoundError, KeyError, zarr.errors.NodeTypeValidationError,
                     zarr.errors.ArrayNotFoundError):
                 return None
         return self._arrays[name, key]
 
     def reading(self):
-        return contextlib.nullcontext()  # a published video never changes: nothing to guard
+        return contextlib.nullcontext()  # a committed video never changes: nothing to guard
 
-    def _list_video_names(self) -> list[str]:
+    def incomplete_videos(self) -> list[str]:
+        """Names with an attempt but no commit: being written, or left by a dead writer."""
+        if self.layout == 1:
+            return sorted(set(self._list(LEGACY_VIDEOS)) - set(self.committed_names()))
+        return sorted(set(self._list(ATTEMPTS)) - set(self.committed_names()))
+
+    # -- documents (the plan) --------------------------------------------------------------------
+    def read_documents(self, folder: str) -> list[tuple[str, bytes]]:
+        """``(name, content)`` of every document in ``folder``, sorted by name."""
+        names = sorted(self._list(folder))
+        return [(name, data) for name, data in
+                zip(names, self._read_bytes([f"{folder}/{name}" for name in names]))
+                if data is not None]
+
+    def create_document(self, folder: str, name: str, data: bytes) -> bool:
+        """Create ``folder/name`` only if absent; False if it exists."""
+        self.require_writable_layout()
+        return self.create_exclusive(f"{folder}/{name}", data)
+
+    # -- writing ---------------------------------------------------------------------------------
+    @property
+    def claims_dir(self):
+        return None if self._local is None else os.path.join(self._local, WRITERS, "claims")
+
+    @property
+    def exclusive_create(self) -> bool:
+        """Whether this file system can create a file only if it is absent (atomically)."""
+        if self._exclusive is None:
+            self._exclusive = self._local is not None or (self._s3 and self._probe_conditional())
+        return self._exclusive
+
+    def require_writable_layout(self):
+        if self.layout == 1:
+            raise input_error(self.location, "uses the format-1 layout, which is safe for writers "
+                              "on one machine only; upgrade it in place first with `losa-tal "
+                              f"store upgrade {self.location}` (while no writer runs)")
+
+    def begin(self, name: str) -> "ZarrStaging":
+        import zarr
+
+        self.require_writable_layout()
+        attempt = f"{ATTEMPTS}/{name}/{_attempt_id()}"
+        try:
+            group = zarr.open_group(self._sub_store(attempt), mode="w-", zarr_format=3)
+        except BaseException:
+            self._remove(attempt)
+            raise
+        return ZarrStaging(group, lambda record: self._commit(name, attempt, record),
+                           lambda: self._remove(attempt))
+
+    def _commit(self, name: str, attempt: str, record: dict) -> bool:
+        document = {"video_id": record.get("video_id"), "path": attempt, "record": record}
+        if self.create_exclusive(f"{COMMITS}/{name}", json.dumps(document).encode()):
+            self._commits[name] = document
+            return True
+        self._remove(attempt)  # another attempt was committed first: keep theirs, drop ours
+        return False
+
+    def create_exclusive(self, relative: str, data: bytes) -> bool:
+        """Create a small file only if it does not exist; False if it does. Where the file
+        system cannot do that atomically, check then write (only a single writer is safe; the
+        store refuses concurrent writers there, see ``FeatureStore.create``)."""
+        if self._local is not None:
+            return _create_posix(self._local, relative, data)
+        path = f"{self._root}/{relative}"
+        if not self.exclusive_create:
+            if self._fs.exists(path):
+                return False
+            self._fs.pipe_file(path, data)
+            return True
+        try:
+            self._fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+
+    def _probe_conditional(self) -> bool:
+        """Does this S3-compatible server refuse a second conditional create? (Some ignore
+        ``If-None-Match``; that would silently let two writers overwrite one commit.)"""
+        probe = f"{self._root}/{WRITERS}/probe-{uuid.uuid4().hex}"
+        try:
+            self._fs.pipe_file(probe, b"", mode="create")
+            try:
+                self._fs.pipe_file(probe, b"", mode="create")
+            except FileExistsError:
+                return True
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                self._fs.rm(probe)
+
+    def _sub_store(self, relative: str):
+        """A Zarr store rooted at ``relative``: nothing is written outside it."""
+        import zarr.storage
+
+        if self._fs is None:
+            return zarr.storage.LocalStore(os.path.join(self._root, relative))
+        return zarr.storage.FsspecStore(self._store.fs, read_only=False,
+                                        path=f"{self._store.path.rstrip('/')}/{relative}")
+
+    def _remove(self, relative: str):
+        if self._fs is None:
+            locks.remove_path(os.path.join(self._root, relative))
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                self._fs.rm(f"{self._root}/{relative}", recursive=True)
+
+    def remove_stale(self) -> int:
+        return 0  # never on a guess: dead attempts go through `store gc`
+
+    # -- maintenance -----------------------------------------------------------------------------
+    def leftovers(self, older_than: float) -> list[tuple[str, float]]:
+        """``(path, age in seconds)`` of what no committed video uses and nothing has written
+        for ``older_than`` seconds: attempts of dead or losing writers, a format-1 store's
+        unmarked groups, scratch files. Newer ones may belong to a running writer."""
+        used = {document["path"] for document in
+                (self.commit_document(name) for name in self.committed_names()) if document}
+        candidates = [f"{ATTEMPTS}/{name}/{attempt}" for name in self._list(ATTEMPTS)
+                      for attempt in self._list(f"{ATTEMPTS}/{name}")]
+        candidates += [f"{LEGACY_VIDEOS}/{name}" for name in self._list(LEGACY_VIDEOS)]
+        candidates += [f"{WRITERS}/{kind}/{name}" for kind in ("tmp", "staging", "claims")
+                       for name in self._list(f"{WRITERS}/{kind}")]
+        now = time.time()
+        found = []
+        for path in candidates:
+            if path in used:
+                continue
+            age = now - self._newest_write(path)
+            if age >= older_than:
+                found.append((path, age))
+        return found
+
+    def remove(self, relative: str):
+        self._remove(relative)
+
+    def _newest_write(self, relative: str) -> float:
+        if self._fs is None:
+            path = os.path.join(self._root, relative)
+            times = [os.lstat(path).st_mtime]
+            for folder, _, files in os.walk(path):
+                times += [os.lstat(os.path.join(folder, name)).st_mtime for name in files]
+            return max(times)
+        details = self._fs.find(f"{self._root}/{relative}", detail=True).values()
+        times = [_modified(detail) for detail in details]
+        return max([t for t in times if t is not None], default=time.time())
+
+    def upgrade(self) -> int:
+        """Turn a format-1 store into format 2 in place; the number of videos carried over."""
+        if self.layout != 1:
+            return 0
+        names = self.committed_names()
+        self.layout = FORMAT_VERSION  # commits are written in the new layout from here on
+        for name in names:
+            document = self._commits[name]
+            record = {key: value for key, value in document["record"].items()
+                      if key != "complete"}
+            self.create_exclusive(f"{COMMITS}/{name}", json.dumps(
+                {"video_id": record.get("video_id"), "path": document["path"],
+                 "record": record}).encode())
+        root = self._read_root()
+        root["attributes"][ROOT_META_KEY]["format_version"] = FORMAT_VERSION
+        self._replace(METADATA_FILE, json.dumps(root).encode())
+        self._commits.clear()
+        return len(names)
+
+    def _replace(self, relative: str, data: bytes):
+        if self._fs is None:
+            path = os.path.join(self._root, relative)
+            fd, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".upgrade-")
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(temporary, path)
+        else:
+            self._fs.pipe_file(f"{self._root}/{relative}", data)
+
+    def close(self):
+        self._arrays.clear()
+
+    # -- file-system access ----------------------------------------------------------------------
+    def _list(self, relative: str) -> list[str]:
+        """Entry names in a folder (one listing; a fresh one, never a cached listing)."""
         try:
             if self._fs is None:
-                names = os.listdir(os.path.join(self._root, VIDEOS))
+                names = os.listdir(os.path.join(self._root, relative))
             else:
-                names = [path.rstrip("/").rsplit("/", 1)[-1] for path in
-                         self._fs.ls(f"{self._root}/{VIDEOS}", detail=False)]
-        except FileNotFoundError:
+                path = f"{self._root}/{relative}"
+                self._fs.invalidate_cache(path)
+                names = [entry.rstrip("/").rsplit("/", 1)[-1]
+                         for entry in self._fs.ls(path, detail=False)]
+        except (FileNotFoundError, NotADirectoryError):
             return []
-        # zarr.json and its atomic-write temporaries are not videos.
+        # zarr.json (a folder's own group document) and atomic-write temporaries are not entries.
         return [name for name in names if not name.startswith(METADATA_FILE)]
 
     def _read_root(self):
         """The root zarr.json (None if absent). Unlike other documents, a failure to fetch it
         from a URL (cannot connect, not authorised) is raised: it is not a missing store."""
         if self._fs is None:
-            return self._read_json(METADATA_FILE)
+            return _parse_json(self._read_bytes([METADATA_FILE])[0])
         path = f"{self._root}/{METADATA_FILE}"
         found = self._fs.cat([path], on_error="return").get(path)
         if isinstance(found, FileNotFoundError):
@@ -168,76 +393,19 @@ class ZarrBackend:
             raise found
         return _parse_json(found)
 
-    def _read_json(self, relative: str):
-        return self._read_jsons([relative])[0]
-
-    def _read_jsons(self, relatives: list[str]) -> list:
-        """Parsed JSON documents (None where absent or unreadable: a half-written marker)."""
+    def _read_bytes(self, relatives: list[str]) -> list:
+        """Contents of small files (None where absent); URL reads go out concurrently."""
         if not relatives:
             return []
         if self._fs is None:
-            raw = [_read_file(os.path.join(self._root, path)) for path in relatives]
-        else:
-            paths = [f"{self._root}/{path}" for path in relatives]
-            found = self._fs.cat(paths, on_error="omit")
-            raw = [found.get(path) for path in paths]
-        return [_parse_json(data) for data in raw]
-
-    # -- writing ---------------------------------------------------------------------------------
-    @property
-    def claims_dir(self):
-        return None if self._local is None else os.path.join(self._local, WRITERS, "claims")
-
-    def begin(self, name: str) -> "ZarrStaging":
-        import zarr
-        import zarr.storage
-
-        if self.renames:
-            if self._staging is None:
-                self._staging = locks.StagingArea(os.path.join(self._root, WRITERS, "staging"))
-            path = self._staging.new_path()
-            group = zarr.open_group(zarr.storage.LocalStore(path), mode="w")
-            return ZarrStaging(group, lambda: self._publish_by_rename(name, path),
-                               lambda: locks.remove_path(path))
-        # Marker mode: an incomplete group here is a dead writer's leftover; mode "w" replaces it.
-        group = zarr.open_group(self._store, path=f"{VIDEOS}/{name}", mode="w")
-        return ZarrStaging(group, lambda: True,
-                           lambda: self._fs.rm(f"{self._root}/{VIDEOS}/{name}", recursive=True))
-
-    def _publish_by_rename(self, name: str, staged: str) -> bool:
-        target = os.path.join(self._root, VIDEOS, name)
-        for _ in range(2):
-            try:
-                os.rename(staged, target)
-                return True
-            except OSError as err:
-                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                    raise
-            if self.record(name) is not None:
-                locks.remove_path(staged)  # another writer published it first: keep theirs
-                return False
-            # An unmarked group left by a crashed marker-mode (URL) writer: replace it.
-            locks.remove_path(target)
-        raise OSError(errno.EEXIST, f"{target} keeps reappearing")
-
-    def remove_stale(self) -> int:
-        if self.renames:
-            return locks.remove_stale(os.path.join(self._root, WRITERS, "staging"))
-        return 0
-
-    def incomplete_videos(self) -> list[str]:
-        """Names under videos/ without a completion marker (only marker mode leaves them)."""
-        return sorted(set(self._list_video_names()) - set(self.complete_videos()))
-
-    def close(self):
-        if self._staging is not None:
-            self._staging.close()
-            self._staging = None
-        self._arrays.clear()
+            return [_read_file(os.path.join(self._root, path)) for path in relatives]
+        paths = [f"{self._root}/{path}" for path in relatives]
+        found = self._fs.cat(paths, on_error="omit")
+        return [found.get(path) for path in paths]
 
 
 class ZarrStaging:
-    """One video being written into a Zarr group; nothing is visible until ``publish``."""
+    """One attempt at a video, in its own Zarr group; nothing is visible until ``publish``."""
 
     def __init__(self, group, publish, discard):
         self._group, self._publish, self._discard = group, publish, discard
@@ -257,30 +425,88 @@ class ZarrStaging:
         return self._group[key][...]
 
     def publish(self, record: dict) -> bool:
-        self._group.attrs.update({**record, "complete": True})
-        return self._publish()
+        return self._publish(record)
 
     def discard(self):
         self._discard()
 
 
+def _root_document(meta: dict) -> bytes:
+    return json.dumps({"zarr_format": 3, "node_type": "group",
+                       "attributes": {ROOT_META_KEY: meta}}).encode()
+
 
 def _create_local_root(root: str, meta: dict):
     """Build the root beside its final place, then rename it there: two writers creating the same
     store at once end with one store (the loser's rename fails on the non-empty directory)."""
-    import zarr.storage
-
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
     building = os.path.join(parent, f".{os.path.basename(root)}.creating-{uuid.uuid4().hex[:12]}")
     try:
-        ZarrBackend._create_root(zarr.storage.LocalStore(building), meta)
+        os.makedirs(building)
+        with open(os.path.join(building, METADATA_FILE), "wb") as handle:
+            handle.write(_root_document(meta))
         os.rename(building, root)
     except OSError as err:
         if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not _has_file(root, METADATA_FILE):
             raise
     finally:
         locks.remove_path(building)
+
+
+def _create_posix(root: str, relative: str, data: bytes) -> bool:
+    """Create ``root/relative`` with ``data`` only if absent, all at once: the content goes to a
+    private temporary, then ``link`` gives it the name (atomic, and refused if the name exists,
+    on NFS too). Without hard links, ``O_EXCL`` creation then writing (a crash between the two
+    leaves an empty record, which readers refuse and ``store verify`` names)."""
+    target = os.path.join(root, relative)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    scratch = os.path.join(root, WRITERS, "tmp")
+    os.makedirs(scratch, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=scratch)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        try:
+            os.link(temporary, target)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as err:
+            if err.errno not in _NO_LINKS:
+                raise
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+
+
+def _attempt_id() -> str:
+    """Unique, and says which host and process made the attempt (for `store gc`)."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:40] or "host"
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def _is_store_path(path) -> bool:
+    """A commit's path must stay inside the store (a damaged or hostile record cannot point out)."""
+    if not isinstance(path, str) or not path:
+        return False
+    parts = path.split("/")
+    return parts[0] in (ATTEMPTS, LEGACY_VIDEOS) and all(part not in ("", ".", "..")
+                                                         for part in parts)
+
+
+def _modified(detail: dict):
+    value = detail.get("LastModified") or detail.get("mtime") or detail.get("created")
+    if hasattr(value, "timestamp"):
+        return value.timestamp()
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _has_file(directory: str, name: str) -> bool:

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 import cli
 from helpers import slow_except
+from helpers.stores import edit_record, video_dir
 from helpers.training import (synthetic_videos, tiny_config, write_annotations, write_config,
                               write_store)
 
@@ -35,16 +36,13 @@ def edit_root(store: Path, **changes):
 
 
 def edit_video(store: Path, **changes):
-    path = store / "videos" / EDITED / "zarr.json"
-    document = json.loads(path.read_text())
-    document["attributes"].update(changes)
-    path.write_text(json.dumps(document))
+    edit_record(store, EDITED, **changes)
 
 
 def edit_times(store: Path, values):
     import zarr
 
-    zarr.open_array(str(store / "videos" / EDITED / "times"), mode="r+")[:len(values)] = values
+    zarr.open_array(str(video_dir(store, EDITED) / "times"), mode="r+")[:len(values)] = values
 
 
 DELETE = object()
@@ -63,7 +61,7 @@ LIES = {
     "a layer twice": lambda s: edit_root(s, layers=[1, 1]),
     "layers not a list": lambda s: edit_root(s, layers="1,2"),
     "no layers key": lambda s: edit_root(s, layers=DELETE),
-    "format version 2": lambda s: edit_root(s, format_version=2),
+    "format version 3": lambda s: edit_root(s, format_version=3),
     "backbone null": lambda s: edit_root(s, backbone=None),
     "num_clips one more": lambda s: edit_video(s, num_clips=97),
     "num_clips one fewer": lambda s: edit_video(s, num_clips=95),

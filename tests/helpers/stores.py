@@ -2,12 +2,15 @@
 features, times and info of a video of N clips, what an fp16 store gives back, and a writer that
 runs a plan of videos (the store-fault tests run it as a child process)."""
 import contextlib
+import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 
 from store import LAST, FeatureStore
+from store.names import encode_video_id
 from store.protocol import SamplingProtocol
 
 D, K = 8, 4
@@ -89,3 +92,34 @@ def run_plan(location, plan, pause=0.0, use_claims=True):
                 published = writer.commit(clip_times(num_clips))
             print(f"published {video_id} {published}", flush=True)
     fs.close()
+
+
+# -- the Zarr layout on disk (format 2), for tests that damage or inspect it ------------------------
+def commit_path(location, video_id) -> Path:
+    return Path(location) / "commits" / encode_video_id(video_id)
+
+
+def video_dir(location, video_id) -> Path:
+    """The folder of a committed video's arrays (the attempt its commit record names)."""
+    return Path(location) / json.loads(commit_path(location, video_id).read_text())["path"]
+
+
+def edit_record(location, video_id, **changes):
+    """Change fields of a committed video's record, as a hand edit or damage would."""
+    path = commit_path(location, video_id)
+    document = json.loads(path.read_text())
+    document["record"].update(changes)
+    path.write_text(json.dumps(document))
+
+
+def uncommitted(location) -> list[str]:
+    """What writers left that no reader sees: Zarr attempts no commit names, HDF5 staging files."""
+    location = str(location)
+    if location.endswith(".h5"):
+        staging = location + ".writers/staging"
+        return sorted(name for name in os.listdir(staging) if not name.endswith(".lock"))
+    root = Path(location)
+    used = {json.loads(path.read_text())["path"] for path in (root / "commits").glob("*")}
+    attempts = [f"attempts/{name.name}/{attempt.name}" for name in (root / "attempts").glob("*")
+                for attempt in name.iterdir()]
+    return sorted(set(attempts) - used)
