@@ -85,9 +85,65 @@ def verify(path, storage_options):
         click.echo(f"note: {note}")
     for vid, problem in report.bad.items():
         click.echo(f"bad: {vid}: {problem}")
-    click.echo(f"{report.checked} video(s) checked, {len(report.bad)} bad")
-    if report.bad:
+    for vid in report.missing:
+        click.echo(f"missing: {vid}: planned, not committed")
+    click.echo(f"{report.checked} video(s) checked, {len(report.bad)} bad"
+               + (f", {len(report.missing)} planned but missing" if report.missing else ""))
+    if not report.clean:
         click.get_current_context().exit(1)
+
+
+@store.command()
+@click.argument("path", metavar="STORE")
+@click.option("--older-than", default="24h", show_default=True, metavar="AGE",
+              help="Only what nothing has written for this long (s, m, h or d): a younger "
+                   "attempt may belong to a writer that is still running.")
+@click.option("--delete", is_flag=True, help="Delete what is listed (default: only list it).")
+@storage_options_flag
+def gc(path, older_than, delete, storage_options):
+    """List (or --delete) what dead or losing writers left: attempts no commit uses."""
+    from .feature_store import FeatureStore
+
+    seconds = parse_age(older_than)
+    with FeatureStore.open(path, storage_options, writable=True) as fs:
+        found = fs.leftovers(seconds)
+        for relative, age in found:
+            if delete:
+                fs.remove_leftover(relative)
+            click.echo(f"{'removed' if delete else 'would remove'}: {relative} "
+                       f"(untouched for {age / 3600:.1f} h)")
+    verb = "removed" if delete else "found (run with --delete to remove them)"
+    click.echo(f"{len(found)} leftover(s) older than {older_than} {verb}")
+
+
+@store.command()
+@click.argument("path", metavar="STORE")
+@storage_options_flag
+def upgrade(path, storage_options):
+    """Turn a format-1 Zarr store into format 2 in place (run it while no writer runs)."""
+    from .feature_store import FeatureStore
+
+    count = FeatureStore.upgrade(path, storage_options)
+    click.echo(f"{path}: format 2, {count} video(s) carried over" if count is not None
+               else f"{path}: already format 2")
+
+
+AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_age(text: str) -> float:
+    """``90s``, ``30m``, ``24h``, ``2d`` as seconds; a one-line error otherwise."""
+    from losa_tal import InputError
+
+    number, unit = text[:-1], text[-1:]
+    try:
+        seconds = float(number) * AGE_UNITS[unit]
+    except (KeyError, ValueError):
+        raise InputError(f"--older-than: expected a number and s, m, h or d (e.g. 24h), "
+                         f"got {text!r}") from None
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise InputError(f"--older-than: must be a finite age, got {text!r}")
+    return seconds
 
 
 @store.command()

@@ -77,17 +77,29 @@ class FeatureStore:
         return cls(backend, stored, writable=True)
 
     @classmethod
-    def open(cls, path, storage_options: dict | None = None) -> "FeatureStore":
-        """A reader (the format is detected); ``storage_options`` as for ``create``."""
+    def open(cls, path, storage_options: dict | None = None,
+             writable: bool = False) -> "FeatureStore":
+        """A reader (the format is detected); ``storage_options`` as for ``create``.
+        ``writable`` opens an existing store for maintenance with its own metadata."""
         location = _location(path)
         options = check_storage_options(location, storage_options)
         format = _existing_format(location)
         if format is None:
             raise input_error(location, "no such feature store")
         with storage_errors(location, "cannot read the store"):
-            backend = BACKENDS[format](location, writable=False, **_backend_options(options))
+            backend = BACKENDS[format](location, writable=writable, **_backend_options(options))
             meta = _read_checked_meta(backend, location)
-        return cls(backend, meta, writable=False)
+        return cls(backend, meta, writable=writable)
+
+    @classmethod
+    def upgrade(cls, path, storage_options: dict | None = None) -> int | None:
+        """Bring a format-1 Zarr store to format 2 in place (no data is copied); the number of
+        videos carried over, or None if there was nothing to do. No writer may run meanwhile."""
+        with cls.open(path, storage_options, writable=True) as fs:
+            if fs.format != "zarr" or fs.meta["format_version"] != 1:
+                return None
+            with storage_errors(fs.path, "cannot upgrade the store"):
+                return fs._backend.upgrade()
 
     def close(self):
         self._backend.close()

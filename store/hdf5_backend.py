@@ -231,6 +231,7 @@ class Hdf5Backend:
     def _append(self, change):
         """Run ``change(open main file)`` all or nothing: under the exclusive publish lock,
         through the undo journal, rolled back if anything fails or the process dies."""
+        os.makedirs(self._writers, exist_ok=True)
         with locks.exclusive(self._publish_lock):
             self._roll_back_interrupted_publish()
             try:

@@ -151,8 +151,11 @@ def _suppress(parts, options):
 def _to_entries(segments, scores, labels, dataset, vid, classes) -> list:
     times = dataset.times[vid]
     seconds = steps_to_seconds(segments.reshape(-1), times).reshape(-1, 2)
-    duration = dataset.store.video_info(vid).get("duration") or float(times[-1])
-    seconds = np.clip(seconds, 0.0, duration)
+    from store.verify import video_length
+
+    store = dataset.store
+    length = video_length(store.meta["protocol"], store.video_info(vid), times)
+    seconds = np.clip(seconds, 0.0, length)
     return [{"segment": [round(float(s), 3), round(float(e), 3)], "label": classes[int(c)],
              "score": float(p)}
             for (s, e), p, c in zip(seconds, scores, labels) if e > s]
