@@ -396,3 +396,34 @@ def test_claims_are_exclusive_until_released(location):
                 assert theirs
         with other.claim("v") as theirs:
             assert theirs
+
+
+def test_verify_names_damage_that_readers_would_only_skip(tmp_path):
+    """A commit record that no longer parses, a record naming another video and a duration that
+    contradicts the feature times are damage: verify names each video and exits 1."""
+    from click.testing import CliRunner
+
+    import cli
+    from helpers.stores import commit_path
+    from store.verify import video_length
+
+    location = tmp_path / "s.zarr"
+    fs = FeatureStore.create(location, make_meta())
+    for vid in ("flipped", "renamed", "stretched", "good"):
+        write_video(fs, vid, 0, 6)
+    record = fs.video_info("stretched")
+    commit_path(location, "flipped").write_bytes(b'{"video_id": "flipped", "pa')
+    edit_record(location, "renamed", video_id="good")
+    edit_record(location, "stretched", duration=2 * record["duration"])
+    reader = FeatureStore.open(location)
+    report = verify_store(reader)
+    assert set(report.bad) == {"flipped", "renamed", "stretched"} and report.checked == 4
+    assert "commit record is damaged" in report.bad["flipped"]
+    assert "names another video" in report.bad["renamed"]
+    assert "contradicts the feature times" in report.bad["stretched"]
+    # Detections are cut where the features end, not at the doubled duration.
+    times = reader.feature_times("stretched")
+    length = video_length(reader.meta["protocol"], reader.video_info("stretched"), times)
+    assert abs(length - record["duration"]) < 0.5 < record["duration"]
+    result = CliRunner().invoke(cli.main, ["store", "verify", str(location)])
+    assert result.exit_code == 1 and "4 video(s) checked, 3 bad" in result.output

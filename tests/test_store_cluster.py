@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from click.testing import CliRunner
@@ -356,3 +355,24 @@ def test_listing_an_s3_store_costs_the_same_for_any_number_of_videos(s3, count):
         logger.setLevel(level)
     requests = [line for line in counter.lines if '"GET ' in line or '"HEAD ' in line]
     assert len(requests) <= 3, requests  # the root document and one listing
+
+
+def test_a_run_directory_on_a_file_system_that_refuses_locks_is_used_with_a_warning(
+        tmp_path, monkeypatch):
+    """Lustre without -o flock refuses flock with ENOSYS: training warns and goes on (the
+    lock only guards against a second run on the same directory)."""
+    import errno
+    import fcntl
+    from types import SimpleNamespace
+
+    from training.train import exclusive_run_directory
+
+    def refused(fd, operation):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(fcntl, "flock", refused)
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning, match="file locks are refused here"):
+        with exclusive_run_directory(run, SimpleNamespace(is_main=True)):
+            (run / "log.jsonl").write_text("{}\n")
+    assert (run / "log.jsonl").exists()

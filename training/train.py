@@ -16,6 +16,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -66,14 +67,22 @@ def exclusive_run_directory(out_dir: Path, world):
     created = not out_dir.exists()
     with storage_errors(out_dir, "cannot write the run directory"):
         out_dir.mkdir(parents=True, exist_ok=True)
-        lock = locks.acquire(str(out_dir / RUN_LOCK))
+        try:
+            lock = locks.acquire(str(out_dir / RUN_LOCK))
+        except OSError as err:
+            if err.errno not in locks.NO_LOCKS:
+                raise
+            warnings.warn(f"{out_dir}: file locks are refused here ({os.strerror(err.errno)}); "
+                          "nothing stops a second run on the same `out_dir`", stacklevel=3)
+            lock = False
     if lock is None:
         raise input_error(out_dir, "another training run is writing to it right now; wait for "
                           "it to end, or choose another `out_dir`")
     try:
         yield
     finally:
-        locks.release(lock, remove_path=str(out_dir / RUN_LOCK))
+        if lock is not False:
+            locks.release(lock, remove_path=str(out_dir / RUN_LOCK))
         if created:
             with contextlib.suppress(OSError):  # only if empty: refused before writing anything
                 out_dir.rmdir()

@@ -104,9 +104,9 @@ def video_dir(location, video_id) -> Path:
     return Path(location) / json.loads(commit_path(location, video_id).read_text())["path"]
 
 
-def edit_record(location, video_id, **changes):
+def edit_record(location, video, **changes):
     """Change fields of a committed video's record, as a hand edit or damage would."""
-    path = commit_path(location, video_id)
+    path = commit_path(location, video)
     document = json.loads(path.read_text())
     document["record"].update(changes)
     path.write_text(json.dumps(document))
