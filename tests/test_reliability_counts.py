@@ -27,6 +27,7 @@ CATEGORIES = [  # (category, file, test-name regex); the first match wins
                                                             r"existing_report_survives)"),
     ("disk full and permissions", "test_extract_faults.py", r"test_disk_full"),
     ("concurrency", "test_reliability_concurrency.py", r""),
+    ("concurrency", "test_store_cluster.py", r""),
     ("stores over URLs", "test_reliability_urls.py", r""),
     ("concurrency", "test_extract_faults.py", r"test_(three_extractors|two_workers|"
                                               r"a_video_claimed)"),
@@ -42,7 +43,7 @@ CATEGORIES = [  # (category, file, test-name regex); the first match wins
     ("hostile inputs", "test_store.py", r"test_(opening_what_is_not|malformed_root_metadata|"
                                         r"metadata_that_lies|video_records_and_times_that_lie|"
                                         r"damaged_bytes|hostile_video_ids|encoded_ids|"
-                                        r"bad_writes|non_finite_features)"),
+                                        r"bad_writes|non_finite_features|verify_names_damage)"),
     ("hostile inputs", "test_store_cli.py", r"test_(import_refuses_bad|bad_command_lines)"),
     ("hostile inputs", "test_backbone.py", r"test_(mismatched_checkpoints|pickled_objects|"
                                            r"files_that_are_not_checkpoints|bad_configs)"),
