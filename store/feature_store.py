@@ -169,6 +169,12 @@ class FeatureStore:
     def __len__(self):
         return len(self.videos())
 
+    def prefetch(self, video_ids):
+        """Read the records of these committed videos in one batch (concurrent requests on a
+        URL store) instead of one request each when they are first used."""
+        with storage_errors(self.path, "cannot read the store"):
+            self._backend.prefetch([encode_video_id(video_id) for video_id in video_ids])
+
     def video_info(self, video_id: str) -> dict:
         """``{"num_clips", "fps", "num_frames", "duration", "float32_layers", ...}``."""
         record = self._checked_record(video_id)

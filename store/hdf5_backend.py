@@ -151,6 +151,9 @@ class Hdf5Backend:
                 self._remember_if_complete(name)
         return list(self._complete)
 
+    def prefetch(self, names: list[str]):
+        pass  # one local file: records are read as cheaply one by one
+
     def commit_problem(self, name: str):
         return None  # a video's record is part of its group; its reads name any damage
 

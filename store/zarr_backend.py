@@ -145,15 +145,28 @@ class ZarrBackend:
             self._commits[name] = document
         return self._commits[name]
 
+    def prefetch(self, names: list[str]):
+        unread = [name for name in names if name not in self._commits]
+        for name, data in zip(unread, self._read_bytes([self._commit_file(n) for n in unread])):
+            document = self._parsed_commit(name, data)
+            if document is not None:
+                self._commits[name] = document
+
+    def _commit_file(self, name: str) -> str:
+        return f"{LEGACY_VIDEOS}/{name}/{METADATA_FILE}" if self.layout == 1 else \
+            f"{COMMITS}/{name}"
+
     def _read_commit(self, name: str):
+        return self._parsed_commit(name, self._read_bytes([self._commit_file(name)])[0])
+
+    def _parsed_commit(self, name: str, data):
         if self.layout == 1:
-            group = _parse_json(self._read_bytes([f"{LEGACY_VIDEOS}/{name}/{METADATA_FILE}"])[0])
-            attributes = (group or {}).get("attributes")
+            attributes = (_parse_json(data) or {}).get("attributes")
             if not (isinstance(attributes, dict) and attributes.get("complete") is True):
                 return None
             return {"video_id": attributes.get("video_id"), "path": f"{LEGACY_VIDEOS}/{name}",
                     "record": attributes}
-        document = _parse_json(self._read_bytes([f"{COMMITS}/{name}"])[0])
+        document = _parse_json(data)
         if not (isinstance(document, dict) and isinstance(document.get("record"), dict)
                 and _is_store_path(document.get("path"))):
             return None

@@ -121,7 +121,8 @@ class StoreDataset(torch.utils.data.Dataset):
         self.class_index = {label: index[head_label(label, data_config)]
                             for label in annotations.classes
                             if head_label(label, data_config) in index}
-        present = [vid for vid in sorted(wanted) if vid in store]
+        committed = set(store.videos())  # one listing, not one request per video
+        present = [vid for vid in sorted(wanted) if vid in committed]
         if not present:
             raise input_error(store.path, f"holds none of the {len(wanted)} '{subset}' videos "
                               f"of {annotations.name}")
@@ -132,6 +133,7 @@ class StoreDataset(torch.utils.data.Dataset):
         if max_videos is not None:
             present = present[:max_videos]
         self.videos = present
+        store.prefetch(present)  # their records, read at once rather than one by one
         self.times = {vid: np.asarray(store.feature_times(vid), np.float64) for vid in present}
         self.truth = {vid: video_truth(wanted[vid], self.times[vid], self.class_index)
                       for vid in present}
