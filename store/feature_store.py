@@ -67,7 +67,7 @@ class FeatureStore:
                 raise input_error(location, "this file system cannot create a file only if it "
                                   "is absent, so two writers could overwrite each other's "
                                   "videos; write to a local or shared POSIX directory or to "
-                                  "S3, or promise a single writer (`single_writer`)")
+                                  "S3 (from Python, `single_writer=True` allows one writer)")
         differences = meta_differences(stored, requested)
         if differences:
             raise input_error(location, "was written with a different " + "; ".join(differences)
