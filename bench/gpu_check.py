@@ -18,7 +18,7 @@ prints, each on its own line prefixed by its section:
               the default config on the default layout: seconds and ``max_memory_allocated``;
   epoch       a one-epoch ``cli.py train`` on a generated store of the default layout;
   collectives a one-process NCCL group running every collective the training uses (through
-              training/distributed.py) and a DDP backward.
+              losa_distributed.py) and a DDP backward.
 
 Without CUDA (or with ``--reduced``) every section runs at toy sizes on the CPU (gloo for the
 group), so CI runs this script end to end; its figures then say nothing about speed.
@@ -274,11 +274,11 @@ def epoch_section(device, sizes, folder):
 # -- collectives ---------------------------------------------------------------------------------
 
 def collectives_section(device):
-    """Every collective training/distributed.py offers, in a one-process group on this device
+    """Every collective losa_distributed.py offers, in a one-process group on this device
     (NCCL on CUDA), then a DDP backward (its gradient all-reduce)."""
     import torch.distributed as dist
 
-    from training import distributed
+    import losa_distributed as distributed
 
     backend = "nccl" if device.type == "cuda" else "gloo"
     with socket.socket() as sock:

@@ -404,8 +404,13 @@ def build_backbone(spec: str | Mapping, *, source: str = "backbone", **overrides
 _DECODER_KEYS = ("decoder.", "encoder_to_decoder.", "mask_token", "pos_embed")
 
 
-def load_checkpoint(model: VideoMAEv2, path: str | Path) -> str:
+def load_checkpoint(model: VideoMAEv2, path: str | Path, device=None, dtype=None) -> str:
     """Load an official VideoMAEv2 checkpoint into ``model``; return the file's sha256 (hex).
+
+    A model built on the ``meta`` device takes the checkpoint's tensors themselves, each moved
+    to ``device`` in ``dtype`` (``load_state_dict(assign=True)``): a ViT-g is then never held
+    as an fp32 model in host memory on its way to a GPU in bf16. Otherwise the weights are
+    copied into the model's own tensors.
 
     Accepted: fine-tuned state dicts, plain or wrapped under ``model`` or ``module``, and
     pretraining checkpoints (``encoder.*`` keys; decoder and mask-token keys are ignored).
@@ -423,8 +428,12 @@ def load_checkpoint(model: VideoMAEv2, path: str | Path) -> str:
     if model.num_classes == 0:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
     _check_keys(state, model, path)
+    on_meta = next(model.parameters()).is_meta
+    if on_meta:
+        state = {key: value.to(device=device or "cpu", dtype=dtype or value.dtype)
+                 for key, value in state.items()}
     with torch.no_grad():
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=on_meta)
     return digest
 
 

@@ -233,29 +233,25 @@ class _rank_group:
     others mid-video). Outside torchrun, nothing."""
 
     def __enter__(self):
-        import datetime
+        import torch
 
-        import torchrun
+        import losa_distributed
 
         # Ranks may finish hours apart: they wait for each other that long.
-        self.joined = torchrun.join("gloo", timeout=datetime.timedelta(days=7))
+        self.world = losa_distributed.start(torch.device("cpu"), timeout_minutes=7 * 24 * 60)
         return self.total
 
     def total(self, count: int) -> int:
-        if not self.joined:
-            return count
         import torch
-        import torch.distributed as dist
 
-        value = torch.tensor([count])
-        dist.all_reduce(value)
-        return int(value.item())
+        import losa_distributed
+
+        return int(losa_distributed.sum_across(self.world, torch.tensor([count])).item())
 
     def __exit__(self, *exc):
-        if self.joined:
-            import torchrun
+        import losa_distributed
 
-            torchrun.leave()
+        losa_distributed.stop(self.world)
         return False
 
 

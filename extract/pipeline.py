@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import torchrun
+import losa_distributed
 from extract.backbone import backbone_config, build_backbone, load_checkpoint
 from extract.check import short_duration
 from extract.clips import (VIDEO_EXTENSIONS, ClipChunks, backbone_frames, fault_point,
@@ -39,6 +39,7 @@ from extract.clips import (VIDEO_EXTENSIONS, ClipChunks, backbone_frames, fault_
 from extract.config import ExtractionConfig
 from extract.pooling import check_grid, pool_tokens
 from extract.workers import QueueFeed, SpawnProcess
+from losa_distributed import SHARED_MEMORY, shared_memory_free
 from losa_tal import ConfigError, input_error
 from store import LAST, FeatureStore
 
@@ -154,7 +155,7 @@ def annotated_durations(path, subset=None) -> dict:
 
 def rank_share(videos: list) -> list:
     """This torchrun rank's videos (every WORLD_SIZE-th); all of them outside torchrun."""
-    launch = torchrun.launch()
+    launch = losa_distributed.launch()
     return videos[launch.rank::launch.world_size]
 
 
@@ -169,9 +170,17 @@ class Encoder:
         # The clip geometry is the protocol's; record it in the backbone's own arguments too.
         self.config = backbone_config(config.backbone, source=settings.backbone_source,
                                       img_size=protocol.img_size, all_frames=protocol.clip_len)
-        torch.manual_seed(config.seed)  # random-init weights: the same in every process
-        model = build_backbone(self.config, source=settings.backbone_source)
-        self.sha256 = load_checkpoint(model, config.checkpoint) if config.checkpoint else None
+        # bf16 weights on CUDA: autocast would otherwise re-cast every fp32 weight each forward.
+        # LayerNorms still compute in fp32 (autocast), and so does the stored feature (_pool).
+        dtype = weight_dtype(device)
+        if config.checkpoint:  # built empty, then given the checkpoint's tensors on the device
+            with torch.device("meta"):
+                model = build_backbone(self.config, source=settings.backbone_source)
+            self.sha256 = load_checkpoint(model, config.checkpoint, device, dtype)
+        else:  # random weights, drawn on the CPU: one seed gives the same ones on any device
+            torch.manual_seed(config.seed)
+            model = build_backbone(self.config, source=settings.backbone_source)
+            self.sha256 = None
         self.layers = model.block_indices(config.layers)
         if len(set(self.layers)) != len(self.layers):
             raise ConfigError("layers", f"a block is listed twice: {config.layers}")
@@ -181,9 +190,7 @@ class Encoder:
             check_grid(self.tokens, self.grid)
         self.feature_dim = model.embed_dim
         self.device = device
-        # bf16 weights on CUDA: autocast would otherwise re-cast every fp32 weight each forward.
-        # LayerNorms still compute in fp32 (autocast), and so does the stored feature (_pool).
-        self.model = model.eval().requires_grad_(False).to(device, dtype=weight_dtype(device))
+        self.model = model.eval().requires_grad_(False).to(device, dtype=dtype)
         self._taps = torch.compile(self.model.forward_taps) if settings.compile \
             else self.model.forward_taps
 
@@ -226,18 +233,6 @@ def to_host(features: dict) -> dict:
     return arrays
 
 
-SHARED_MEMORY = "/dev/shm"
-
-
-def shared_memory_free(path=SHARED_MEMORY) -> int | None:
-    """Bytes free in the shared-memory filesystem, or None where there is none to ask."""
-    try:
-        stats = os.statvfs(path)
-    except OSError:
-        return None
-    return stats.f_bavail * stats.f_frsize
-
-
 def shared_memory_needed(config: ExtractionConfig) -> int:
     """Bytes of frames the decoding workers keep in shared memory at most: each has
     ``PREFETCH_CHUNKS`` chunks waiting plus the one it is filling; a chunk is the distinct
@@ -253,11 +248,15 @@ def shared_memory_needed(config: ExtractionConfig) -> int:
 
 def check_shared_memory(config: ExtractionConfig) -> None:
     """Refuse, in one line, to start workers whose chunks /dev/shm cannot hold (Docker gives a
-    container 64 MB), rather than let them die of SIGBUS mid-video. The advice names the
-    settings in backticks; the command line names their flags (losa_tal.flag_errors)."""
-    free, needed = shared_memory_free(), shared_memory_needed(config)
+    container 64 MB), rather than let them die of SIGBUS mid-video. Every process of the node
+    (torchrun's LOCAL_WORLD_SIZE) runs as many workers. The advice names the settings in
+    backticks; the command line names their flags (losa_tal.flag_errors)."""
+    processes = losa_distributed.launch().local_world_size
+    free, needed = shared_memory_free(), processes * shared_memory_needed(config)
     if free is not None and free < needed:
-        raise input_error(SHARED_MEMORY, f"{free / 2**20:.0f} MB free, but {config.num_workers}"
+        workers = f"{processes} processes x {config.num_workers}" if processes > 1 else \
+            f"{config.num_workers}"
+        raise input_error(SHARED_MEMORY, f"{free / 2**20:.0f} MB free, but {workers}"
                           f" decoding workers can hold {needed / 2**20:.0f} MB of frames there; "
                           "give it more (docker run --shm-size=8g, or mount a larger tmpfs) or "
                           "lower `num_workers` or `batch_size`")
@@ -267,15 +266,45 @@ def weight_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def compute_record(device: torch.device) -> dict:
+    """What a video's features were computed on and in, kept in its store record."""
+    name = "cpu" if device.type == "cpu" else \
+        f"{device.type} ({torch.cuda.get_device_name(device)})"
+    return {"compute_device": name, "compute_dtype": str(weight_dtype(device)).split(".")[-1]}
+
+
+def check_compute_dtype(config: ExtractionConfig, device: torch.device,
+                        storage_options=None) -> None:
+    """Refuse, in one line and before the backbone is built, to add features computed in
+    another dtype (bf16 on a GPU, fp32 on the CPU) to a store: one store, one kind of feature.
+    A store's videos agree with each other, so its first video speaks for all."""
+    from losa_tal import InputError
+
+    try:
+        store = FeatureStore.open(config.store, storage_options)
+    except InputError:
+        return  # no store yet (or an unreadable one, which creating it reports)
+    with store:
+        first = next(iter(store.videos()), None)
+        recorded = None if first is None else store.video_info(first)
+    ours = compute_record(device)
+    if recorded is not None and recorded.get("compute_dtype", ours["compute_dtype"]) != \
+            ours["compute_dtype"]:
+        raise input_error(store.path, f"holds features computed in {recorded['compute_dtype']} "
+                          f"on {recorded.get('compute_device')}; this run would compute them in "
+                          f"{ours['compute_dtype']} on {ours['compute_device']}: extract on "
+                          "the same kind of device (`device`), or into another store")
+
+
 def pick_device(name: str) -> torch.device:
-    """The extraction device, which becomes the process's current device (torchrun.use_device:
+    """The extraction device, which becomes the process's current device (``use_device``:
     the DataLoader's pin thread and a torchrun rank's allocations then use its own GPU)."""
-    return torchrun.use_device(_named_device(name))
+    return losa_distributed.use_device(_named_device(name))
 
 
 def _named_device(name: str) -> torch.device:
     if name == "auto":
-        return torchrun.local_gpu() if torch.cuda.is_available() else torch.device("cpu")
+        return losa_distributed.local_gpu() if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -284,7 +313,7 @@ def _named_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device", f"{name} requested but no CUDA device is available")
     if device.type == "cuda" and device.index is None:  # "cuda": this rank's GPU
-        device = torchrun.local_gpu()
+        device = losa_distributed.local_gpu()
     return device
 
 
@@ -356,10 +385,11 @@ class OpenVideo:
 
     MAX_PENDING = 4  # batches of features waiting for the writer thread, per video
 
-    def __init__(self, store, chunk, writes: ThreadPoolExecutor):
+    def __init__(self, store, chunk, writes: ThreadPoolExecutor, compute: dict):
         self.num_clips = chunk["num_clips"]
         self.times = chunk["times"]
-        self.writer = store.video_writer(chunk["video"], self.num_clips, chunk["info"])
+        self.writer = store.video_writer(chunk["video"], self.num_clips,
+                                         {**chunk["info"], **compute})
         self.written = 0
         self.writes, self.pending = writes, []
 
@@ -471,7 +501,8 @@ class Extraction:
     def _add_chunk(self, chunk, claims):
         video = chunk["video"]
         if video not in self.open:
-            self.open[video] = OpenVideo(self.store, chunk, self.writes)
+            self.open[video] = OpenVideo(self.store, chunk, self.writes,
+                                         compute_record(self.encoder.device))
             self._check_duration(video, chunk["info"]["duration"])
         device = self.encoder.device
         frames = backbone_frames(chunk["frames"].to(device, non_blocking=True),
@@ -589,7 +620,11 @@ def run_extraction(settings: ExtractionSettings, show_progress: bool = True,
     if config.num_workers:  # before anything is built or written
         check_shared_memory(config)
     device = pick_device(config.device)
+    if config.device == "auto":  # a rank without CUDA would compute in another dtype
+        losa_distributed.agree_on_device(device)
+    check_compute_dtype(config, device, settings.storage_options)
     encoder = Encoder(settings, device)
+    print(losa_distributed.device_line(device, "extracting"), file=sys.stderr)
     videos = rank_share(settings.videos)
     summary = ExtractionSummary()
     started = time.perf_counter()
@@ -597,7 +632,7 @@ def run_extraction(settings: ExtractionSettings, show_progress: bool = True,
                              storage_options=settings.storage_options) as store:
         if store_ready is not None:
             store_ready(store)
-        launch = torchrun.launch()
+        launch = losa_distributed.launch()
         progress = tqdm(total=len(videos), unit="video", disable=not show_progress,
                         desc=f"extract rank {launch.rank}" if launch.distributed else "extract")
         extraction = Extraction(settings, store, encoder, summary, progress)

@@ -118,6 +118,14 @@ def test_workers_whose_chunks_dev_shm_cannot_hold_are_refused_in_one_line(tmp_pa
                         r"frames there; give it more \(docker run --shm-size=8g, or mount a "
                         r"larger tmpfs\) or lower --num-workers or --batch-size", message), message
     assert not store.exists()  # refused before anything was written
+    # Two torchrun ranks on the node run two workers each: 8 MB, more than 6 MB.
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(pipeline, "shared_memory_free", lambda: 6 * 2 ** 20)
+    result = CliRunner().invoke(main, cli_args(folder, store, tmp_path / "tiny.json",
+                                               "--num-workers", "2"))
+    assert result.exit_code == 2
+    assert "6 MB free, but 2 processes x 2 decoding workers can hold 8 MB" in result.output
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setattr(pipeline, "shared_memory_free", lambda: 2 ** 40)
     assert CliRunner().invoke(main, cli_args(folder, store, tmp_path / "tiny.json",
                                              "--num-workers", "0")).exit_code == 0

@@ -98,9 +98,9 @@ def test_auto_falls_back_to_the_store_when_memory_is_short(monkeypatch):
     assert plan.kind == "none"
     assert plan.message() == ("training features: 29.00 GB, not cached: read from the store "
                               "every step (data.cache = auto; more than 3.0 GB of host memory "
-                              "per process)")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # eight ranks on the node, eight copies
-    assert plan_cache("auto", 10 ** 9, CPU).kind == "none"
+                              "(one copy per node))")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # eight ranks on the node share one copy
+    assert plan_cache("auto", 2 * 10 ** 9, CPU).kind == "ram"
     with pytest.raises(InputError, match=r"data.cache: 'gpu' needs a CUDA device"):
         plan_cache("gpu", 10 ** 9, CPU)
 

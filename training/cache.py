@@ -15,17 +15,31 @@ the copy goes:
 
 The cached tensors hold exactly the bytes the store read returns (stored dtype), so a cached run
 computes what an uncached one computes, bit for bit.
+
+Under torchrun the copy is made once per node, not once per process: every process trains on
+every video over the epochs (each epoch shuffles the whole split), so each needs all of it, but
+only local rank 0 reads the store. It writes one file in ``/dev/shm`` (the system's temporary
+folder where that is too small), the node's other processes map it read-only, and the file is
+unlinked as soon as all of them have mapped it: the memory lives as long as the mappings, and a
+run that is killed leaves no file behind. A file whose builder died before that is deleted by
+the next run on the node (``store.locks.StagingArea``, the stores' convention for staging
+files). The processes meet in torchrun's rendezvous store (``losa_distributed``), not in a
+collective: building takes minutes, and no process-group timeout is running yet.
 """
 from __future__ import annotations
 
 import os
+import tempfile
+import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-import torchrun
+import losa_distributed
 from losa_tal import InputError
+from store import locks
 
 GPU_RESERVE_FRACTION = 0.25  # of the device's memory, left to activations and the optimiser
 PINNED_FRACTION = 0.5  # of the available host memory: page-locked memory cannot be swapped
@@ -67,14 +81,15 @@ def plan_cache(requested: str, nbytes: int, device: torch.device) -> CachePlan:
                          f"{device}); use \"ram\" or \"auto\"")
     if requested != "auto":
         return CachePlan(requested, nbytes, f"data.cache = {requested}")
-    # Each training process on this node holds its own copy.
-    host = available_host_memory() // torchrun.launch().local_world_size
+    # A RAM cache is one copy per node; pinned memory, one per process on the node.
+    host, processes = available_host_memory(), losa_distributed.launch().local_world_size
     budgets = []
     if cuda:
         free, total = torch.cuda.mem_get_info(device)
         budgets.append(("gpu", free - int(GPU_RESERVE_FRACTION * total), "of GPU memory free"))
-        budgets.append(("pinned", int(PINNED_FRACTION * host), "of host memory per process"))
-    budgets.append(("ram", int(RAM_FRACTION * host), "of host memory per process"))
+        budgets.append(("pinned", int(PINNED_FRACTION * host) // processes,
+                        f"of host memory per process ({processes} on this node)"))
+    budgets.append(("ram", int(RAM_FRACTION * host), "of host memory (one copy per node)"))
     for kind, budget, what in budgets:
         if nbytes <= budget:
             return CachePlan(kind, nbytes, f"data.cache = auto; fits in {budget / 1e9:.1f} GB "
@@ -95,19 +110,129 @@ def available_host_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def build_cache(store, videos, layers, kind: str, device: torch.device) -> dict | None:
+def build_cache(store, videos, layers, kind: str, device: torch.device,
+                timeout_minutes: float = losa_distributed.DEFAULT_TIMEOUT_MINUTES) -> dict | None:
     """``{video: (last [T, D], inter [L, T, K, D] or None)}`` in the stored dtype, or None."""
-    from store import LAST
-
     if kind == "none":
         return None
-    cache = {}
+    parts = layout(store, videos, layers)
+    if losa_distributed.launch().local_world_size > 1:
+        host = node_shared_copy(store, layers, parts, timeout_minutes)
+    else:
+        host = np.empty(parts[-1].end if parts else 0, np.uint8)
+        fill(host, store, layers, parts)
+    return {vid: tuple(None if t is None else _place(t, kind, device) for t in pair)
+            for vid, pair in views(host, parts).items()}
+
+
+@dataclass(frozen=True)
+class Part:
+    """Where one video's last layer (``inter`` False) or stacked intermediate layers live in
+    the flat cache."""
+
+    video: str
+    inter: bool
+    offset: int
+    shape: tuple
+    dtype: str
+
+    @property
+    def end(self) -> int:
+        return self.offset + int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+ALIGN = 64  # bytes: every part starts on a cache line
+
+
+def layout(store, videos, layers) -> list:
+    """The flat cache's parts, from the store's metadata alone (every process works it out)."""
+    from store import LAST
+
+    parts, offset, stored = [], 0, store.meta["dtype"]
     for vid in videos:
+        info = store.video_info(vid)
+        promoted = set(info.get("float32_layers") or [])  # layers stored in float32 on overflow
+        shapes = [(False, (info["num_clips"], store.feature_dim), LAST in promoted)]
+        if layers:
+            shapes.append((True, (len(layers), info["num_clips"], store.num_tokens,
+                                  store.feature_dim), bool(promoted & set(layers))))
+        for inter, shape, wide in shapes:
+            part = Part(vid, inter, offset, shape, "float32" if wide else stored)
+            parts.append(part)
+            offset = -(-part.end // ALIGN) * ALIGN
+    return parts
+
+
+def fill(host: np.ndarray, store, layers, parts) -> None:
+    """Read every part from the store into the flat ``host`` array."""
+    from store import LAST
+
+    cached = views(host, parts)
+    for vid, (last, inter) in cached.items():
         read = store.read(vid, layers=(LAST, *layers), dtype=None)
-        last = torch.from_numpy(read[LAST])
-        inter = torch.from_numpy(np.stack([read[i] for i in layers])) if layers else None
-        cache[vid] = tuple(None if t is None else _place(t, kind, device) for t in (last, inter))
-    return cache
+        last.numpy()[...] = read[LAST]
+        for index, layer in enumerate(layers):
+            inter[index].numpy()[...] = read[layer]
+
+
+def views(host: np.ndarray, parts) -> dict:
+    """``{video: (last, inter or None)}`` tensors viewing ``host`` (no copy)."""
+    with warnings.catch_warnings():  # a read-only mapping: nothing writes through these views
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        cached = {}
+        for part in parts:
+            array = host[part.offset:part.end].view(part.dtype).reshape(part.shape)
+            last, inter = cached.get(part.video, (None, None))
+            tensor = torch.from_numpy(array)
+            cached[part.video] = (last, tensor) if part.inter else (tensor, inter)
+        return cached
+
+
+CACHE_FOLDER = "losa-tal-cache"  # in /dev/shm, or the temporary folder
+
+
+def node_shared_copy(store, layers, parts, timeout_minutes: float) -> np.ndarray:
+    """The flat cache, read from the store by local rank 0 and mapped read-only by the other
+    processes of the node; the file is gone once all of them have mapped it."""
+    place = losa_distributed.launch()
+    rendezvous = losa_distributed.rendezvous_store(timeout_minutes)
+    node = f"losa/cache/{place.node_leader}"
+    nbytes = parts[-1].end if parts else 0
+    if place.local_rank != 0:
+        path = rendezvous.get(f"{node}/path").decode()  # waits for the build
+        host = np.memmap(path, np.uint8, mode="r", shape=(nbytes,)) if nbytes else \
+            np.empty(0, np.uint8)
+        rendezvous.add(f"{node}/mapped", 1)
+        return host
+    folder = os.path.join(cache_folder(nbytes), CACHE_FOLDER)
+    os.makedirs(folder, exist_ok=True)
+    locks.remove_stale(folder)  # files of runs killed while building
+    area = locks.StagingArea(folder)
+    try:
+        path = area.new_path(".cache")
+        host = np.memmap(path, np.uint8, mode="w+", shape=(nbytes,)) if nbytes else \
+            np.empty(0, np.uint8)
+        fill(host, store, layers, parts)
+        if nbytes:
+            host.flush()
+        rendezvous.set(f"{node}/path", path)
+        deadline = time.monotonic() + 60 * timeout_minutes
+        while rendezvous.add(f"{node}/mapped", 0) < place.local_world_size - 1:
+            if time.monotonic() > deadline:
+                raise InputError(f"{path}: the other processes of this node did not map the "
+                                 f"training cache within train.timeout_minutes "
+                                 f"({timeout_minutes:g})")
+            time.sleep(0.05)
+    finally:
+        area.close()  # unlinks the file; the mappings keep its memory
+    return host
+
+
+def cache_folder(nbytes: int) -> str:
+    """/dev/shm where it has room for the copy (memory), else the temporary folder."""
+    free = losa_distributed.shared_memory_free()
+    enough = free is not None and free >= nbytes
+    return losa_distributed.SHARED_MEMORY if enough else tempfile.gettempdir()
 
 
 def _place(tensor: torch.Tensor, kind: str, device: torch.device) -> torch.Tensor:

@@ -40,7 +40,7 @@ def train(config_path, store_path, annotations_path, out_dir, model_type, epochs
     """
     from pathlib import Path
 
-    import torchrun
+    import losa_distributed
 
     overrides = list(overrides)
     if model_type is not None:
@@ -53,7 +53,7 @@ def train(config_path, store_path, annotations_path, out_dir, model_type, epochs
     with flag_errors(TRAIN_FLAGS):
         summary = run_training(config, store_path, annotations_path, out_dir, resume=resume,
                                progress=not quiet, storage_options=storage_options)
-    if torchrun.launch().is_main:  # under torchrun, the main process reports
+    if losa_distributed.launch().is_main:  # under torchrun, the main process reports
         best = summary["best"]
         best_text = (f", best average mAP {best['average_map']:.4f} at epoch {best['epoch']}"
                      if best else "")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from adapt.config import LosaConfig, losa_parameter_count
 from head.config import HeadConfig, PostprocessConfig, head_parameter_count
+from losa_distributed import DEFAULT_TIMEOUT_MINUTES
 from losa_tal import (ConfigError, apply_overrides, build_config, check_positive_integers,
                       check_values, config_arguments, finite_and_at_least, input_error,
                       read_config_file)
@@ -119,18 +120,24 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 35
     batch_size: int = 2  # global batch: the same whatever the number of processes
-    micro_batch: int = 2  # videos per forward pass; the rest is gradient accumulation
+    # Videos per forward pass at most: each process takes its share of the global batch in
+    # the largest micro-batches up to this that divide it; the rest is gradient accumulation.
+    micro_batch: int = 2
     seed: int = 0
     amp: bool = True  # bf16 autocast on CUDA (CPU always runs in float32)
     # The loss normaliser's EMA takes the global batch's positive count "before" the losses are
     # divided by it (ActionFormer), or "after" the step (saves a collective per step).
     normalizer_update: str = "before"
+    # Minutes a process waits for the others at a collective (NCCL's own default is 10; the
+    # slow start-up, reading the store and building the cache, comes before the first one).
+    timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES
 
     def check(self) -> None:
-        check_positive_integers(epochs=self.epochs, batch_size=self.batch_size)
+        check_positive_integers(epochs=self.epochs, batch_size=self.batch_size,
+                                micro_batch=self.micro_batch)
         check_values([
-            ("micro_batch", self.micro_batch > 0 and self.batch_size % self.micro_batch == 0,
-             "positive and a divisor of train.batch_size", self.micro_batch),
+            ("timeout_minutes", finite_and_at_least(self.timeout_minutes, 0)
+             and self.timeout_minutes > 0, "positive", self.timeout_minutes),
             ("normalizer_update", self.normalizer_update in ("before", "after"),
              "before or after", self.normalizer_update),
         ])

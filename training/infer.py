@@ -104,7 +104,7 @@ def predict(model, dataset: StoreDataset, postprocess_config, device, classes, a
     """
     from tqdm import tqdm
 
-    from training import distributed
+    import losa_distributed as distributed
 
     world = world or distributed.World(device=torch.device(device))
     mine = dataset.videos[world.rank::world.size]

@@ -2,9 +2,12 @@
 
 Run it as ``python cli.py train`` (one process) or ``torchrun --nproc_per_node N cli.py train``
 (data parallel). The global batch (``train.batch_size``) is the same whatever the number of
-processes: each optimizer step consumes ``batch_size / micro_batch`` micro-batches, shared out
-over the processes, and every random draw is keyed by (seed, epoch, step, micro-batch), so one
-process with gradient accumulation and N processes compute the same update.
+processes: each process takes an equal share of it per optimizer step, in forward passes of at
+most ``train.micro_batch`` videos (:func:`share_batch`), and every random draw is keyed by (seed,
+epoch, step, micro-batch), so one process with gradient accumulation and N processes compute the
+same update wherever the micro-batches come out the same. A global batch that N processes cannot
+share equally is raised to the next multiple of N, and a micro-batch that does not divide a
+process's share is lowered; each change is printed in one line before anything starts.
 
 A run directory holds ``config.json`` (the resolved config), ``log.jsonl`` (one JSON object per
 step, epoch and evaluation), ``last.pt`` (written after every epoch) and ``best.pt`` (the
@@ -20,16 +23,17 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from losa_tal import InputError, input_error
+import losa_distributed as distributed
+from losa_tal import input_error
 from store import locks
 from store.errors import storage_errors
 from training import checkpoint as ckpt
-from training import distributed
 from training.config import Config
 from training.data import (EpochBatches, StoreDataset, batch_to, channel_statistics,
                            head_classes, needed_layers, training_loader)
@@ -37,31 +41,76 @@ from training.detector import Detector, parameter_groups, trainable_parameters
 from training.inputs import open_annotations, open_store, resolve_subset
 
 # Paths may move between a run and its resumption; nothing else in the config may change.
-RESUME_FREE_KEYS = {"description", "data.store", "data.annotations", "data.num_workers", "data.cache"}
+RESUME_FREE_KEYS = {"description", "data.store", "data.annotations", "data.num_workers", "data.cache",
+                    "train.micro_batch", "train.timeout_minutes"}
 
 
 def train(config: Config, store_path=None, annotations_path=None, out_dir="runs/train",
           resume: bool = False, progress: bool = True, storage_options=None) -> dict:
     """Train a detector; returns the final log record (epoch, step, best mAP, run directory).
     ``storage_options`` (for a URL store) are used, never saved: they may hold credentials."""
-    world = distributed.start(prefer_cuda=True)
+    place = distributed.launch()
+    share = share_batch(config.train, place.world_size)
+    config = replace(config, train=replace(config.train, batch_size=share.batch_size))
+    device = distributed.rank_device(prefer_cuda=True)
+    if place.is_main:
+        for note in share.notes:
+            print(note, file=sys.stderr)
+    # Before anything slow: a rank without CUDA among CUDA ranks is refused now.
+    distributed.agree_on_device(device, config.train.timeout_minutes)
     try:
-        with exclusive_run_directory(Path(out_dir), world):
-            return Trainer(world, config, store_path, annotations_path, out_dir, resume,
+        with exclusive_run_directory(Path(out_dir), place):
+            return Trainer(device, share, config, store_path, annotations_path, out_dir, resume,
                            progress, storage_options).run()
     finally:
-        distributed.stop(world)
+        distributed.leave()
+
+
+@dataclass(frozen=True)
+class BatchShare:
+    """How a global batch is shared by the processes."""
+
+    batch_size: int  # the global batch: train.batch_size, raised where it cannot be shared
+    micro_batch: int  # videos per forward pass on each process
+    accum_steps: int  # forward passes per optimizer step on each process
+    notes: tuple = ()  # what differs from the recipe, one line each
+
+    @property
+    def per_process(self) -> int:
+        return self.micro_batch * self.accum_steps
+
+
+def share_batch(train_config, world_size: int) -> BatchShare:
+    """Each process's share of the global batch, and the forward passes it takes in: the
+    largest micro-batch up to ``train.micro_batch`` that divides the share, so that the
+    micro-batches (and with them every random draw) are those of one process wherever
+    ``train.micro_batch`` divides the share."""
+    batch, cap, notes = train_config.batch_size, train_config.micro_batch, []
+    if batch % world_size:
+        raised = -(-batch // world_size) * world_size
+        notes.append(f"train.batch_size {batch} -> {raised}: {world_size} processes take an "
+                     "equal share of the global batch (learning rates unchanged; set "
+                     f"train.batch_size to a multiple of {world_size} to choose)")
+        batch = raised
+    share = batch // world_size
+    micro = max(size for size in range(1, min(cap, share) + 1) if share % size == 0)
+    if micro != cap:
+        notes.append(f"train.micro_batch {cap} -> {micro}: each of {world_size} processes "
+                     f"takes {share} videos per step (set train.micro_batch to a divisor of "
+                     f"{share} to choose)")
+    return BatchShare(batch, micro, share // micro, tuple(notes))
 
 
 RUN_LOCK = "run.lock"
 
 
 @contextlib.contextmanager
-def exclusive_run_directory(out_dir: Path, world):
+def exclusive_run_directory(out_dir: Path, place):
     """Hold the run directory for one run: two runs on one --out would interleave log.jsonl
     and overwrite each other's checkpoints. The main process holds an flock, which the kernel
-    drops however the process ends, so a killed run never blocks its --resume."""
-    if not world.is_main:
+    drops however the process ends, so a killed run never blocks its --resume. ``place``: this
+    process's ``losa_distributed.Launch``."""
+    if not place.is_main:
         yield
         return
     created = not out_dir.exists()
@@ -89,12 +138,15 @@ def exclusive_run_directory(out_dir: Path, world):
 
 
 class Trainer:
-    def __init__(self, world, config, store_path, annotations_path, out_dir, resume, progress,
-                 storage_options=None):
-        self.world = world
-        self.config = config
+    def __init__(self, device, share, config, store_path, annotations_path, out_dir, resume,
+                 progress, storage_options=None):
+        place = distributed.launch()
+        # Not in the process group yet: the slow start-up below (the store, the cache) waits
+        # for no other rank, so no collective can time out meanwhile.
+        self.world = distributed.World(rank=place.rank, size=place.world_size, device=device)
+        self.config, self.share = config, share
         self.out_dir = Path(out_dir)
-        self.progress = progress and world.is_main
+        self.progress = progress and place.is_main
 
         self.store = open_store(store_path or config.data.store, config.data.dataset,
                                 storage_options)
@@ -108,18 +160,20 @@ class Trainer:
             raise input_error(self.annotations.name, f"the '{self.eval_set.subset}' videos the "
                               "store holds have no ground-truth segments to evaluate against "
                               "(eval.subset, eval.max_videos)")
-        self.steps_per_epoch, self.accum_steps = self._batch_plan()
+        self.steps_per_epoch = self._steps_per_epoch()
         self.cache_plan = self._cache_training_split()
         self.loader, self.epoch_batches = None, EpochBatches()
+        statistics = channel_statistics(self.store, self.train_set.videos, self.layers) \
+            if config.data.standardise else None  # from the training videos only
 
+        self.world = distributed.start(device, config.train.timeout_minutes)
         torch.manual_seed(config.train.seed)
         self.model = Detector(self.store.feature_dim, len(self.classes), len(self.layers),
                               self.store.num_tokens, config.model, config.head,
                               standardise=config.data.standardise)
-        if config.data.standardise:  # from the training videos only, before the EMA copy
-            self.model.set_standardisation(**channel_statistics(
-                self.store, self.train_set.videos, self.layers))
-        self.model.to(world.device)
+        if statistics is not None:  # before the EMA copy
+            self.model.set_standardisation(**statistics)
+        self.model.to(device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.optimizer = torch.optim.AdamW(
             parameter_groups(self.model, config.optim.lr_adapter, config.optim.lr_head,
@@ -127,9 +181,9 @@ class Trainer:
         self.epoch, self.step, self.best = 0, 0, None
         self._prepare_run_dir(resume)
         self.parallel = self.model
-        if world.size > 1:
+        if self.world.size > 1:
             self.parallel = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # -- inputs --------------------------------------------------------------------------------
 
@@ -139,19 +193,13 @@ class Trainer:
                             self.config.data, train=train, seed=self.config.train.seed,
                             max_videos=max_videos)
 
-    def _batch_plan(self):
-        """Optimizer steps per epoch and micro-batches per step on this process."""
-        train = self.config.train
-        micro_per_step = train.batch_size // train.micro_batch
-        if micro_per_step % self.world.size:
-            raise InputError(f"train.batch_size: {train.batch_size} / train.micro_batch "
-                             f"{train.micro_batch} micro-batches cannot be shared equally by "
-                             f"{self.world.size} processes")
-        steps = len(self.train_set) // train.batch_size
+    def _steps_per_epoch(self):
+        batch = self.share.batch_size
+        steps = len(self.train_set) // batch
         if steps == 0:
             raise input_error(self.store.path, f"only {len(self.train_set)} training videos, "
-                              f"fewer than train.batch_size {train.batch_size}")
-        return steps, micro_per_step // self.world.size
+                              f"fewer than train.batch_size {batch}")
+        return steps
 
     def _cache_training_split(self):
         """Copy the training split into memory when it fits (``data.cache``, training/cache.py)."""
@@ -162,7 +210,8 @@ class Trainer:
         if self.progress:
             print(plan.message(), file=sys.stderr)
         self.train_set.cache = build_cache(self.store, self.train_set.videos, self.layers,
-                                           plan.kind, self.world.device)
+                                           plan.kind, self.world.device,
+                                           self.config.train.timeout_minutes)
         return plan
 
     def _loader(self, epoch):
@@ -172,13 +221,13 @@ class Trainer:
         One DataLoader serves the whole run, so its workers persist; the epoch travels in the
         sample keys.
         """
-        train = self.config.train
-        order = np.random.default_rng([train.seed, epoch]).permutation(len(self.train_set))
-        micro = order[: self.steps_per_epoch * train.batch_size].reshape(-1, train.micro_batch)
-        per_step = micro.reshape(self.steps_per_epoch, -1, train.micro_batch)
-        mine = per_step[:, self.world.rank * self.accum_steps:(self.world.rank + 1) * self.accum_steps]
-        self.epoch_batches.batches = [[(epoch, int(i)) for i in keys]
-                                      for keys in mine.reshape(-1, train.micro_batch)]
+        share = self.share
+        order = np.random.default_rng([self.config.train.seed, epoch]).permutation(
+            len(self.train_set))
+        per_step = order[: self.steps_per_epoch * share.batch_size].reshape(
+            self.steps_per_epoch, self.world.size, share.per_process)
+        self.epoch_batches.batches = [[(epoch, int(i)) for i in keys] for keys in
+                                      per_step[:, self.world.rank].reshape(-1, share.micro_batch)]
         if self.loader is None:
             self.loader = training_loader(self.train_set, self.epoch_batches, self.world.device,
                                           self.cache_plan.kind)
@@ -187,7 +236,9 @@ class Trainer:
     # -- the run ------------------------------------------------------------------------------
 
     def run(self) -> dict:
+        print(distributed.device_line(self.world.device, "training"), file=sys.stderr)
         self._log({"event": "start", "world_size": self.world.size, "device": str(self.world.device),
+                   "micro_batch": self.share.micro_batch, "accum_steps": self.share.accum_steps,
                    "train_videos": len(self.train_set), "eval_videos": len(self.eval_set.videos),
                    "steps_per_epoch": self.steps_per_epoch, "cache": self.cache_plan.message(),
                    "trainable_parameters": trainable_parameters(self.model)})
@@ -223,7 +274,7 @@ class Trainer:
         losses, started = [], time.perf_counter()
         micro_batches = iter(self._loader(epoch))
         for step_in_epoch in range(self.steps_per_epoch):
-            group = [next(micro_batches) for _ in range(self.accum_steps)]
+            group = [next(micro_batches) for _ in range(self.share.accum_steps)]
             loss = self._optimizer_step(epoch, step_in_epoch, group)
             losses.append(loss)
             videos_per_s = (step_in_epoch + 1) * self.config.train.batch_size / (
@@ -251,7 +302,7 @@ class Trainer:
         # Loss and positive points, summed on the device: the step's one host sync is below.
         totals = torch.zeros(2, dtype=torch.float64, device=self.world.device)
         for k, batch in enumerate(micro_batches):
-            micro_index = self.world.rank * self.accum_steps + k
+            micro_index = self.world.rank * self.share.accum_steps + k
             # Dropout masks depend on the micro-batch's place in the run, not on the process.
             torch.manual_seed(derived_seed(config.train.seed, epoch, step_in_epoch, micro_index))
             batch = batch_to(batch, self.world.device, self._low_precision())
@@ -332,11 +383,13 @@ class Trainer:
 
     def _prepare_run_dir(self, resume):
         last = self.out_dir / "last.pt"
+        state = ckpt.load(last) if resume and last.exists() else None
+        self._check_ranks_agree(last.exists(), state)
         if last.exists() and not resume:
             raise input_error(self.out_dir, "already holds a training run (last.pt); pass "
                               "`resume` to continue it, or choose another `out_dir`")
-        if resume and last.exists():
-            self._restore(ckpt.load(last), last)
+        if state is not None:
+            self._restore(state, last)
         elif resume:
             warnings.warn(f"{self.out_dir}: no checkpoint to resume from; starting afresh",
                           stacklevel=2)
@@ -346,6 +399,19 @@ class Trainer:
                 (self.out_dir / "config.json").write_text(
                     json.dumps(self.config.to_dict(), indent=2))
         distributed.barrier(self.world)
+
+    def _check_ranks_agree(self, found: bool, state):
+        """Every rank sees the same run directory (one file system shared by all nodes), or all
+        refuse alike: no rank may start afresh, or at another epoch, while the others resume."""
+        seen = [found, None if state is None else [state["epoch"], state["step"]]]
+        views = distributed.gather_json(self.world, seen)
+        if any(view != views[0] for view in views):
+            shown = "; ".join(f"rank {rank}: " + ("no last.pt" if not view[0] else
+                                                 "last.pt" if view[1] is None else
+                                                 f"last.pt at epoch {view[1][0]}")
+                              for rank, view in enumerate(views))
+            raise input_error(self.out_dir, f"the ranks see different runs in it ({shown}); "
+                              "give `out_dir` on a file system every node shares")
 
     def _restore(self, state, path):
         differing = config_differences(Config.from_dict(state["config"], str(path)), self.config)
