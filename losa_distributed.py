@@ -24,8 +24,12 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from losa_tal import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 # How long a rank waits for the others, in rendezvous and in every collective (training's
 # setting, train.timeout_minutes, defaults to it).
@@ -192,7 +196,7 @@ class World:
 
     rank: int = 0
     size: int = 1
-    device: "torch.device" = field(default_factory=_cpu)  # noqa: F821 (imported on use)
+    device: torch.device = field(default_factory=_cpu)
     # In a process group: the collectives run (in a one-process group too, which is how
     # bench/gpu_check.py exercises NCCL on one GPU). Outside one they are no-ops.
     joined: bool = False

@@ -218,6 +218,25 @@ def test_fine_tuned_checkpoints_load_and_return_the_sha256(tmp_path, trained, wr
         assert torch.equal(model.forward_features(x), trained.forward_features(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_model_built_on_meta_takes_the_checkpoint_tensors_in_the_compute_dtype(tmp_path,
+                                                                               trained, dtype):
+    """Extraction's path: no fp32 model on the host first; the same weights, cast once."""
+    path = tmp_path / "ft.pth"
+    torch.save(trained.state_dict(), path)
+    with torch.device("meta"):
+        model = VideoMAEv2(**TINY).eval()
+    assert load_checkpoint(model, path, torch.device("cpu"), dtype) == \
+        hashlib.sha256(path.read_bytes()).hexdigest()
+    state = model.state_dict()
+    assert all(v.device.type == "cpu" and v.dtype == dtype for v in state.values())
+    assert all(torch.equal(state[k], v.to(dtype)) for k, v in trained.state_dict().items())
+    if dtype == torch.float32:  # CPU fp32: the very features of the model loaded the old way
+        x = clips(16, 32, 32)
+        with torch.no_grad():
+            assert torch.equal(model.forward_features(x), trained.forward_features(x))
+
+
 def test_pretrain_checkpoint_loads_its_encoder(tmp_path):
     encoder = fresh(use_mean_pooling=False)
     encoder.load_state_dict(random_state(encoder, seed=4))

@@ -98,6 +98,8 @@ def test_feature_times_and_video_info_are_stored_per_video(zarr_store):
         starts = np.arange(len(range(0, frames - 15, 4)) or 1) * 4
         assert info["num_clips"] == len(starts) and info["num_frames"] == frames
         assert info["fps"] == pytest.approx(fps) and info["float32_layers"] == []
+        # What the features were computed on and in (a GPU run records its card and bfloat16).
+        assert (info["compute_device"], info["compute_dtype"]) == ("cpu", "float32")
         assert np.allclose(fs.feature_times(vid), (starts + 8) / fps, rtol=0, atol=1e-12)
 
 
@@ -184,6 +186,32 @@ def test_append_with_another_backbone_protocol_or_layout_is_refused(videos, zarr
     with pytest.raises(InputError, match=rf"was written with a different .*{key} \(store: "):
         run_extraction(settings_for(videos, copy, **change), show_progress=False)
     assert_same_contents(store_contents(copy), store_contents(zarr_store))
+
+
+def test_features_of_another_dtype_are_refused_before_the_backbone_is_built(videos, zarr_store,
+                                                                            tmp_path,
+                                                                            monkeypatch):
+    """A store a GPU run began (bf16) takes no fp32 features from a CPU run: one store, one
+    kind of feature. The refusal comes before the backbone is built."""
+    from extract import pipeline
+
+    source = FeatureStore.open(zarr_store)
+    gpu_store = tmp_path / "gpu.zarr"
+    with FeatureStore.create(gpu_store, source.meta) as store:
+        store.write_video("a", source.read("a"), source.feature_times("a"),
+                          {"compute_device": "cuda (NVIDIA H100 80GB HBM3)",
+                           "compute_dtype": "bfloat16"})
+    built = []
+    real_build = pipeline.build_backbone
+    monkeypatch.setattr(pipeline, "build_backbone", lambda *a, **k: built.append(1)
+                        or real_build(*a, **k))
+    with pytest.raises(InputError) as refusal:
+        run_extraction(settings_for(videos, gpu_store), show_progress=False)
+    assert str(refusal.value) == (
+        f"{gpu_store}: holds features computed in bfloat16 on cuda (NVIDIA H100 80GB HBM3); "
+        "this run would compute them in float32 on cpu: extract on the same kind of device "
+        "(`device`), or into another store")
+    assert built == [] and FeatureStore.open(gpu_store).videos() == ["a"]
 
 
 # -- the command line --------------------------------------------------------------------------

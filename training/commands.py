@@ -35,8 +35,8 @@ def train(config_path, store_path, annotations_path, out_dir, model_type, epochs
           resume, storage_options, quiet):
     """Train LoSA adapters and the detection head from a feature store.
 
-    Data parallel: torchrun --nproc_per_node N cli.py train ... (the global batch, and so the
-    result, is the same for any N).
+    Data parallel: torchrun --standalone --nproc_per_node N cli.py train ... (the global batch
+    is shared by the N processes; one line says what changes where it cannot be).
     """
     from pathlib import Path
 
