@@ -22,6 +22,7 @@ from helpers import REPO
 from helpers.training import (assert_same_state, final_weights, synthetic_videos, tiny_config,
                               write_annotations, write_store)
 from losa_tal import InputError
+from training.cache import CACHE_FOLDER
 from training.config import load_config
 from training.train import BatchShare, share_batch, train
 
@@ -254,7 +255,7 @@ def node_cache(rank, store_path, layers, out):
     """This rank's cache through build_cache, as a digest per video, and the cache folder's
     entries of rank 0's owner after the build."""
     from store import FeatureStore
-    from training.cache import CACHE_FOLDER, build_cache, cache_folder
+    from training.cache import build_cache, cache_folder
 
     store = FeatureStore.open(store_path)
     reads = []
@@ -265,14 +266,38 @@ def node_cache(rank, store_path, layers, out):
     folder = os.path.join(cache_folder(0), CACHE_FOLDER)
     leftovers = [name for name in os.listdir(folder) if name.startswith(f"{os.getpid()}-")]
     return {"reads": len(reads), "leftovers": leftovers,
-            "writable": any(t.is_contiguous() and t.numpy().flags.writeable
-                            for pair in cache.values() for t in pair if t is not None),
+            "mappings": cache_mappings(),
             "videos": digests(cache)}
+
+
+def cache_mappings() -> list:
+    """Permissions of this process's mappings of cache files (/proc/self/maps), e.g. r--s."""
+    with open("/proc/self/maps") as maps:
+        return sorted({line.split()[1] for line in maps if CACHE_FOLDER in line})
 
 
 def digests(cache) -> dict:
     return {vid: [f"{t.dtype} {list(t.shape)} {hashlib.sha256(t.numpy().tobytes()).hexdigest()}"
                   for t in pair if t is not None] for vid, pair in cache.items()}
+
+
+def killed_while_building() -> str:
+    """The file of a builder SIGKILLed mid-build (its owner lock dies with it)."""
+    from training.cache import cache_folder
+
+    folder = os.path.join(cache_folder(0), CACHE_FOLDER)
+    script = ("import os, sys, time; from store import locks; os.makedirs(sys.argv[1], "
+              "exist_ok=True); area = locks.StagingArea(sys.argv[1]); path = "
+              "area.new_path('.cache'); open(path, 'wb').write(b'x' * 4096); print(path, "
+              "flush=True); time.sleep(60)")
+    builder = subprocess.Popen([sys.executable, "-c", script, folder], stdout=subprocess.PIPE,
+                               text=True, cwd=REPO, env=SUBPROCESS_ENV)
+    path = builder.stdout.readline().strip()
+    builder.kill()
+    builder.wait()
+    builder.stdout.close()
+    assert os.path.exists(path)
+    return path
 
 
 @pytest.mark.slow
@@ -283,8 +308,11 @@ def test_the_cache_is_read_once_per_node_and_leaves_no_file(dataset_files, tmp_p
     store_path, _ = dataset_files
     store = FeatureStore.open(store_path)
     alone = build_cache(store, store.videos(), [1, 2], "ram", torch.device("cpu"))
+    stale = killed_while_building()
     ranks = run_ranks(2, node_cache, store_path, [1, 2], tmp_path)
+    assert not os.path.exists(stale)  # the next build on the node deleted it
     assert [rank["value"]["reads"] for rank in ranks] == [len(store.videos()), 0]
     assert [rank["value"]["leftovers"] for rank in ranks] == [[], []]
-    assert not ranks[1]["value"]["writable"]  # mapped read-only
+    # Both map the one file, rank 1 read-only, and the file is gone (unlinked, still mapped).
+    assert [rank["value"]["mappings"] for rank in ranks] == [["rw-s"], ["r--s"]]
     assert ranks[0]["value"]["videos"] == ranks[1]["value"]["videos"] == digests(alone)

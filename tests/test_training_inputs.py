@@ -92,6 +92,21 @@ def test_the_cache_holds_the_stored_bytes_and_serves_views(fp16_files):
                 cache[dataset.videos[i]][1].untyped_storage().data_ptr()
 
 
+def test_channel_statistics_from_the_cache_equal_the_stores(fp16_files):
+    """data.standardise reads the split once more: from the cache, no process rereads the store,
+    and the statistics are the very same."""
+    from training.cache import CachedReads
+    from training.data import channel_statistics
+
+    store = FeatureStore.open(fp16_files[0])
+    videos, layers = store.videos(), list(store.layers)
+    cache = build_cache(store, videos, layers, "ram", torch.device("cpu"))
+    from_cache = channel_statistics(CachedReads(store, cache, layers), videos, layers)
+    from_store = channel_statistics(store, videos, layers)
+    assert from_cache.keys() == from_store.keys()
+    assert all(np.array_equal(from_cache[key], from_store[key]) for key in from_store)
+
+
 def test_auto_falls_back_to_the_store_when_memory_is_short(monkeypatch):
     monkeypatch.setattr(cache_module, "available_host_memory", lambda: 4 * 10 ** 9)
     plan = plan_cache("auto", 29 * 10 ** 9, CPU)

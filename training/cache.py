@@ -116,7 +116,8 @@ def build_cache(store, videos, layers, kind: str, device: torch.device,
     if kind == "none":
         return None
     parts = layout(store, videos, layers)
-    if losa_distributed.launch().local_world_size > 1:
+    place = losa_distributed.launch()
+    if place.distributed and place.local_world_size > 1:
         host = node_shared_copy(store, layers, parts, timeout_minutes)
     else:
         host = np.empty(parts[-1].end if parts else 0, np.uint8)
@@ -186,6 +187,24 @@ def views(host: np.ndarray, parts) -> dict:
             tensor = torch.from_numpy(array)
             cached[part.video] = (last, tensor) if part.inter else (tensor, inter)
         return cached
+
+
+class CachedReads:
+    """Whole-video reads served from a cache, for what reads the split once more (the channel
+    statistics): no process reads the store again for them."""
+
+    def __init__(self, store, cache: dict, layers):
+        self.store, self.cache, self.layers = store, cache, list(layers)
+
+    def __getattr__(self, name):  # everything but the features: the store's
+        return getattr(self.store, name)
+
+    def read(self, vid, layers) -> dict:
+        from store import LAST
+
+        last, inter = (None if t is None else t.cpu().numpy() for t in self.cache[vid])
+        values = {LAST: last, **{layer: inter[i] for i, layer in enumerate(self.layers)}}
+        return {layer: values[layer] for layer in layers}
 
 
 CACHE_FOLDER = "losa-tal-cache"  # in /dev/shm, or the temporary folder

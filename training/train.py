@@ -40,9 +40,11 @@ from training.data import (EpochBatches, StoreDataset, batch_to, channel_statist
 from training.detector import Detector, parameter_groups, trainable_parameters
 from training.inputs import open_annotations, open_store, resolve_subset
 
-# Paths may move between a run and its resumption; nothing else in the config may change.
-RESUME_FREE_KEYS = {"description", "data.store", "data.annotations", "data.num_workers", "data.cache",
-                    "train.micro_batch", "train.timeout_minutes"}
+# Paths may move between a run and its resumption, and so may what changes no step's videos
+# (workers, cache, the micro-batch cap, which another process count may lower anyway, the
+# timeout); nothing else in the config may change.
+RESUME_FREE_KEYS = {"description", "data.store", "data.annotations", "data.num_workers",
+                    "data.cache", "train.micro_batch", "train.timeout_minutes"}
 
 
 def train(config: Config, store_path=None, annotations_path=None, out_dir="runs/train",
@@ -163,8 +165,7 @@ class Trainer:
         self.steps_per_epoch = self._steps_per_epoch()
         self.cache_plan = self._cache_training_split()
         self.loader, self.epoch_batches = None, EpochBatches()
-        statistics = channel_statistics(self.store, self.train_set.videos, self.layers) \
-            if config.data.standardise else None  # from the training videos only
+        statistics = self._channel_statistics() if config.data.standardise else None
 
         self.world = distributed.start(device, config.train.timeout_minutes)
         torch.manual_seed(config.train.seed)
@@ -213,6 +214,14 @@ class Trainer:
                                            plan.kind, self.world.device,
                                            self.config.train.timeout_minutes)
         return plan
+
+    def _channel_statistics(self):
+        """Per-channel statistics of the training videos, from the cache when there is one."""
+        from training.cache import CachedReads
+
+        cache = self.train_set.cache
+        source = self.store if cache is None else CachedReads(self.store, cache, self.layers)
+        return channel_statistics(source, self.train_set.videos, self.layers)
 
     def _loader(self, epoch):
         """This process's micro-batches of one epoch, in step order (the last partial batch is
