@@ -250,6 +250,7 @@ def test_cli_annotations_choose_the_videos_and_name_the_missing_ones(tmp_path):
     result = run_cli(*args, "--subset", "Test")
     assert result.exit_code == 0, result.output
     assert "extracted 1 videos" in result.stdout
+    assert "extracting on cpu (" in result.stderr  # the device really used, never silent
     assert "211 annotated videos have no file in the folder: video_test_0000006, " \
         in result.stdout
     # Our stand-in is 20 frames long; the real video is not: reported, like a truncated file.
