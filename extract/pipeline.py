@@ -40,7 +40,7 @@ from extract.config import ExtractionConfig
 from extract.pooling import check_grid, pool_tokens
 from extract.workers import QueueFeed, SpawnProcess
 from losa_distributed import SHARED_MEMORY, shared_memory_free
-from losa_tal import ConfigError, input_error
+from losa_tal import ConfigError, InputError, input_error
 from store import LAST, FeatureStore
 
 
@@ -278,8 +278,6 @@ def check_compute_dtype(config: ExtractionConfig, device: torch.device,
     """Refuse, in one line and before the backbone is built, to add features computed in
     another dtype (bf16 on a GPU, fp32 on the CPU) to a store: one store, one kind of feature.
     A store's videos agree with each other, so its first video speaks for all."""
-    from losa_tal import InputError
-
     try:
         store = FeatureStore.open(config.store, storage_options)
     except InputError:
