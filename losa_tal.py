@@ -1,5 +1,6 @@
 """Project-wide basics every stage shares: the version, the error types for bad user input,
-the typed config loader and the command-line edge that names flags in errors.
+the typed config loader, the command-line edge that names flags in errors, and the one way every
+output file is written (``open_output``).
 
 Only the standard library at import (PyYAML inside ``load_yaml``), so that any package, and a
 config check, can import it without pulling in torch.
@@ -7,9 +8,13 @@ config check, can import it without pulling in torch.
 
 import contextlib
 import dataclasses
+import errno
 import importlib
 import json
 import math
+import os
+import stat
+import tempfile
 import types
 import typing
 from pathlib import Path
@@ -271,3 +276,134 @@ def _describe(hint) -> str:
         return "null"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
             dict: "an object"}[hint]
+
+
+# ---------------------------------------------------------------------------------------------
+# Output files. Every file the project writes (predictions, reports, figures, exports,
+# checkpoints, run-directory files, synthetic data) goes through open_output. Folders are often
+# shared: nothing another user plants there (a link at a guessable name) may redirect a write,
+# and a device, FIFO or terminal given as the output is written, never replaced by a file.
+
+_WRITTEN_IN_PLACE = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device"}
+_REFUSED = {stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+
+
+@contextlib.contextmanager
+def open_output(path, durable: bool = False):
+    """A binary file whose bytes become ``path`` when the block ends without an exception.
+
+    A new file, or one replacing a regular file, is written to a temporary file created
+    exclusively under an unpredictable name in the same folder (``mkstemp``: no link can be
+    planted where it will be), then renamed over ``path``: a reader sees the old file or the new
+    one whole, concurrent writers end with one of their files whole, and a failure leaves the
+    old file as it was. ``durable``: the data and the rename reach the disk before this returns
+    (checkpoints, predictions, exports: a power cut must not leave an empty file behind).
+
+    What already exists at ``path`` decides:
+    - a symbolic link is replaced by the new file, never followed (the file it names is left as
+      it was), except a link to one of this process's descriptors (``/dev/stdout``,
+      ``/dev/fd/N``), which is written where the descriptor points, as a shell redirection is;
+    - a FIFO or a character device (``/dev/null``, a terminal) is written in place, never
+      replaced (a FIFO blocks until someone reads it; ``/dev/full`` fails with ENOSPC);
+    - a block device or a socket is refused (InputError), a folder is IsADirectoryError.
+    Write failures are the OSError they are, for the caller to word (``output_errors``).
+    """
+    path = os.fspath(path)
+    in_place = _open_in_place(path)
+    if in_place is not None:
+        with os.fdopen(in_place, "wb") as file:
+            yield file
+        return
+    folder = make_parent_folder(path)
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            yield file
+            if durable:
+                file.flush()
+                os.fsync(file.fileno())
+        os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes files only we can read
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a half-written file would only hold on to space
+            os.unlink(temporary)
+        raise
+    if durable:
+        _fsync_folder(folder)
+
+
+def write_output(path, data, durable: bool = False) -> None:
+    """Write ``data`` (bytes, or text as UTF-8) to ``path`` through :func:`open_output`."""
+    with open_output(path, durable) as file:
+        file.write(data.encode() if isinstance(data, str) else data)
+
+
+@contextlib.contextmanager
+def output_errors(path):
+    """An output that cannot be written (a folder in the way, no permission, a full disk) is one
+    line naming it."""
+    try:
+        yield
+    except OSError as err:
+        raise input_error(path, f"cannot write ({err.strerror or err})") from None
+
+
+def make_parent_folder(path) -> str:
+    """Create the folder ``path`` goes into; returns it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise input_error(folder, "is a file, expected a folder")
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def _open_in_place(path: str):
+    """A descriptor to write ``path`` through when it must not be replaced, else None."""
+    own = _own_descriptor(path)
+    if own is not None:
+        return os.dup(own)
+    try:
+        kind = stat.S_IFMT(os.lstat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):  # new (make_parent_folder says the rest)
+        return None
+    if kind in _REFUSED:
+        raise input_error(path, f"is {_REFUSED[kind]}; refusing to write over it (choose a file)")
+    if kind == stat.S_IFDIR:
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    if kind not in _WRITTEN_IN_PLACE:
+        return None  # a regular file or a link: replaced
+    handle = os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    if stat.S_IFMT(os.fstat(handle).st_mode) != kind:  # swapped meanwhile: replace it instead
+        os.close(handle)
+        return None
+    return handle
+
+
+def _own_descriptor(path: str):
+    """The descriptor number when ``path`` is a link chain ending at one of this process's open
+    descriptors (``/dev/stdout`` -> ``/proc/self/fd/1``, ``/dev/fd/3``), else None."""
+    own = os.path.realpath("/proc/self/fd")
+    for _ in range(8):  # a longer chain is no descriptor link
+        if not os.path.islink(path):
+            return None
+        folder, name = os.path.split(os.path.abspath(path))
+        if name.isdigit() and os.path.realpath(folder) == own:
+            return int(name)
+        path = os.path.join(folder, os.readlink(path))
+    return None
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make a rename in ``folder`` durable (some file systems cannot sync a folder: no matter)."""
+    with contextlib.suppress(OSError):
+        handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -30,6 +30,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from losa_tal import write_output  # noqa: E402
 from store.feature_store import FeatureStore  # noqa: E402
 from store.meta import LAST  # noqa: E402
 from synth.config import SynthConfig  # noqa: E402
@@ -238,9 +239,8 @@ def main(argv=None) -> int:
           f"({dashes['train_dashes']} dashes in train)")
     if args.json:
         flash.pop("probes")
-        with open(args.json, "w") as f:
-            json.dump({"step_seconds": step_s, "receptive_field": reach, "flash_probe": flash,
-                       "dashes": dashes}, f, indent=1)
+        write_output(args.json, json.dumps({"step_seconds": step_s, "receptive_field": reach,
+                                            "flash_probe": flash, "dashes": dashes}, indent=1))
     return 0
 
 

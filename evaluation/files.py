@@ -2,13 +2,12 @@
 import gc
 import json
 import os
-import tempfile
 import warnings
 from contextlib import contextmanager
 
 import orjson
 
-from losa_tal import TOO_DEEP, input_error
+from losa_tal import TOO_DEEP, input_error, output_errors, write_output
 
 
 def read_json_object(source, what: str, warn_duplicate_keys: bool = False):
@@ -112,45 +111,14 @@ def _json_kind(kind) -> str:
     return {dict: "object", list: "array", str: "string"}.get(kind, kind.__name__)
 
 
-def write_json_atomic(path, data, compact=False) -> None:
-    """Write JSON to ``path`` through a temporary file, so a crash never truncates an old one.
+def write_json_atomic(path, data, compact=False, durable=False) -> None:
+    """Write JSON to ``path`` through :func:`losa_tal.open_output` (never half a file); a
+    failure is one line naming it.
 
     ``compact``: one line, written by orjson (a tenth of a second for 400,000 detections,
     where ``json.dumps`` takes more than half a second); finite numbers and string keys only.
+    ``durable``: predictions, not a report one re-runs in seconds.
     """
-    path = os.fspath(path)
+    text = orjson.dumps(data) if compact else json.dumps(data, indent=2).encode()
     with output_errors(path):
-        folder = make_parent_folder(path)
-        handle, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(handle, "wb") as file:
-                file.write(orjson.dumps(data) if compact else json.dumps(data, indent=2).encode())
-                file.write(b"\n")
-            os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes files only we can read
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-
-
-def make_parent_folder(path) -> str:
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise input_error(folder, "is a file, expected a folder")
-    os.makedirs(folder, exist_ok=True)
-    return folder
-
-
-@contextmanager
-def output_errors(path):
-    """An output that cannot be written (a folder in the way, no permission) is the user's to fix."""
-    try:
-        yield
-    except OSError as err:
-        raise input_error(path, f"cannot write ({err.strerror or err})") from None
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+        write_output(path, text + b"\n", durable)

@@ -7,9 +7,7 @@ import os
 
 import numpy as np
 
-from losa_tal import InputError
-
-from .files import make_parent_folder, output_errors
+from losa_tal import InputError, open_output, output_errors
 from .metrics import precision_recall
 
 MAX_PR_PANELS = 24
@@ -36,10 +34,10 @@ def save_figure(figure, path) -> str:
     from matplotlib.text import Text
 
     with output_errors(path), rc_context({"text.parse_math": False}):
-        make_parent_folder(path)
         for text in figure.findobj(Text):
             text.set_parse_math(False)
-        figure.savefig(path, dpi=110)
+        with open_output(path) as file:  # the format from the name, as savefig(path) would
+            figure.savefig(file, format=os.path.splitext(path)[1][1:] or None, dpi=110)
     return os.fspath(path)
 
 

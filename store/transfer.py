@@ -13,10 +13,9 @@ import warnings
 
 import numpy as np
 
-from losa_tal import ConfigError, input_error
+from losa_tal import ConfigError, input_error, write_output
 
 from .errors import storage_errors
-from .journal import write_all
 from .meta import LAST
 from .names import decode_video_id, encode_video_id
 
@@ -53,18 +52,11 @@ def _layer_as_sequence(fs, video_id, layer) -> np.ndarray:
 
 
 def _save_atomically(path: str, array: np.ndarray):
-    # Serialised in memory and written with write_all: numpy's own short-write error
+    # Serialised in memory and written in one buffered write: numpy's own short-write error
     # ("3136 requested and 2016 written") has no errno, so a full disk could not be named.
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
-    partial = path + ".partial"
-    try:
-        with open(partial, "wb", buffering=0) as handle:
-            write_all(handle.fileno(), buffer.getbuffer())
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+    write_output(path, buffer.getbuffer(), durable=True)
 
 
 def import_features(source_dir: str, store_path: str, *, fps=None, clip_len=16, clip_stride=4,

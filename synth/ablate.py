@@ -25,7 +25,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from losa_tal import ConfigError, input_error
+from losa_tal import ConfigError, input_error, write_output
 from synth.config import SynthConfig
 
 VARIANTS = {
@@ -86,7 +86,7 @@ def _build_store(out: Path, settings: AblationSettings) -> None:
     generate(str(out / BENCHMARK_DIR), settings.synth, progress=settings.progress)
     demo = DemoSettings(out=str(out), synth=settings.synth, progress=settings.progress)
     extract_benchmark(out / BENCHMARK_DIR, out / STORE_DIR, demo)
-    (out / "store.done").write_text("")
+    write_output(out / "store.done", "")
 
 
 def _train_pending(pending, store: Path, out: Path, settings: AblationSettings) -> None:

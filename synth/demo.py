@@ -11,13 +11,12 @@ replaces a previous demo's output, and refuses a folder that holds anything else
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from losa_tal import InputError, input_error
+from losa_tal import InputError, input_error, output_errors, write_output
 from synth.generator import ANNOTATION_FILE, VIDEO_DIR, SynthConfig, generate
 
 TRAIN_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo" / "train.json"
@@ -355,10 +354,6 @@ def _is_demo_output(out: Path) -> bool:
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Write through a temporary file, so an interrupted run never leaves half a report."""
-    try:
-        with open(f"{path}.part", "w") as f:
-            f.write(text)
-        os.replace(f"{path}.part", path)
-    except OSError as err:
-        raise input_error(path, f"cannot write ({err.strerror or err})") from None
+    """Write through ``losa_tal.open_output``, so an interrupted run never leaves half a report."""
+    with output_errors(path):
+        write_output(path, text)

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from losa_tal import open_output, write_output
 from synth.config import SynthConfig
 
 CLASSES = ("orbit_cw", "orbit_ccw", "bounce_slow", "bounce_fast", "dash", "dash_after_signal")
@@ -353,8 +354,9 @@ def _draw(image, active, plan: VideoPlan, segment: Segment, frames, grid_x, grid
 # ----------------------------------------------------------------------------------- writing
 
 
-def write_video(path: str, frame_chunks, fps: int, size: int) -> None:
-    """Encode H.264 (yuv420p) via PyAV, reproducibly: the same frames give the same bytes."""
+def write_video(path, frame_chunks, fps: int, size: int) -> None:
+    """Encode H.264 (yuv420p) via PyAV into ``path`` (a name or a seekable binary file),
+    reproducibly: the same frames give the same bytes."""
     import av
 
     with av.open(path, "w", format="mp4") as container:
@@ -387,15 +389,12 @@ def generate(out_dir: str, config: SynthConfig, progress: bool = True) -> dict:
     for index in tqdm(range(config.videos), desc="synth", unit="video", disable=not progress):
         plan = plan_video(config, index)
         path = os.path.join(out_dir, VIDEO_DIR, plan.video_id + ".mp4")
-        write_video(path + ".part", render_video(plan), plan.fps, plan.size)
-        os.replace(path + ".part", path)
+        with open_output(path) as file:
+            write_video(file, render_video(plan), plan.fps, plan.size)
         database[plan.video_id] = {"subset": plan.subset, "duration": plan.duration,
                                    "fps": plan.fps, "num_frames": plan.num_frames,
                                    "annotations": plan.annotations()}
     annotations = {"version": "losa-tal synth 1", "classes": list(CLASSES),
                    "synth": asdict(config), "database": database}
-    target = os.path.join(out_dir, ANNOTATION_FILE)
-    with open(target + ".part", "w") as f:
-        json.dump(annotations, f, indent=1)
-    os.replace(target + ".part", target)
+    write_output(os.path.join(out_dir, ANNOTATION_FILE), json.dumps(annotations, indent=1))
     return annotations

@@ -15,14 +15,12 @@ resumed from the end of epoch n draws exactly what an uninterrupted run would.
 """
 from __future__ import annotations
 
-import contextlib
 import io
-import os
 from pathlib import Path
 
 import torch
 
-from losa_tal import input_error
+from losa_tal import input_error, write_output
 from store.errors import storage_errors
 
 FORMAT = "losa-tal-checkpoint"
@@ -32,27 +30,15 @@ REQUIRED_KEYS = ("epoch", "step", "model", "ema", "optimizer", "scheduler", "con
 
 
 def save(path, checkpoint: dict) -> None:
-    """Write atomically: a crash or a full disk leaves the previous file intact, never half of a
-    new one; a write failure is a one-line error naming the file."""
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
+    """Write atomically and durably (``losa_tal.open_output``): a crash or a full disk leaves
+    the previous file intact, never half of a new one; a write failure is a one-line error
+    naming the file."""
     # Serialised in memory first: torch.save's zip writer turns a failed write (a full disk)
     # into a RuntimeError without the errno; a plain file write keeps it.
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **checkpoint}, buffer)
-    with storage_errors(path, "cannot write the checkpoint (the previous one is intact)",
-                        on_error=lambda: discard(partial)):
-        with open(partial, "wb") as handle:
-            handle.write(buffer.getbuffer())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
-
-
-def discard(path: Path) -> None:
-    """Remove a partial file if the file system lets us (a read-only one does not)."""
-    with contextlib.suppress(OSError):
-        path.unlink(missing_ok=True)
+    with storage_errors(path, "cannot write the checkpoint (the previous one is intact)"):
+        write_output(path, buffer.getbuffer(), durable=True)
 
 
 def load(path) -> dict:

@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from losa_tal import TOO_DEEP, input_error, load_yaml
+from losa_tal import TOO_DEEP, input_error, load_yaml, write_output
 
 # ActionFormer's defaults (libs/core/config.py) for the keys read below.
 DEFAULTS = {
@@ -194,7 +194,7 @@ def convert_actionformer(checkpoint_path, config_path, store_path, out_dir,
         raise input_error(checkpoint_path, str(err)) from None
     weights = detector.state_dict()
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    write_output(out_dir / "config.json", json.dumps(config.to_dict(), indent=2))
     path = out_dir / "best.pt"
     ckpt.save(path, {"epoch": 0, "step": 0, "model": weights, "ema": weights,
                      "optimizer": {"state": {}, "param_groups": []}, "scheduler": {"step": 0},

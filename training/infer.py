@@ -13,15 +13,13 @@ feature times the store recorded for that video.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from losa_tal import InputError, input_error
+from losa_tal import InputError, input_error, write_output
 from training import checkpoint as ckpt
 from training.config import Config
 from training.data import (StoreDataset, batch_to, collate, head_label, steps_to_seconds,
@@ -175,15 +173,8 @@ def evaluate_predictions(annotations, predictions: dict, dataset: StoreDataset,
 
 
 def write_predictions(path, predictions: dict) -> None:
-    """Write atomically, so an interrupted run never leaves half a file behind."""
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
+    """Write atomically and durably (``losa_tal.open_output``): never half a file."""
     try:
-        partial.write_text(json.dumps(predictions))
-        os.replace(partial, path)
+        write_output(path, json.dumps(predictions), durable=True)
     except OSError as err:
-        with contextlib.suppress(OSError):  # a half-written file would only hold on to space
-            partial.unlink(missing_ok=True)
         raise InputError(f"{path}: cannot write predictions ({err.strerror or err})") from None

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 import losa_distributed as distributed
-from losa_tal import input_error
+from losa_tal import input_error, write_output
 from store import locks
 from store.errors import storage_errors
 from training import checkpoint as ckpt
@@ -405,8 +405,8 @@ class Trainer:
         if self.world.is_main:
             with storage_errors(self.out_dir, "cannot write the run directory"):
                 self.out_dir.mkdir(parents=True, exist_ok=True)
-                (self.out_dir / "config.json").write_text(
-                    json.dumps(self.config.to_dict(), indent=2))
+                write_output(self.out_dir / "config.json",
+                             json.dumps(self.config.to_dict(), indent=2))
         distributed.barrier(self.world)
 
     def _check_ranks_agree(self, found: bool, state):
