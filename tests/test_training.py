@@ -25,6 +25,7 @@ from helpers.evaluation_inputs import ACTIONFORMER_FILE, needs_thumos
 from helpers.training import (CLASSES, DIM, LAYERS, TOKENS, assert_same_state, final_weights,
                               make_dataset, synthetic_videos, tiny_config, write_annotations,
                               write_config, write_store)
+import losa_tal
 from losa_tal import InputError
 from store import FeatureStore
 from training import checkpoint as ckpt
@@ -400,13 +401,15 @@ def test_wrong_checkpoints_and_stores_are_one_line_errors(dataset_files, tmp_pat
 
     # A full disk while writing a checkpoint: one line, and the previous checkpoint survives.
     before = checkpoint.read_bytes()
-    monkeypatch.setattr(ckpt, "open", lambda path, mode: open("/dev/full", mode), raising=False)
+    # The temporary file it writes is /dev/full in disguise.
+    monkeypatch.setattr(losa_tal.tempfile, "mkstemp", lambda dir, prefix: (
+        os.open("/dev/full", os.O_WRONLY), os.path.join(dir, prefix + "full")))
     with pytest.raises(InputError, match=re.escape(
             f"{checkpoint}: cannot write the checkpoint (the previous one is intact): "
             "no space left on the device")):
         ckpt.save(checkpoint, {"epoch": 9})
     monkeypatch.undo()
-    assert checkpoint.read_bytes() == before and not list(checkpoint.parent.glob("*.partial"))
+    assert checkpoint.read_bytes() == before and not list(checkpoint.parent.glob(".tmp-*"))
 
     # The run directory is in use; resuming with changed settings is refused.
     config_path = write_config(tmp_path / "config.json", config)
