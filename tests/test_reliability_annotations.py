@@ -69,3 +69,72 @@ def test_a_video_id_given_twice_is_a_warning_naming_it(tmp_path):
     warnings = [line for line in result.output.splitlines() if line.startswith("warning: ")]
     assert any(str(path) in line and "'video_7'" in line and "more than once" in line
                for line in warnings), result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Annotations that do not fit the store: training used to go on without a word.
+
+def fitting_annotations(tmp_path):
+    """A store of 4 training videos (6.5 s of features each) and annotations that fit it."""
+    from helpers.training import synthetic_videos, write_store
+
+    videos = synthetic_videos(4, "training", num_steps=48)
+    store = write_store(tmp_path / "store.zarr", videos)
+    database = {vid: {"subset": "training", "duration": float(v["times"][-1] + 0.3),
+                      "annotations": v["annotations"]} for vid, v in videos.items()}
+    return store, database
+
+
+def mismatch_warnings(store, database, path):
+    """The warning lines that opening the store's training set with these annotations gives."""
+    import warnings
+
+    from helpers.training import make_dataset
+
+    path.write_text(json.dumps({"database": database}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_dataset(store, path)
+    return [str(w.message) for w in caught if "features" in str(w.message)]
+
+
+def test_annotations_scaled_by_an_fps_mix_up_are_one_warning_line_with_counts(tmp_path):
+    """Every time doubled (annotated at half the frame rate): the durations disagree with the
+    features in every video, and the segments beyond the features are counted; through
+    ``train`` each is one ``warning:`` line."""
+    from helpers.training import tiny_config, write_config
+
+    store, database = fitting_annotations(tmp_path)
+    assert mismatch_warnings(store, database, tmp_path / "fits.json") == []
+    for video in database.values():
+        video["duration"] *= 2
+        for action in video["annotations"]:
+            action["segment"] = [2 * t for t in action["segment"]]
+    doubled = tmp_path / "doubled.json"
+    duration, outside = mismatch_warnings(store, database, doubled)[::-1]
+    assert duration.startswith(f"{doubled}: 4 of 4 'training' videos have an annotated duration "
+                               "more than 15% off") and "median ratio 2.01" in duration
+    assert outside.startswith(f"{doubled}: 4 of 12 'training' segments, in 4 of 4 videos, lie "
+                              "outside their video's features"), outside
+
+    config = write_config(tmp_path / "config.json", tiny_config(
+        train={"epochs": 1}, head={"max_seq_len": 48}))
+    result = CliRunner().invoke(cli.main, [
+        "train", "--config", str(config), "--store", str(store), "--annotations", str(doubled),
+        "--out", str(tmp_path / "run"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if "features" in line]
+    assert lines == [f"warning: {outside}", f"warning: {duration}"], result.stderr
+
+
+def test_segments_beyond_the_features_are_counted_in_one_warning(tmp_path):
+    store, database = fitting_annotations(tmp_path)
+    for vid in ("video_001", "video_003"):
+        duration = database[vid]["duration"]
+        database[vid]["annotations"].append({"segment": [duration + 5, duration + 8],
+                                             "label": "Run"})
+    path = tmp_path / "beyond.json"
+    assert mismatch_warnings(store, database, path) == [
+        f"{path}: 2 of 14 'training' segments, in 2 of 4 videos, lie outside their video's "
+        "features and are not trained on (e.g. 1 in 'video_001', whose features end at 6.53 s);"
+        " are these the store's annotations?"]

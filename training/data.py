@@ -79,6 +79,7 @@ class VideoTruth:
     num_steps: int
     segments: np.ndarray  # float64 [N, 2], feature steps
     labels: np.ndarray  # int64 [N], class indices
+    outside: int = 0  # annotated segments dropped: wholly outside the feature steps
 
 
 def video_truth(annotation, times, class_index: dict) -> VideoTruth:
@@ -89,7 +90,47 @@ def video_truth(annotation, times, class_index: dict) -> VideoTruth:
     steps = np.clip(seconds_to_steps(seconds, times), 0, num_steps - 1).reshape(-1, 2)
     labels = np.array([class_index[annotation.labels[i]] for i in known], np.int64)
     keep = steps[:, 1] > steps[:, 0]  # drops segments wholly outside the features
-    return VideoTruth(num_steps, steps[keep], labels[keep])
+    return VideoTruth(num_steps, steps[keep], labels[keep], int((~keep).sum()))
+
+
+# An annotated duration this far from what the features cover (a share of the latter, beyond one
+# clip and one stride) is another video or another clock: an fps mix-up doubles every time.
+DURATION_TOLERANCE = 0.15
+
+
+def feature_duration(times) -> float:
+    """Seconds a video's features cover: clip centres from half a clip after its start to half
+    a clip before its end (the first clip starts at frame 0)."""
+    return float(times[-1] + times[0])
+
+
+def warn_annotation_mismatches(name: str, subset: str, annotated: dict, times: dict,
+                               truth: dict) -> None:
+    """One warning line each, with counts, when the annotations of the videos in ``truth`` do not
+    fit the store: segments outside the features (not trained on) or durations that disagree."""
+    outside = {vid: t.outside for vid, t in truth.items() if t.outside}
+    if outside:
+        total = sum(len(annotated[vid].labels) for vid in truth)
+        first = min(outside)
+        warnings.warn(f"{name}: {sum(outside.values())} of {total} '{subset}' segments, in "
+                      f"{len(outside)} of {len(truth)} videos, lie outside their video's features "
+                      f"and are not trained on (e.g. {outside[first]} in '{first}', whose "
+                      f"features end at {times[first][-1]:.2f} s); are these the store's "
+                      "annotations?", stacklevel=3)
+    ratios = {}
+    for vid in truth:
+        stored, given = feature_duration(times[vid]), annotated[vid].duration
+        slack = 2 * times[vid][0] + (times[vid][1] - times[vid][0] if len(times[vid]) > 1 else 0)
+        if given is not None and abs(given - stored) > DURATION_TOLERANCE * stored + slack:
+            ratios[vid] = given / stored
+    if ratios:
+        first = min(ratios)
+        warnings.warn(f"{name}: {len(ratios)} of {len(truth)} '{subset}' videos have an annotated "
+                      f"duration more than {DURATION_TOLERANCE:.0%} off what the store's features "
+                      f"cover (median ratio {float(np.median(list(ratios.values()))):.2f}; e.g. "
+                      f"'{first}': {annotated[first].duration:.2f} s annotated, "
+                      f"{feature_duration(times[first]):.2f} s of features); an fps mix-up "
+                      "scales every time", stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,6 +178,7 @@ class StoreDataset(torch.utils.data.Dataset):
         self.times = {vid: np.asarray(store.feature_times(vid), np.float64) for vid in present}
         self.truth = {vid: video_truth(wanted[vid], self.times[vid], self.class_index)
                       for vid in present}
+        warn_annotation_mismatches(annotations.name, subset, wanted, self.times, self.truth)
         self.pieces = [] if train else [(vid, start, stop) for vid in present
                                         for start, stop in self._inference_pieces(vid)]
 
