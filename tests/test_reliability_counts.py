@@ -34,12 +34,14 @@ CATEGORIES = [  # (category, file, test-name regex); the first match wins
     ("concurrency", "test_store_faults.py", r"test_(three_writers|racing_writers|"
                                             r"a_live_writers)"),
     ("concurrency", "test_store.py", r"test_claims_are_exclusive"),
+    ("concurrency", "test_reliability_outputs.py", r"test_two_"),
     ("hostile inputs", "test_reliability_inputs.py", r""),
     ("hostile inputs", "test_reliability_checkpoints.py", r""),
     ("hostile inputs", "test_reliability_stores.py", r""),
     ("hostile inputs", "test_reliability_configs.py", r""),
     ("hostile inputs", "test_reliability_annotations.py", r""),
     ("hostile inputs", "test_reliability_names.py", r""),
+    ("hostile inputs", "test_reliability_outputs.py", r""),
     ("hostile inputs", "test_store.py", r"test_(opening_what_is_not|malformed_root_metadata|"
                                         r"metadata_that_lies|video_records_and_times_that_lie|"
                                         r"damaged_bytes|hostile_video_ids|encoded_ids|"
