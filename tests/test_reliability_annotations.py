@@ -113,7 +113,7 @@ def test_annotations_scaled_by_an_fps_mix_up_are_one_warning_line_with_counts(tm
     doubled = tmp_path / "doubled.json"
     duration, outside = mismatch_warnings(store, database, doubled)[::-1]
     assert duration.startswith(f"{doubled}: 4 of 4 'training' videos have an annotated duration "
-                               "more than 15% off") and "median ratio 2.01" in duration
+                               "more than 15% off") and "median ratio 2.00" in duration
     assert outside.startswith(f"{doubled}: 4 of 12 'training' segments, in 4 of 4 videos, lie "
                               "outside their video's features"), outside
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from losa_tal import input_error
+from store.verify import video_length
 
 AGNOSTIC_LABEL = "action"  # the one class of a data.class_agnostic head
 
@@ -93,21 +94,16 @@ def video_truth(annotation, times, class_index: dict) -> VideoTruth:
     return VideoTruth(num_steps, steps[keep], labels[keep], int((~keep).sum()))
 
 
-# An annotated duration this far from what the features cover (a share of the latter, beyond one
-# clip and one stride) is another video or another clock: an fps mix-up doubles every time.
+# An annotated duration this far from the store's (a share of the latter, beyond one clip and
+# one stride) is another video or another clock: an fps mix-up doubles every time.
 DURATION_TOLERANCE = 0.15
 
 
-def feature_duration(times) -> float:
-    """Seconds a video's features cover: clip centres from half a clip after its start to half
-    a clip before its end (the first clip starts at frame 0)."""
-    return float(times[-1] + times[0])
-
-
 def warn_annotation_mismatches(name: str, subset: str, annotated: dict, times: dict,
-                               truth: dict) -> None:
+                               lengths: dict, truth: dict) -> None:
     """One warning line each, with counts, when the annotations of the videos in ``truth`` do not
-    fit the store: segments outside the features (not trained on) or durations that disagree."""
+    fit the store: segments outside the features (not trained on) or annotated durations that
+    disagree with ``lengths``, the seconds the features cover (``store.verify.video_length``)."""
     outside = {vid: t.outside for vid, t in truth.items() if t.outside}
     if outside:
         total = sum(len(annotated[vid].labels) for vid in truth)
@@ -119,7 +115,7 @@ def warn_annotation_mismatches(name: str, subset: str, annotated: dict, times: d
                       "annotations?", stacklevel=3)
     ratios = {}
     for vid in truth:
-        stored, given = feature_duration(times[vid]), annotated[vid].duration
+        stored, given = lengths[vid], annotated[vid].duration
         slack = 2 * times[vid][0] + (times[vid][1] - times[vid][0] if len(times[vid]) > 1 else 0)
         if given is not None and abs(given - stored) > DURATION_TOLERANCE * stored + slack:
             ratios[vid] = given / stored
@@ -129,7 +125,7 @@ def warn_annotation_mismatches(name: str, subset: str, annotated: dict, times: d
                       f"duration more than {DURATION_TOLERANCE:.0%} off what the store's features "
                       f"cover (median ratio {float(np.median(list(ratios.values()))):.2f}; e.g. "
                       f"'{first}': {annotated[first].duration:.2f} s annotated, "
-                      f"{feature_duration(times[first]):.2f} s of features); an fps mix-up "
+                      f"{lengths[first]:.2f} s of features); an fps mix-up "
                       "scales every time", stacklevel=3)
 
 
@@ -178,7 +174,11 @@ class StoreDataset(torch.utils.data.Dataset):
         self.times = {vid: np.asarray(store.feature_times(vid), np.float64) for vid in present}
         self.truth = {vid: video_truth(wanted[vid], self.times[vid], self.class_index)
                       for vid in present}
-        warn_annotation_mismatches(annotations.name, subset, wanted, self.times, self.truth)
+        protocol = store.meta["protocol"]
+        lengths = {vid: video_length(protocol, store.video_info(vid), self.times[vid])
+                   for vid in present}
+        warn_annotation_mismatches(annotations.name, subset, wanted, self.times, lengths,
+                                   self.truth)
         self.pieces = [] if train else [(vid, start, stop) for vid in present
                                         for start, stop in self._inference_pieces(vid)]
 
