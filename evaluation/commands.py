@@ -94,7 +94,7 @@ def fuse(preds_path, scores_path, topk, top_detections, out_path):
 
     with flag_errors(FUSE_FLAGS):
         fused = fuse_predictions(preds_path, scores_path, topk, top_detections)
-    write_json_atomic(out_path, fused, compact=True)
+    write_json_atomic(out_path, fused, compact=True, durable=True)  # predictions
     count = sum(map(len, fused["results"].values()))
     click.echo(f"wrote {count} detections for {len(fused['results'])} videos to {out_path}")
 
