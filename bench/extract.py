@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """How fast is stage one, and does decoding hide behind the backbone?
 
-Writes a few synthetic videos (H.264, 320x180 like most THUMOS-14 files; PyAV, a test
-dependency), then extracts them three ways in one run, with the same random-init backbone
-(default ViT-S), protocol (16-frame clips every 4 frames, 224x224) and layout:
+Writes a few synthetic videos (H.264, 320x180 like most THUMOS-14 files; synth/videos.py), then
+extracts them three ways in one run, with the same random-init backbone (default ViT-S),
+protocol (16-frame clips every 4 frames, 224x224) and layout:
 
   pipeline      ``run_extraction``: decoding workers, each frame decoded and resized once,
                 clips batched across videos, writes into a feature store;
@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # the project, and the tests' helpers
+sys.path.insert(0, ROOT)
 
 from extract.backbone import build_backbone, count_parameters  # noqa: E402
 from extract.decoding import VideoSource, open_video  # noqa: E402
@@ -53,7 +53,7 @@ from extract.pipeline import (Encoder, ExtractionSettings, pick_device,  # noqa:
 from extract.config import ExtractionConfig, parse_tokens  # noqa: E402
 from store.protocol import SamplingProtocol  # noqa: E402
 from store import FeatureStore  # noqa: E402
-from helpers.videos import write_video  # noqa: E402
+from synth.videos import write_video  # noqa: E402
 
 NTSC = 30000 / 1001
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity) for the model-FLOP utilisation figure,
