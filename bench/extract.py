@@ -60,8 +60,8 @@ NTSC = 30000 / 1001
 # matched in this order against torch.cuda.get_device_name: the PCIe and NVL boards of a chip
 # run slower clocks (and power) than its SXM board.
 BF16_PEAK = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12),
-             ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12),
-             ("L40S", 362e12), ("A10", 125e12)]
+             ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("B200", 2250e12),
+             ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12)]
 
 
 def bf16_peak(name: str):
@@ -214,13 +214,15 @@ def run_compute_only(settings, encoder, num_clips, device=torch.device("cpu")):
     return num_clips, time.perf_counter() - started
 
 
-def backbone_speed(device, spec="vit_g", batch_size=32, num_clips=256, layers=(7, 15, 23, 31),
-                   img_size=224) -> str:
-    """The backbone as extraction runs it (bf16 weights and autocast on CUDA, fp32 on the CPU):
-    clips/s, model-FLOP utilisation against the device's own bf16 peak, peak memory."""
+def backbone_figures(device, spec="vit_g", batch_size=32, num_clips=256,
+                     layers=(7, 15, 23, 31), img_size=224) -> dict:
+    """The backbone as extraction runs it (bf16 weights and autocast on CUDA, fp32 on the CPU),
+    built on ``device`` with random weights: clips/s, model-FLOP utilisation against the
+    device's own bf16 peak, peak memory."""
     torch.manual_seed(0)
-    model = build_backbone(spec, img_size=img_size).eval().requires_grad_(False)
-    model = model.to(device, weight_dtype(device))
+    with torch.device(device):  # no fp32 copy on the host first
+        model = build_backbone(spec, img_size=img_size)
+    model = model.eval().requires_grad_(False).to(device, weight_dtype(device))
     clips = torch.rand(batch_size, 3, 16, img_size, img_size, device=device)
     cuda = device.type == "cuda"
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -236,19 +238,38 @@ def backbone_speed(device, spec="vit_g", batch_size=32, num_clips=256, layers=(7
             torch.cuda.synchronize(device)
         rate = done / (time.perf_counter() - started)
     flops = clip_flops(model)
+    figures = {"backbone": spec if isinstance(spec, str) else json.dumps(spec),
+               "precision": "bf16" if cuda else "fp32", "batch": batch_size,
+               "img_size": img_size, "clips_per_s": rate, "tflop_per_clip": flops / 1e12}
     if cuda:
-        name = torch.cuda.get_device_name(device)
-        peak = bf16_peak(name)
-        mfu = f"MFU {100 * rate * flops / peak:.0f}% of {peak / 1e12:.0f} TFLOP/s" if peak \
-            else "MFU unknown (device peak not in bench/extract.py)"
-        memory = f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
-        precision = "bf16"
+        peak = bf16_peak(torch.cuda.get_device_name(device))
+        figures.update(device=torch.cuda.get_device_name(device),
+                       mfu=rate * flops / peak if peak else None,
+                       peak_tflops=peak / 1e12 if peak else None,
+                       peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30)
     else:
-        name, mfu, precision = f"CPU ({torch.get_num_threads()} threads)", "MFU n/a", "fp32"
-        memory = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB"
-    label = spec if isinstance(spec, str) else json.dumps(spec)
-    return (f"{name}: {label} {precision} {rate:.2f} clips/s (batch {batch_size}, {img_size} px, "
-            f"{flops / 1e12:.3f} TFLOP per clip), {mfu}, {memory}")
+        figures.update(device=f"CPU ({torch.get_num_threads()} threads)", mfu=None,
+                       peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    return figures
+
+
+def backbone_speed(device, spec="vit_g", batch_size=32, num_clips=256, layers=(7, 15, 23, 31),
+                   img_size=224) -> str:
+    return backbone_line(backbone_figures(device, spec, batch_size, num_clips, layers, img_size))
+
+
+def backbone_line(f: dict) -> str:
+    """:func:`backbone_figures` as one line."""
+    if f["mfu"] is not None:
+        mfu = f"MFU {100 * f['mfu']:.0f}% of {f['peak_tflops']:.0f} TFLOP/s"
+    else:
+        mfu = "MFU unknown (device peak not in bench/extract.py)" if "peak_memory_gib" in f \
+            else "MFU n/a"
+    memory = f"peak memory {f['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in f \
+        else f"peak RSS {f['peak_rss_gib']:.1f} GiB"
+    return (f"{f['device']}: {f['backbone']} {f['precision']} {f['clips_per_s']:.2f} clips/s "
+            f"(batch {f['batch']}, {f['img_size']} px, {f['tflop_per_clip']:.3f} TFLOP per clip), "
+            f"{mfu}, {memory}")
 
 
 def gpu_pipeline(folder, device=torch.device("cuda", 0), backbone="vit_g", frames=600,

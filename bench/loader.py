@@ -44,7 +44,7 @@ CONFIG = ROOT / "configs" / "train" / "thumos_vitg_losa.json"
 VITG_DIM = 1408
 
 
-def parse_args():
+def parse_args(argv=None):
     preset = load_preset("thumos")  # the default ViT-g layout
     config = load_config(CONFIG)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -57,7 +57,11 @@ def parse_args():
     parser.add_argument("--batches", type=int, default=8, help="timed batches per path")
     parser.add_argument("--workers", type=int, default=config.data.num_workers)
     parser.add_argument("--device", default="auto")
-    return parser.parse_args(), config
+    parser.add_argument("--store", type=Path, metavar="DIR",
+                        help="read DIR/store.zarr and DIR/gt.json, written by this bench or by "
+                             "bench/train.py's loader-fed epoch with the same layout, instead "
+                             "of writing a store")
+    return parser.parse_args(argv), config
 
 
 def write_store(path, args, layers, tokens):
@@ -118,17 +122,21 @@ def memcpy_floor(nbytes, repeats=10):
     return nbytes / best / 1e9
 
 
-def main():
-    args, config = parse_args()
+def main(argv=None) -> dict:
+    """Prints the figures (the module docstring) and returns them."""
+    args, config = parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
                           if args.device == "auto" else args.device)
     layers = [int(x) for x in args.layers.split(",")]
     tokens = [int(x) for x in args.tokens.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as folder:
-        started = time.perf_counter()
-        store_path, gt_path = write_store(Path(folder), args, layers, tokens)
-        print(f"wrote {args.videos} videos of the layout D {args.dim}, layers {layers}, tokens "
-              f"{tokens} in {time.perf_counter() - started:.1f} s", flush=True)
+        if args.store:
+            store_path, gt_path = args.store / "store.zarr", args.store / "gt.json"
+        else:
+            started = time.perf_counter()
+            store_path, gt_path = write_store(Path(folder), args, layers, tokens)
+            print(f"wrote {args.videos} videos of the layout D {args.dim}, layers {layers}, "
+                  f"tokens {tokens} in {time.perf_counter() - started:.1f} s", flush=True)
         config.data.num_workers = args.workers
         config.data.max_seq_len = args.length
         store = FeatureStore.open(store_path)
@@ -152,6 +160,8 @@ def main():
           f"{os.cpu_count()} CPUs")
     print(f"loader: store {store_rate:.2f} GB/s, cached {cached_rate:.2f} GB/s, memcpy floor "
           f"{floor:.2f} GB/s (cached/floor {cached_rate / floor:.2f})")
+    return {"store_gb_s": store_rate, "cached_gb_s": cached_rate, "floor_gb_s": floor,
+            "batch_mb": batch_bytes / 1e6, "device": str(device)}
 
 
 if __name__ == "__main__":
