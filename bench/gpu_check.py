@@ -157,7 +157,8 @@ def device_section(device, sizes, work):
     versions = {"torch": torch.__version__, "cuda": torch.version.cuda,
                 "cudnn": torch.backends.cudnn.version(), "python": platform.python_version()}
     if device.type == "cuda":
-        versions["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        nccl = torch.cuda.nccl.version()  # a tuple in recent torch, an int before
+        versions["nccl"] = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)
     packages, folders = package_versions()
     text = ", ".join(f"{k} {v}" for k, v in {**versions, **packages}.items()) + "; " + \
         "; ".join(f"{', '.join(names)} from {folder}" for folder, names in folders.items())
