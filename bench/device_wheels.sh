@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The wheels the GPU machine lacks, fetched here for it: the packages setup.cfg needs that
-# bench/offline/gpu_machine_packages.txt does not list, with their dependency closure less what that
-# list holds, as manylinux x86-64 binary wheels for CPython PYTHON_VERSION (3.12 there).
+# bench/offline/gpu_machine_packages.txt does not list, with their dependency closure less what
+# that list holds, as manylinux x86-64 binary wheels for CPython PYTHON_VERSION (3.12 there).
 #
-#   bench/device_wheels.sh OUT_DIR [PYTHON_VERSION]     (PIP: the pip to use, default python3 -m pip)
+#   bench/device_wheels.sh OUT_DIR [PYTHON_VERSION]
+#
+# PIP is the pip to run: by default the project's .venv's (make setup), else python3's.
 #
 # Where the environment of that pip has a package installed, its version is taken (the version
-# the tests ran with), else the newest that fits. OUT_DIR ends up holding exactly that set (older or foreign wheels in it are removed); the
-# last line gives their total size. `bench/gpu_check.sh --wheels OUT_DIR` installs them offline.
-# Extras are not followed: fsspec[s3] would bring s3fs and botocore (13 MB) for remote stores,
+# the tests ran with), else the newest that fits. OUT_DIR ends up holding exactly that set
+# (older or foreign wheels in it are removed); the last line gives their total size.
+# `bench/gpu_check.sh --wheels OUT_DIR` installs them offline (docs/gpu_check.md). Extras are not followed: fsspec[s3] would bring s3fs and botocore (13 MB) for remote stores,
 # which the check does not read. The manylinux tags stop at glibc 2.35, so the same command
 # also fetches a set that loads on this Debian 12 machine (glibc 2.36) for the rehearsal.
 set -euo pipefail
@@ -19,7 +21,9 @@ fi
 out=$1
 version=${2:-3.12}
 root=$(cd "$(dirname "$0")/.." && pwd)
-read -r -a pip <<< "${PIP:-python3 -m pip}"
+default_pip="python3 -m pip"
+[[ -x $root/.venv/bin/python ]] && default_pip="$root/.venv/bin/python -m pip"
+read -r -a pip <<< "${PIP:-$default_pip}"
 platforms=()
 for minor in $(seq 35 -1 17); do platforms+=(--platform "manylinux_2_${minor}_x86_64"); done
 platforms+=(--platform manylinux2014_x86_64 --platform manylinux2010_x86_64
