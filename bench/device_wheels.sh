@@ -10,8 +10,9 @@
 # Where the environment of that pip has a package installed, its version is taken (the version
 # the tests ran with), else the newest that fits. OUT_DIR ends up holding exactly that set
 # (older or foreign wheels in it are removed); the last line gives their total size.
-# `bench/gpu_check.sh --wheels OUT_DIR` installs them offline (docs/gpu_check.md). Extras are not followed: fsspec[s3] would bring s3fs and botocore (13 MB) for remote stores,
-# which the check does not read. The manylinux tags stop at glibc 2.35, so the same command
+# `bench/gpu_check.sh --wheels OUT_DIR` installs them offline (docs/gpu_check.md). Extras are
+# not followed: fsspec[s3] would bring s3fs and botocore (13 MB) for remote stores, which the
+# check does not read. The manylinux tags stop at glibc 2.35, so the same command
 # also fetches a set that loads on this Debian 12 machine (glibc 2.36) for the rehearsal.
 set -euo pipefail
 if [[ $# -lt 1 || $# -gt 2 ]]; then
