@@ -15,9 +15,10 @@ from extract.clips import gather_clips, iter_chunks
 from extract.decoding import open_video
 from helpers.indexed_videos import (ENCODINGS, EXTENSIONS, can_encode, decode_all, read_index,
                                     write_cut_before_keyframe, write_indexed, write_trimmed)
-from helpers.videos import encode, write_video
+from helpers.videos import write_video
 from store import LAST, FeatureStore
 from store.protocol import SamplingProtocol
+from synth.videos import encode
 
 NTSC = 30000 / 1001
 FRAMES = 150  # 5 s at 30 fps: five GOPs of 30

@@ -30,10 +30,10 @@ TREE_AND_WHEELS_LIMIT = 60 * MIB
 WHEELS_MEASURED = 59218854
 DEVICE_WHEELS = REPO / "device_wheels"
 PROJECT = {"adapt", "bench", "evaluation", "extract", "head", "store", "synth", "training",
-           "cli", "losa_tal", "torchrun", "tests", "helpers"}
+           "cli", "losa_tal", "losa_distributed", "tests", "helpers"}
 # Process-group plumbing, not collectives.
 NOT_COLLECTIVES = {"init_process_group", "destroy_process_group", "is_initialized",
-                   "is_available", "get_rank", "get_world_size", "get_backend"}
+                   "is_available", "get_rank", "get_world_size", "get_backend", "rendezvous"}
 
 
 def module_file(name: str) -> Path | None:

@@ -16,7 +16,7 @@ import av
 import numpy as np
 
 from helpers import REPO, TESTS_DIR
-from helpers.videos import encode
+from synth.videos import encode
 
 BITS = 8  # up to 256 frames
 WIDTH, HEIGHT = 64, 48  # stripes of 8 px

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from synth.videos import encode, write_video  # noqa: F401  (the tests import them from here)
+from synth.videos import write_video
 
 
 def write_random_bytes(path, size: int = 4096, seed: int = 0) -> None:
