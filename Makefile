@@ -54,7 +54,7 @@ bench: $(STAMP)
 	$(PY) bench/train.py
 	$(PY) bench/loader.py
 
-# The GPU check (docs/gpu_check.md): under 6 minutes on one H100, a reduced version at toy sizes
+# The GPU check (docs/gpu_check.md): about 6 minutes on one H100 (estimated), a reduced version at toy sizes
 # without CUDA; figures in gpu_check_out/summary.json. On a bare GPU machine without this venv,
 # docs/gpu_check.md gives the one command to run there.
 gpu-check: $(STAMP)

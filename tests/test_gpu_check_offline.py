@@ -140,20 +140,23 @@ def test_the_fetched_wheels_and_the_tracked_tree_fit_the_device_call():
     assert total < TREE_AND_WHEELS_LIMIT, f"{total / MIB:.1f} MiB"
 
 
-def tracked_tree_bytes() -> int:
+def tracked_files() -> list:
     listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True,
                             check=True).stdout.decode().split("\0")
-    return sum((REPO / name).stat().st_size for name in listed
-               if name and (REPO / name).is_file())
+    return [REPO / name for name in listed if name and (REPO / name).is_file()]
+
+
+def tracked_tree_bytes() -> int:
+    return sum(path.stat().st_size for path in tracked_files())
 
 
 def test_every_collective_the_code_calls_is_run_by_the_check():
     from bench.gpu_check import COLLECTIVES, collectives_section
 
     called = set()
-    for path in REPO.glob("**/*.py"):
-        if path.is_relative_to(REPO / "tests") or path.is_relative_to(REPO / "bench") or \
-                ".venv" in path.parts:
+    for path in tracked_files():
+        if path.suffix != ".py" or path.is_relative_to(REPO / "tests") or \
+                path.is_relative_to(REPO / "bench"):
             continue
         called.update(re.findall(r"\b(?:dist|torch\.distributed)\.(\w+)\(", path.read_text()))
     assert called - NOT_COLLECTIVES <= set(COLLECTIVES), called
