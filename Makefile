@@ -54,9 +54,9 @@ bench: $(STAMP)
 	$(PY) bench/train.py
 	$(PY) bench/loader.py
 
-# The GPU check (docs/gpu_check.md): about 6 minutes on one H100 (estimated), a reduced version at toy sizes
-# without CUDA; figures in gpu_check_out/summary.json. On a bare GPU machine without this venv,
-# docs/gpu_check.md gives the one command to run there.
+# The GPU check (docs/gpu_check.md): about 6 minutes on one H100 (estimated), a reduced version
+# at toy sizes without CUDA; figures in gpu_check_out/summary.json. On a bare GPU machine
+# without this venv, docs/gpu_check.md gives the one command to run there.
 gpu-check: $(STAMP)
 	PY=$(PY) bench/gpu_check.sh --out gpu_check_out
 
