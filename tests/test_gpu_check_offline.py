@@ -241,3 +241,20 @@ def test_the_reduced_gpu_check_runs_offline_with_only_the_gpu_machines_packages(
     # on the CPU, --resize-on device is the official transform itself
     assert re.search(r"cpu: max \|pixel difference\| 0/255, max \|feature difference\| 0, ",
                      sections["resize"]["lines"][0])
+
+
+def test_a_section_past_its_time_is_ended_and_the_summary_says_so(tmp_path):
+    """--budget cuts each section's timeout to what is left: the demo (a minute or more) is
+    killed with its process group, the next section is skipped, and summary.json says both."""
+    result = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--only",
+                             "demo,device", "--budget", "8", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PY": sys.executable, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert re.search(r"^== demo: timed out, \d+ s \(timeout [5-8] s\)$", result.stdout,
+                     re.MULTILINE), result.stdout
+    assert "== device: skipped (budget spent)" in result.stdout
+    sections = json.loads((tmp_path / "summary.json").read_text())["sections"]
+    assert sections["demo"]["status"] == "timed out" and sections["demo"]["lines"] == []
+    assert sections["device"]["status"] == "skipped (budget spent)"
+    assert re.search(r"^gpu_check: 0 of 2 sections ok", result.stdout, re.MULTILINE)
