@@ -78,17 +78,22 @@ def option(key: str, help: str, shown=None, **kwargs):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Set a preset key, e.g. --set protocol.fps=15 (repeatable; flags win).")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the backbone.")
+@click.option("--shard", metavar="I/N", help="Be shard I of N (0-based).  [default: from "
+              "torchrun, Slurm tasks or a Slurm job array, else 0/1]")
 @storage_options_flag
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.pass_context
-def extract(ctx, preset, random_init, overrides, compile_model, storage_options, no_progress,
-            **flags):
+def extract(ctx, preset, random_init, overrides, compile_model, shard, storage_options,
+            no_progress, **flags):
     """Encode videos with a frozen VideoMAEv2 and cache its features in a feature store.
 
-    Rerunning the same command resumes: finished videos are skipped. Several extractors (or
-    torchrun ranks) may share one store. A video that cannot be decoded is reported and
-    skipped; the exit status is then 1.
+    Rerunning the same command resumes: finished videos are skipped. Several extractors
+    (shards: torchrun ranks, Slurm tasks, job array tasks, or --shard) share one store. A video
+    that cannot be decoded is reported and skipped; the exit status is then 1.
     """
+    from extract.shards import launcher_shard
+
+    shard = launcher_shard(explicit=shard)
     given = dict(flags_by_key(flags))
     if "layers" in given:
         given["layers"] = _parse_layers(given["layers"])
@@ -113,8 +118,9 @@ def extract(ctx, preset, random_init, overrides, compile_model, storage_options,
     videos, missing = find_videos(config.videos, list(durations) if config.annotations else None)
     settings = ExtractionSettings(
         config=config, videos=videos, compile=compile_model, storage_options=storage_options,
-        backbone_source=backbone_source,
+        backbone_source=backbone_source, shard=shard,
         expected_durations={vid: d for vid, d in durations.items() if d})
+    click.echo(str(shard))
     with flag_errors(FLAGS, origins), _rank_group() as total_failures:
         summary = run_extraction(settings, show_progress=not no_progress)
         failures = total_failures(len(summary.failed))

@@ -129,6 +129,24 @@ def probe(path) -> StreamProbe:
                        hidden, undecodable)
 
 
+def stated_duration(path) -> float | None:
+    """The duration a video's container states, in seconds, read from its header only (no demux
+    pass): an estimate for planning which videos go where. None when it states none or the file
+    does not open; decoding reports such a file."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if container.duration:
+                return container.duration / av.time_base
+            stream = container.streams.video[0] if container.streams.video else None
+            if stream is not None and stream.duration and stream.time_base:
+                return float(stream.duration * stream.time_base)
+    except Exception:  # PyAV raises av.FFmpegError subclasses, OSError, ValueError...
+        return None
+    return None
+
+
 @dataclass
 class VideoSource:
     """An opened video: its frames, read front to back, and what the store records about it.

@@ -1,7 +1,8 @@
 """Run extraction into a feature store: claim videos, decode them ahead, encode, publish.
 
-One process (one torchrun rank) works like this:
+One process (one shard: extract/shards.py) works like this:
 
+    plan the videos in the store (once for all shards) --> walk this shard's work order:
     claim a video in the store --> DataLoader workers decode it into chunks (clips.py)
       --> clips of several videos fill a batch --> backbone.forward_taps (bf16 on a GPU)
       --> last-layer vector + each chosen layer pooled to K tokens (pooling.py)
@@ -9,10 +10,12 @@ One process (one torchrun rank) works like this:
           thread; commit once all its clips are written --> release it
 
 The main process claims each video (an ``flock`` held until the video is published), so two
-extractors on one store, or torchrun ranks, never do the same video, and a killed run's videos
-are free again for the resume. Workers receive claimed videos through a queue: a worker that
+extractors on one store, or shards, never do the same video where locks work, and a killed
+run's videos are free again for the resume; a video another shard's owner is presumably on is
+left to it (``Shares.at_work``). Workers receive claimed videos through a queue: a worker that
 finishes a long video takes the next one, whatever its length. Videos already complete in the
-store are skipped; a video that cannot be decoded is recorded as failed, and the others go on.
+store are skipped; a video that cannot be decoded, or whose file is not the one the store
+planned under its id, is recorded as failed, and the others go on.
 """
 from __future__ import annotations
 
@@ -37,7 +40,9 @@ from extract.check import short_duration
 from extract.clips import (VIDEO_EXTENSIONS, ClipChunks, backbone_frames, fault_point,
                            gather_clips, make_loader)
 from extract.config import ExtractionConfig
+from extract.decoding import stated_duration
 from extract.pooling import check_grid, pool_tokens
+from extract.shards import Shard, Shares, launcher_shard, planned, source_problem
 from extract.workers import QueueFeed, SpawnProcess
 from losa_distributed import SHARED_MEMORY, shared_memory_free
 from losa_tal import ConfigError, InputError, input_error
@@ -51,7 +56,8 @@ class ExtractionSettings:
     ConfigErrors naming its key; the command line names the flag or preset file."""
 
     config: ExtractionConfig
-    videos: list  # [(video_id, path)], this run's candidates (all ranks)
+    videos: list  # [(video_id, path)], this run's candidates (all shards)
+    shard: Shard | None = None  # None: the launcher's (extract.shards.launcher_shard)
     storage_options: dict | None = None  # for a URL store's file system (store/urls.py)
     compile: bool = False  # torch.compile the backbone
     backbone_source: str = "backbone"  # where the backbone spec came from, for messages
@@ -65,6 +71,8 @@ class ExtractionSummary:
     done: list = field(default_factory=list)  # video ids encoded and published by this process
     already: list = field(default_factory=list)  # complete in the store before we got to them
     taken: list = field(default_factory=list)  # claimed by another extractor at the time
+    # unfinished in another shard's own share, where its owner presumably is (Shares.at_work)
+    left: list = field(default_factory=list)
     failed: dict = field(default_factory=dict)  # {video_id: reason}
     warnings: dict = field(default_factory=dict)  # {video_id: problem}, extracted all the same
     clips: int = 0
@@ -151,12 +159,6 @@ def annotated_durations(path, subset=None) -> dict:
     names = [subset] if subset is not None or not annotations.subsets else annotations.subsets
     return {vid: video.duration for name in names
             for vid, video in annotations.videos(name).items()}
-
-
-def rank_share(videos: list) -> list:
-    """This torchrun rank's videos (every WORLD_SIZE-th); all of them outside torchrun."""
-    launch = losa_distributed.launch()
-    return videos[launch.rank::launch.world_size]
 
 
 # -- the model ----------------------------------------------------------------------------------
@@ -325,21 +327,61 @@ def store_meta(encoder: Encoder, config: ExtractionConfig) -> dict:
 
 
 # -- claiming and writing videos ----------------------------------------------------------------
-class Claims:
-    """Hands out videos claimed in the store, one at a time, and holds each claim until the video
-    is finished (published or failed)."""
+# Claimed videos waiting per decoding worker, so a worker that finishes one finds the next.
+VIDEOS_PER_WORKER = 2
 
-    def __init__(self, store: FeatureStore, videos: list, summary: ExtractionSummary):
-        self.store, self.summary = store, summary
-        self._pending = iter(videos)
+
+class ShardWork:
+    """This shard's view of the store's plan: the videos in its work order, as ``(video_id,
+    path)`` (the path this machine sees), each one's planned source, and every shard's share."""
+
+    def __init__(self, store: FeatureStore, settings: ExtractionSettings, shard: Shard):
+        expected = settings.expected_durations
+        self.shard, self.paths = shard, dict(settings.videos)
+        self.entries = planned(store, settings.videos, shard,
+                               lambda vid, path: expected.get(vid) or stated_duration(path))
+        self.shares = Shares(list(self.entries.values()), shard.count)
+        self.order = [(vid, self.paths[vid]) for vid in self.shares.order(shard.index)]
+        self._own = set(self.shares.owned[shard.index])
+        self.depth = max(1, VIDEOS_PER_WORKER * settings.config.num_workers)  # held at once
+
+    def owns(self, video_id) -> bool:
+        return video_id in self._own
+
+    def source_problem(self, video_id) -> str | None:
+        return source_problem(self.entries[video_id], self.paths[video_id])
+
+    def source(self, video_id) -> dict | None:
+        """What identifies the video's file, for its record: the plan's (its file was checked
+        against it before it was claimed)."""
+        return self.entries[video_id]["source"]
+
+
+class Claims:
+    """Hands out videos claimed in the store, one at a time, in this shard's work order, and holds
+    each claim until the video is finished (published or failed)."""
+
+    def __init__(self, store: FeatureStore, work: "ShardWork", summary: ExtractionSummary):
+        self.store, self.work, self.summary = store, work, summary
+        self._pending = iter(work.order)
         self._held = {}  # video_id -> ExitStack holding its claim
         self.exhausted = False
 
     def next(self):
         """The next video this process now owns, as ``(video_id, path)``; None when none is left."""
+        committed = set(self.store.videos())  # one listing
+        busy = self.work.shares.at_work(committed, self.work.shard.index, self.work.depth)
         for video_id, path in self._pending:
-            if video_id in self.store:  # finished: skipped without a claim, which a user who
+            # A file that is not the planned one is refused; each committed video's file is
+            # checked by one shard, its owner (a check may read 2 MiB of it).
+            if (video_id not in committed or self.work.owns(video_id)) and \
+                    self._refused(video_id):
+                continue
+            if video_id in committed:  # finished: skipped without a claim, which a user who
                 self.summary.already.append(video_id)  # may only read the store cannot take
+                continue
+            if video_id in busy:
+                self.summary.left.append(video_id)
                 continue
             stack = contextlib.ExitStack()
             if not stack.enter_context(self.store.claim(video_id)):
@@ -353,6 +395,13 @@ class Claims:
                 return video_id, str(path)
         self.exhausted = True
         return None
+
+    def _refused(self, video_id) -> bool:
+        problem = self.work.source_problem(video_id)
+        if problem:
+            self.summary.failed[video_id] = problem
+            tqdm.write(f"skipped video {video_id!r}: {problem}", file=sys.stderr)
+        return problem is not None
 
     def __iter__(self):  # the in-process feed (no DataLoader workers): claim as decoding needs
         while (item := self.next()) is not None:
@@ -383,11 +432,11 @@ class OpenVideo:
 
     MAX_PENDING = 4  # batches of features waiting for the writer thread, per video
 
-    def __init__(self, store, chunk, writes: ThreadPoolExecutor, compute: dict):
+    def __init__(self, store, chunk, writes: ThreadPoolExecutor, record: dict):
         self.num_clips = chunk["num_clips"]
         self.times = chunk["times"]
         self.writer = store.video_writer(chunk["video"], self.num_clips,
-                                         {**chunk["info"], **compute})
+                                         {**chunk["info"], **record})
         self.written = 0
         self.writes, self.pending = writes, []
 
@@ -423,8 +472,8 @@ class Extraction:
     """One process's extraction run; see the module docstring."""
 
     def __init__(self, settings: ExtractionSettings, store: FeatureStore, encoder: Encoder,
-                 summary: ExtractionSummary, progress):
-        self.settings, self.store, self.encoder = settings, store, encoder
+                 summary: ExtractionSummary, progress, work: "ShardWork"):
+        self.settings, self.store, self.encoder, self.work = settings, store, encoder, work
         self.config = settings.config
         self.summary, self.progress = summary, progress
         self.started = time.perf_counter()
@@ -442,7 +491,7 @@ class Extraction:
             dataset = ClipChunks(QueueFeed(feed), config.protocol, config.batch_size)
             # Two claimed videos per worker, so a worker that finishes one finds the next waiting;
             # each video finished (published or failed) is replaced, and an idle worker gets one.
-            self._feed = lambda: self._refill(claims, feed, 2 * workers)
+            self._feed = lambda: self._refill(claims, feed, VIDEOS_PER_WORKER * workers)
             self._feed()
         else:
             dataset = ClipChunks(claims, config.protocol, config.batch_size)
@@ -500,7 +549,8 @@ class Extraction:
         video = chunk["video"]
         if video not in self.open:
             self.open[video] = OpenVideo(self.store, chunk, self.writes,
-                                         compute_record(self.encoder.device))
+                                         {**compute_record(self.encoder.device),
+                                          "source": self.work.source(video)})
             self._check_duration(video, chunk["info"]["duration"])
         device = self.encoder.device
         frames = backbone_frames(chunk["frames"].to(device, non_blocking=True),
@@ -581,7 +631,7 @@ class Extraction:
             return
         summary = self.summary
         finished = len(summary.done) + len(summary.already) + len(summary.taken) + \
-            len(summary.failed)
+            len(summary.left) + len(summary.failed)
         elapsed = time.perf_counter() - self.started
         self.progress.set_postfix(clips_s=f"{summary.clips / max(elapsed, 1e-9):.1f}",
                                   failed=len(summary.failed), refresh=False)
@@ -609,7 +659,7 @@ def _kill_workers(workers) -> None:
 
 def run_extraction(settings: ExtractionSettings, show_progress: bool = True,
                    store_ready=None) -> ExtractionSummary:
-    """Extract ``settings.videos`` (this rank's share) into the store; returns what happened.
+    """Extract ``settings.videos`` into the store, as one shard; returns what happened.
 
     ``store_ready(store)`` is called once the store is created or opened (tests use it).
     """
@@ -623,18 +673,18 @@ def run_extraction(settings: ExtractionSettings, show_progress: bool = True,
     check_compute_dtype(config, device, settings.storage_options)
     encoder = Encoder(settings, device)
     print(losa_distributed.device_line(device, "extracting"), file=sys.stderr)
-    videos = rank_share(settings.videos)
+    shard = settings.shard or launcher_shard()
     summary = ExtractionSummary()
     started = time.perf_counter()
     with FeatureStore.create(config.store, store_meta(encoder, config), format=config.format,
                              storage_options=settings.storage_options) as store:
         if store_ready is not None:
             store_ready(store)
-        launch = losa_distributed.launch()
-        progress = tqdm(total=len(videos), unit="video", disable=not show_progress,
-                        desc=f"extract rank {launch.rank}" if launch.distributed else "extract")
-        extraction = Extraction(settings, store, encoder, summary, progress)
-        claims = Claims(store, videos, summary)
+        work = ShardWork(store, settings, shard)
+        progress = tqdm(total=len(work.order), unit="video", disable=not show_progress,
+                        desc=f"extract shard {shard.index}" if shard.count > 1 else "extract")
+        extraction = Extraction(settings, store, encoder, summary, progress, work)
+        claims = Claims(store, work, summary)
         try:
             extraction.run(claims)
         finally:
@@ -650,7 +700,8 @@ def format_summary(summary: ExtractionSummary, missing=()) -> str:
     lines = [f"extracted {len(summary.done)} videos ({summary.clips} clips, "
              f"{summary.clips_per_second:.1f} clips/s); {len(summary.already)} already in the "
              f"store; {len(summary.taken)} taken by another extractor; "
-             f"{len(summary.failed)} failed"]
+             + (f"{len(summary.left)} left to the shards they belong to; " if summary.left
+                else "") + f"{len(summary.failed)} failed"]
     lines += [f"  failed: {reason}" for _, reason in sorted(summary.failed.items())]
     lines += [f"  warning: video {vid!r} {problem}" for vid, problem in
               sorted(summary.warnings.items())]
