@@ -8,17 +8,21 @@ An event simulation of ``count`` shards extracting one store, for two duration d
 
 A video's encoding time is its duration times a per-video factor (lognormal, ``--noise``): the
 plan knows durations, not how fast each video will decode and encode. Every shard walks its
-order of videos: a video already committed is skipped; one another shard is encoding is
-skipped where claims work (``flock``) and encoded a second time where they do not (object
-storage; the store then publishes one copy and the other is lost time). A shard stops at the
-end of its order. Share = useful work / (shards x the time the last shard stops).
+order of videos as ``extract`` does: a video already committed is skipped, so is the first
+unfinished video of another shard's own share (``Shares.at_work``: its owner is on it), and
+one another shard is encoding is skipped where claims work (``flock``) and encoded a second
+time where they do not (object storage; the store then publishes one copy and the other is lost
+time). A shard stops at the end of its order. Share = useful work / (shards x the time the last
+shard stops).
 
 Schemes: ``every-Nth`` (the old split: sorted ids, every N-th video, nothing else),
 ``longest-first`` (the same shares as the plan, but no stealing), and the plan with stealing
 (``extract.shards.work_order``, what ``extract`` runs) with and without working claims.
-``bound`` is the best any whole-video schedule can do: no shard can finish before the longest
-video, nor before its share of the total. The last line is the smallest share of the plan
-(with or without claims) at the largest shard count, over both distributions.
+``plan, job array`` counts each shard's GPU until that shard stops (a job array's task gives
+its GPU back; claims working). ``bound`` is the best any whole-video schedule can do with every
+GPU held to the end: no shard can finish before the longest video, nor before its share of the
+total. The last line is the smallest share of the plan (with or without claims, every GPU
+held to the end) at the largest shard count, over both distributions.
 
     python bench/shards.py [--shards 8,32,64] [--noise 0.15] [--seed 0]
 """
@@ -45,14 +49,16 @@ def activitynet_like(rng) -> np.ndarray:
 DISTRIBUTIONS = {"THUMOS-like": thumos_like, "ActivityNet-like": activitynet_like}
 
 
-def simulate(orders: list, seconds: dict, claims: bool, shares=None) -> float:
-    """Useful share of ``len(orders)`` shards walking their orders (lists of ids); with
-    ``shares`` (``extract.shards.Shares``), a shard leaves alone what another owner is on."""
+def simulate(orders: list, seconds: dict, claims: bool, shares=None) -> tuple:
+    """Useful shares of ``len(orders)`` shards walking their orders (lists of ids): of their
+    time until the last one stops (every GPU held to the end, as torchrun does) and of their
+    time until each stops (a job array's task gives its GPU back). With ``shares``
+    (``extract.shards.Shares``), a shard leaves alone what another owner is on."""
     count = len(orders)
     committed, running = set(), {}
     position = [0] * count
     events = [(0.0, shard, None) for shard in range(count)]  # (time, shard, video finished)
-    stopped = 0.0
+    stopped = [0.0] * count
     while events:
         now, shard, finished = heapq.heappop(events)
         if finished is not None:
@@ -69,9 +75,10 @@ def simulate(orders: list, seconds: dict, claims: bool, shares=None) -> float:
             heapq.heappush(events, (now + seconds[video], shard, video))
             break
         else:
-            stopped = max(stopped, now)
+            stopped[shard] = now
     assert committed == set(seconds)
-    return sum(seconds.values()) / (count * stopped)
+    useful = sum(seconds.values())
+    return useful / (count * max(stopped)), useful / sum(stopped)
 
 
 def schemes(plan: list, count: int, seconds: dict) -> dict:
@@ -80,10 +87,12 @@ def schemes(plan: list, count: int, seconds: dict) -> dict:
     plan_shares = Shares(plan, count)
     stealing = [work_order(plan, Shard(index, count, "bench")) for index in range(count)]
     longest = max(seconds.values())
-    return {"every-Nth": simulate(every_nth, seconds, claims=True),
-            "longest-first": simulate(plan_shares.owned, seconds, claims=True),
-            "plan, claims": simulate(stealing, seconds, True, Shares(plan, count)),
-            "plan, no locks": simulate(stealing, seconds, False, Shares(plan, count)),
+    with_claims = simulate(stealing, seconds, True, Shares(plan, count))
+    return {"every-Nth": simulate(every_nth, seconds, claims=True)[0],
+            "longest-first": simulate(plan_shares.owned, seconds, claims=True)[0],
+            "plan, claims": with_claims[0],
+            "plan, no locks": simulate(stealing, seconds, False, Shares(plan, count))[0],
+            "plan, job array": with_claims[1],
             "bound": sum(seconds.values()) / (count * max(longest, sum(seconds.values()) / count))}
 
 
@@ -97,8 +106,8 @@ def main():
     counts = [int(part) for part in args.shards.split(",")]
     rng = np.random.default_rng(args.seed)
     header = f"{'distribution':<17} {'shards':>6}" + "".join(
-        f" {name:>14}" for name in ("every-Nth", "longest-first", "plan, claims",
-                                    "plan, no locks", "bound"))
+        f" {name:>15}" for name in ("every-Nth", "longest-first", "plan, claims",
+                                    "plan, no locks", "plan, job array", "bound"))
     print(header)
     worst = {}
     for name, draw in DISTRIBUTIONS.items():
@@ -112,7 +121,7 @@ def main():
               f"{np.median(durations) / 60:.1f} min, longest {durations.max() / 60:.1f} min")
         for count in counts:
             shares_ = schemes(plan, count, seconds)
-            print(f"{name:<17} {count:>6}" + "".join(f" {value:>14.3f}"
+            print(f"{name:<17} {count:>6}" + "".join(f" {value:>15.3f}"
                                                      for value in shares_.values()))
             if count == max(counts):
                 worst[name] = min(shares_["plan, claims"], shares_["plan, no locks"])

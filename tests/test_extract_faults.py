@@ -16,10 +16,8 @@ Cases per category, for the reliability totals (this file):
 """
 import contextlib
 import errno
-import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -33,8 +31,8 @@ from cli import main
 from extract.clips import KILL_AT_ENV
 from extract.pipeline import run_extraction
 from helpers import REPO
-from helpers.extraction import (TINY, assert_same_contents, cli_args, settings_for, store_contents,
-                                write_videos)
+from helpers.extraction import (assert_same_contents, cli_args, settings_for,
+                                start_extract, store_contents, write_backbone_file, write_videos)
 from helpers.videos import write_empty, write_random_bytes, write_truncated, write_video
 from losa_tal import InputError
 from store import FeatureStore
@@ -65,9 +63,7 @@ def reference(fault_videos, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def backbone_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("backbone") / "tiny.json"
-    path.write_text(json.dumps(TINY))
-    return path
+    return write_backbone_file(tmp_path_factory.mktemp("backbone"))
 
 
 def start_cli(folder, store, backbone, *extra, kill_at=None, env=None):
@@ -75,9 +71,7 @@ def start_cli(folder, store, backbone, *extra, kill_at=None, env=None):
     environment.pop(KILL_AT_ENV, None)
     if kill_at:
         environment[KILL_AT_ENV] = kill_at
-    args = cli_args(folder, store, backbone, "--batch-size", 3, *extra)
-    return subprocess.Popen([sys.executable, "cli.py", *args], cwd=REPO, env=environment,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_extract(folder, store, backbone, *extra, env=environment)
 
 
 def finish(process, timeout=300):

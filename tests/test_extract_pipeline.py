@@ -221,7 +221,7 @@ def test_cli_with_workers_skips_a_corrupt_video_and_equals_the_in_process_run(
     folder = tmp_path / "videos"
     folder.mkdir()
     for _, path in videos:
-        shutil.copy(path, folder)
+        shutil.copy2(path, folder)  # the store records each file's size, time and hash
     write_random_bytes(folder / "broken.mp4")
     backbone = tmp_path / "tiny.json"
     backbone.write_text(json.dumps(TINY))

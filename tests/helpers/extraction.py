@@ -1,11 +1,15 @@
 """Extraction end to end on real video files: the tiny random-init backbone, the videos and their
 settings, the command line that extracts them, and a store's whole contents to compare."""
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 from click.testing import CliRunner
 
 from cli import main
+from helpers import REPO
 from extract.config import ExtractionConfig
 from extract.pipeline import ExtractionSettings
 from helpers.videos import write_video
@@ -43,6 +47,23 @@ def cli_args(videos_dir, store, backbone_file, *extra) -> list:
             ",".join(map(str, LAYERS)), "--tokens", "x".join(map(str, TOKENS)),
             "--batch-size", "5", "--num-workers", "0", "--device", "cpu", "--no-progress",
             *map(str, extra)]  # a later repeat of an option wins
+
+
+def write_backbone_file(folder) -> Path:
+    """The tiny backbone as a ``--backbone`` file."""
+    path = Path(folder) / "tiny.json"
+    path.write_text(json.dumps(TINY))
+    return path
+
+
+def start_extract(folder, store, backbone_file, *extra, env=None,
+                  program=("cli.py",)) -> subprocess.Popen:
+    """``python cli.py extract`` of ``folder`` in batches of 3 clips, as a child process with
+    ``env`` as its whole environment (default: this process's); ``program``: what Python runs
+    instead of ``cli.py`` (``-c`` and code that runs it)."""
+    args = cli_args(folder, store, backbone_file, "--batch-size", 3, *extra)
+    return subprocess.Popen([sys.executable, *program, *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def store_contents(path) -> dict:
