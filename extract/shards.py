@@ -94,9 +94,11 @@ def _array_task(env) -> tuple[int, int]:
     task = _integer(env, "SLURM_ARRAY_TASK_ID")
     count = _integer(env, "SLURM_ARRAY_TASK_COUNT")
     first = _integer(env, "SLURM_ARRAY_TASK_MIN", 0)
-    step = _integer(env, "SLURM_ARRAY_TASK_STEP", 1)
-    offset, rest = divmod(task - first, max(step, 1))
-    if count < 1 or rest or not 0 <= offset < count:
+    step = max(_integer(env, "SLURM_ARRAY_TASK_STEP", 1), 1)
+    last = _integer(env, "SLURM_ARRAY_TASK_MAX", first + (count - 1) * step)
+    offset, rest = divmod(task - first, step)
+    # A list of ids is refused by every task, not only by those whose id lies past the count.
+    if count < 1 or rest or not 0 <= offset < count or last != first + (count - 1) * step:
         raise input_error("SLURM_ARRAY_TASK_ID", f"task {task} is not one of {count} tasks "
                           f"numbered from {first} in steps of {step}; give {SHARD_FLAG} i/n")
     return offset, count

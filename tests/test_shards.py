@@ -42,7 +42,7 @@ SHARD_VIDEOS = {"v0.mkv": (120, 30), "v1.mp4": (90, 25), "v2.avi": (64, 30), "v3
      (3, 4, "Slurm job array")),
     # --array=10-40:10
     ({"SLURM_ARRAY_TASK_ID": "30", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "10",
-      "SLURM_ARRAY_TASK_STEP": "10"}, (2, 4, "Slurm job array")),
+      "SLURM_ARRAY_TASK_MAX": "40", "SLURM_ARRAY_TASK_STEP": "10"}, (2, 4, "Slurm job array")),
     # an array of 4 jobs, each srun with 2 tasks: task 2 (ids from 1), process 1 -> 3 of 8
     ({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "1",
       "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, (3, 8, "Slurm job array x Slurm tasks")),
@@ -68,9 +68,11 @@ def test_an_explicit_shard_wins_over_the_launcher():
     ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK: expected an integer, got 'x'"),
     ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK: 2 is not a rank of WORLD_SIZE=2"),
     ({"SLURM_PROCID": "0", "SLURM_NTASKS": ""}, "SLURM_NTASKS: expected an integer"),
-    # --array=1,4,9: ids that are no range; 9 - 1 is not below the count
+    # --array=1,4,9: ids that are no range, refused by every task
     ({"SLURM_ARRAY_TASK_ID": "9", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1"},
      "SLURM_ARRAY_TASK_ID: task 9 is not one of 3 tasks numbered from 1 in steps of 1"),
+    ({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1",
+      "SLURM_ARRAY_TASK_MAX": "9"}, "SLURM_ARRAY_TASK_ID: task 1 is not one of 3 tasks"),
     ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "0",
       "SLURM_ARRAY_TASK_STEP": "2"}, "SLURM_ARRAY_TASK_ID: task 3 is not one of 4 tasks"),
 ])
