@@ -354,7 +354,7 @@ class ShardWork:
     def source(self, video_id) -> dict | None:
         """What identifies the video's file, for its record: the plan's (its file was checked
         against it before it was claimed)."""
-        return self.entries[video_id]["source"]
+        return self.entries[video_id].get("source")
 
 
 class Claims:
