@@ -60,10 +60,15 @@ class Launch:
         return self.rank - self.local_rank
 
 
-def launch() -> Launch:
-    """This process's place, from torchrun's environment variables (a world of one without)."""
+def launch(env=os.environ) -> Launch:
+    """This process's place, from torchrun's environment variables (a world of one without);
+    a variable that is not a number is one line naming it."""
     def read(name: str, default: int) -> int:
-        return int(os.environ.get(name, default))
+        value = env.get(name, default)
+        try:
+            return int(value)
+        except ValueError:
+            raise InputError(f"{name}: expected an integer, got {value!r}") from None
 
     return Launch(rank=read("RANK", 0), world_size=read("WORLD_SIZE", 1),
                   local_rank=read("LOCAL_RANK", 0),

@@ -4,7 +4,7 @@ the order in which it takes videos from the store's plan. Torch-free.
 A *shard* is ``index`` of ``count`` (0-based). The launcher decides it, in this precedence:
 
 1. ``--shard i/n`` given on the command line;
-2. torchrun (``RANK``/``WORLD_SIZE``);
+2. torchrun (``RANK``/``WORLD_SIZE``, read by ``losa_distributed.launch``);
 3. Slurm tasks (``SLURM_PROCID``/``SLURM_NTASKS``: ``srun`` started several processes);
 4. nothing: one shard of one.
 
@@ -29,6 +29,7 @@ import itertools
 import os
 from dataclasses import dataclass
 
+import losa_distributed
 from losa_tal import input_error
 
 SHARD_FLAG = "--shard"
@@ -67,9 +68,13 @@ def launcher_shard(env=os.environ, explicit: str | None = None) -> Shard:
     if explicit is not None:
         return Shard(*parse_shard(explicit), SHARD_FLAG)
     if "WORLD_SIZE" in env:
-        rank, sources = _pair(env, "RANK", "WORLD_SIZE"), ["torchrun"]
+        place = losa_distributed.launch(env)
+        rank = _checked(place.rank, place.world_size, "RANK", "WORLD_SIZE")
+        sources = ["torchrun"]
     elif "SLURM_NTASKS" in env and "SLURM_PROCID" in env:
-        rank, sources = _pair(env, "SLURM_PROCID", "SLURM_NTASKS"), ["Slurm tasks"]
+        rank = _checked(_integer(env, "SLURM_PROCID"), _integer(env, "SLURM_NTASKS"),
+                        "SLURM_PROCID", "SLURM_NTASKS")
+        sources = ["Slurm tasks"]
     else:
         rank, sources = (0, 1), []
     if "SLURM_ARRAY_TASK_ID" in env:
@@ -79,8 +84,7 @@ def launcher_shard(env=os.environ, explicit: str | None = None) -> Shard:
     return Shard(*rank, " x ".join(sources)) if sources else SINGLE
 
 
-def _pair(env, index_name: str, count_name: str) -> tuple[int, int]:
-    index, count = _integer(env, index_name), _integer(env, count_name)
+def _checked(index: int, count: int, index_name: str, count_name: str) -> tuple[int, int]:
     if count < 1 or not 0 <= index < count:
         raise input_error(index_name, f"{index} is not a rank of {count_name}={count}; "
                           f"give {SHARD_FLAG} i/n")

@@ -80,8 +80,7 @@ def test_a_launcher_environment_that_names_no_shard_is_one_line(env, named):
     with pytest.raises(InputError) as error:
         launcher_shard(env)
     message = str(error.value)
-    assert message.startswith(named) and message.endswith("give --shard i/n")
-    assert "\n" not in message
+    assert message.startswith(named) and "\n" not in message
 
 
 @pytest.mark.parametrize("value", ["3/2", "2/2", "-1/4", "0/0", "1", "a/b", "1/2/3", ""])
