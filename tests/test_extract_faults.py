@@ -80,9 +80,16 @@ def finish(process, timeout=300):
 
 
 def verify(store):
-    """``python cli.py store verify`` (in process): exit 0, every complete video right."""
+    """``python cli.py store verify`` (in process): every complete video right, and reported
+    missing exactly the planned videos not committed (a run stopped before them, or files that
+    cannot be decoded), with exit status 1 then."""
     result = CliRunner().invoke(main, ["store", "verify", str(store)])
-    assert result.exit_code == 0, result.output
+    fs = FeatureStore.open(store)
+    planned = {entry["video_id"] for entry in fs.planned_videos() or []}
+    missing = set(re.findall(r"^missing: (.+): planned, not committed$", result.output, re.M))
+    assert missing == planned - set(fs.videos()), result.output
+    assert result.exit_code == (1 if missing else 0) and "bad:" not in result.output, \
+        result.output
     return result
 
 
