@@ -86,7 +86,7 @@ def verify(store):
     result = CliRunner().invoke(main, ["store", "verify", str(store)])
     fs = FeatureStore.open(store)
     planned = {entry["video_id"] for entry in fs.planned_videos() or []}
-    missing = set(re.findall(r"^missing: (.+): planned, not committed$", result.output, re.M))
+    missing = set(re.findall(r"missing: (\S+): planned, not committed", result.output))
     assert missing == planned - set(fs.videos()), result.output
     assert result.exit_code == (1 if missing else 0) and "bad:" not in result.output, \
         result.output
