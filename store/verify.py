@@ -72,14 +72,17 @@ def video_problem(fs, video_id: str):
 def duration_problem(protocol: dict, info: dict, times):
     """A recorded duration that contradicts the feature times (None if they agree or either is
     unknown). The last clip centre lies before the end of the video by about half a clip plus up
-    to a stride (one clip more or less for imported features); anything else means the record or
-    the times were damaged or edited."""
+    to a stride (one clip more or less for imported features), or past it by up to half a clip in
+    a padded video shorter than one clip; anything else means the record or the times were
+    damaged or edited."""
     duration, fps = info.get("duration"), info.get("fps")
     if duration is None or fps is None or not len(times):
         return None
     half_clip = protocol.get("clip_len", 0) * protocol.get("frame_interval", 1) / 2
     stride = protocol.get("clip_stride", 0)
-    if not (duration - (half_clip + 2 * stride + 1) / fps <= times[-1] <= duration + stride / fps):
+    # Above: a video shorter than one clip is padded, its one clip centred past its end.
+    if not (duration - (half_clip + 2 * stride + 1) / fps <= times[-1]
+            <= duration + (half_clip + stride) / fps):
         return (f"duration {duration:.3f}s contradicts the feature times (last clip centre at "
                 f"{times[-1]:.3f}s)")
     return None

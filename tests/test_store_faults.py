@@ -108,7 +108,7 @@ def test_sigkill_on_a_url_store_leaves_an_attempt_that_no_reader_sees(tmp_path):
     fs = FeatureStore.open(location)
     assert fs.videos() == ["v0"] and fs.incomplete_videos() == ["v1"]
     report = verify_store(fs)
-    assert report.bad == {} and "1 incomplete video(s)" in report.notes[0]
+    assert report.bad == {} and "1 uncommitted video(s)" in report.notes[0]
     run_plan(location, PLAN)
     assert assert_plan_complete(location).notes == []
 
