@@ -12,10 +12,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from losa_tal import ConfigError, build_config, check_values, read_config_file
+from losa_tal import ConfigError, build_config, check_values, read_config_file, shipped_configs
 from store.protocol import SamplingProtocol
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "datasets"
+PRESET_DIR = shipped_configs() / "datasets"
 STORE_FORMATS = ("zarr", "hdf5")
 
 

@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from losa_tal import InputError, input_error, output_errors, write_output
+from losa_tal import InputError, input_error, output_errors, shipped_configs, write_output
 from synth.generator import ANNOTATION_FILE, VIDEO_DIR, SynthConfig, generate
 
-TRAIN_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo" / "train.json"
+TRAIN_CONFIG = shipped_configs() / "demo" / "train.json"
 MODELS = ("losa", "head_only")
 # A small VideoMAEv2 for 64-pixel videos: 4 blocks of width 128 on 8x4x4 tokens per clip.
 DEMO_BACKBONE = {"preset": "vit_s", "img_size": 64, "depth": 4, "embed_dim": 128, "num_heads": 4}

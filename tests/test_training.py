@@ -336,8 +336,44 @@ def test_missing_store_says_to_extract_first(tmp_path):
                             "--store", str(tmp_path / "nowhere.zarr"),
                             "--out", str(tmp_path / "run")])
     assert code == 2
-    assert output == (f"error: {tmp_path / 'nowhere.zarr'}: feature store not found; "
-                      "run `make extract DATASET=thumos` first (or pass --store)")
+    assert output == (f"error: {tmp_path / 'nowhere.zarr'}: feature store not found; make it "
+                      "with `losa-tal extract --preset thumos` first (or pass --store)")
+    # The suggested command exists: the preset is found (and says what it misses).
+    code, output = run_cli(["extract", "--preset", "thumos", "--random-init"])
+    assert code == 2 and "video folder not found; put the THUMOS-14" in output, output
+
+
+def test_a_run_remembers_its_inputs_and_infer_run_alone_uses_them(dataset_files, tmp_path,
+                                                                   monkeypatch):
+    """train --store --annotations records both (as given, and absolute); infer --run alone
+    reads them from another working directory; --store still overrides them."""
+    store_path, annotations_path = dataset_files
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "data").mkdir()
+    (work / "data" / "store.zarr").symlink_to(store_path)
+    (work / "data" / "gt.json").symlink_to(annotations_path)
+    config_path = write_config(tmp_path / "tiny.json", tiny_config(train={"epochs": 1}))
+    monkeypatch.chdir(work)
+    code, output = run_cli(["train", "--config", str(config_path), "--store", "data/store.zarr",
+                            "--annotations", "data/gt.json", "--out", "run", "--quiet"])
+    assert code == 0, output
+    saved = json.loads((work / "run" / "config.json").read_text())["data"]
+    assert (saved["store"], saved["annotations"]) == ("data/store.zarr", "data/gt.json")
+    start = json.loads((work / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert start["inputs"]["store"] == {"given": "data/store.zarr",
+                                        "absolute": str(work / "data" / "store.zarr")}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, output = run_cli(["infer", "--run", str(work / "run"), "--out", "preds.json",
+                            "--quiet"])
+    assert code == 0, output
+    predictions = json.loads((elsewhere / "preds.json").read_text())["results"]
+    assert set(predictions) == {"video_004", "video_005"}
+    code, output = run_cli(["infer", "--run", str(work / "run"), "--store", "nowhere.zarr",
+                            "--out", "preds.json", "--quiet"])
+    assert code == 2 and output.startswith("error: nowhere.zarr: feature store not found"), output
 
 
 @pytest.mark.parametrize("overrides, problem", [

@@ -9,6 +9,7 @@ A checkpoint is a dict::
     config: Config.to_dict(), classes: [label names, in output order]
     store: the signature of the store it was trained on (see store_signature)
     best: {"epoch", "average_map"} or None, the best evaluation so far
+    inputs (optional): the store and annotations trained on, each {"given", "absolute"} path
 
 No RNG state is needed: every random draw is derived from (seed, epoch, step, sample), so a run
 resumed from the end of epoch n draws exactly what an uninterrupted run would.
@@ -81,6 +82,7 @@ def field_problem(checkpoint: dict) -> str | None:
 
     signature = checkpoint["store"]
     best = checkpoint.get("best")
+    inputs = checkpoint.get("inputs")
     checks = [
         ("epoch", count(checkpoint["epoch"]), "a count"),
         ("step", count(checkpoint["step"]), "a count"),
@@ -99,6 +101,10 @@ def field_problem(checkpoint: dict) -> str | None:
         ("best", best is None or (isinstance(best, dict) and count(best.get("epoch"))
                                   and isinstance(best.get("average_map"), float)),
          "null or {epoch, average_map}"),
+        ("inputs", inputs is None or (isinstance(inputs, dict) and all(
+            isinstance(record, dict) and isinstance(record.get("given"), str)
+            and isinstance(record.get("absolute"), str) for record in inputs.values())),
+         "null or {store, annotations} of {given, absolute} paths"),
     ]
     for key, ok, expected in checks:
         if not ok:

@@ -2,7 +2,7 @@
 import click
 
 from evaluation.commands import FUSE_FLAGS, topk_option, video_scores_option  # no torch
-from losa_tal import flag_errors
+from losa_tal import find_recipe, flag_errors
 from store.urls import storage_options_flag
 from training.config import MODEL_TYPES, load_config  # no torch
 
@@ -14,7 +14,8 @@ INFER_FLAGS = {**STORE_FLAGS, **FUSE_FLAGS, "subset": "--subset"}
 
 @click.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
-              help="Training config (JSON), e.g. configs/train/thumos_vitg_losa.json.")
+              help="Training config (JSON), or a shipped recipe's name: thumos_vitg_losa, "
+              "anet_vitg_losa, demo/train (configs/).")
 @click.option("--store", "store_path", default=None,
               help="Feature store (default: the config's data.store).")
 @click.option("--annotations", "annotations_path", default=None,
@@ -29,30 +30,47 @@ INFER_FLAGS = {**STORE_FLAGS, **FUSE_FLAGS, "subset": "--subset"}
               help="Override a config value, e.g. --set optim.lr_head=2e-4 (repeatable).")
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out from its last checkpoint.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch threads per process when training on the CPU  [default: half the "
+              "cores, shared by torchrun's local processes]")
+@click.option("--print-config", is_flag=True,
+              help="Print the resolved config (every value, flags applied) and exit.")
 @storage_options_flag
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(config_path, store_path, annotations_path, out_dir, model_type, epochs, overrides,
-          resume, storage_options, quiet):
+          resume, threads, print_config, storage_options, quiet):
     """Train LoSA adapters and the detection head from a feature store.
 
     Data parallel: torchrun --standalone --nproc_per_node N cli.py train ... (the global batch
     is shared by the N processes; one line says what changes where it cannot be).
     """
+    import dataclasses
+    import json
     from pathlib import Path
-
-    import losa_distributed
 
     overrides = list(overrides)
     if model_type is not None:
         overrides.append(f"model.type={model_type}")
     if epochs is not None:
         overrides.append(f"train.epochs={epochs}")
+    config_path = find_recipe(config_path)
     config = load_config(config_path, overrides)  # refuses a bad config before torch loads
+    # The run's config.json names the inputs it was trained on, not the recipe's defaults.
+    config = dataclasses.replace(config, data=dataclasses.replace(
+        config.data, store=store_path or config.data.store,
+        annotations=annotations_path or config.data.annotations))
+    if print_config:
+        click.echo(json.dumps(config.to_dict(), indent=2))
+        return
+    import losa_distributed
+    from training.train import default_cpu_threads
     from training.train import train as run_training
+
     out_dir = out_dir or str(Path("runs") / Path(config_path).stem)
     with flag_errors(TRAIN_FLAGS):
         summary = run_training(config, store_path, annotations_path, out_dir, resume=resume,
-                               progress=not quiet, storage_options=storage_options)
+                               progress=not quiet, storage_options=storage_options,
+                               cpu_threads=threads or default_cpu_threads())
     if losa_distributed.launch().is_main:  # under torchrun, the main process reports
         best = summary["best"]
         best_text = (f", best average mAP {best['average_map']:.4f} at epoch {best['epoch']}"
