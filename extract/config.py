@@ -39,6 +39,7 @@ class ExtractionConfig:
     # A backbone preset name (vit_s|b|l|h|g) or a dict of VideoMAEv2 constructor arguments.
     backbone: str | dict = "vit_g"
     checkpoint: str | None = None  # VideoMAEv2 checkpoint (.pth); None: random weights
+    random_init: bool = False  # random weights from ``seed`` are meant (no checkpoint needed)
     seed: int = 0  # of the random weights
     layers: list[int] = field(default_factory=list)  # intermediate blocks to store (0-based)
     tokens: list[int] = field(default_factory=lambda: [1, 1, 1])  # pooled grid t, h, w per clip
