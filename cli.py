@@ -28,6 +28,7 @@ COMMANDS = {
     "store": "store.commands:store",
     "train": "training.commands:train",
     "infer": "training.commands:infer",
+    "detect": "training.commands:detect",
     "convert": "training.commands:convert",
     "evaluate": "evaluation.commands:evaluate",
     "fuse": "evaluation.commands:fuse",

@@ -102,7 +102,7 @@ def extract(ctx, preset, random_init, like, overrides, compile_model, storage_op
     if "backbone" in given:
         backbone_source, given["backbone"] = _backbone_spec(given["backbone"])
     config, origins = load_config(preset, given, overrides)
-    random_init = random_init or config.random_init
+    random_init = random_init or (config.random_init and not config.checkpoint)
     if random_init:
         config = dataclasses.replace(config, checkpoint=None)
         origins["checkpoint"] = "--random-init"

@@ -49,6 +49,11 @@ class Recorded:
     def random_weights(self) -> bool:
         return self.checkpoint is None
 
+    def backbone_spec(self) -> dict:
+        """The backbone to build: the recorded arguments under the recorded preset's name, so
+        that the new store records the same backbone."""
+        return {"preset": self.preset, **self.backbone}
+
 
 def existing_store(path, storage_options=None) -> Recorded | None:
     """The settings of the store at ``path``; None where there is none yet (a URL that cannot be
@@ -79,7 +84,7 @@ def taken_from(recorded: Recorded, config: ExtractionConfig, explicit) -> Extrac
                 if not _given(f"protocol.{name}", explicit)}
     values = {"protocol": dataclasses.replace(config.protocol, **protocol)}
     if "backbone" not in explicit:
-        values["backbone"] = dict(recorded.backbone)
+        values["backbone"] = recorded.backbone_spec()
     if "layers" not in explicit:
         values["layers"] = list(recorded.layers)
     if "tokens" not in explicit and recorded.tokens is not None:

@@ -72,6 +72,7 @@ def test_a_contradicting_flag_is_refused_before_any_backbone_is_built(first_stor
         f"--checkpoint: weights.pth)" in result.stderr, result.output
 
 
+@pytest.mark.slow
 def test_like_copies_a_stores_settings_and_flags_still_win(first_store, tmp_path):
     other = tmp_path / "other.zarr"
     result = run_cli("extract", "--videos", tmp_path / "new", "--out", other, "--like",
@@ -99,6 +100,7 @@ def test_a_backbone_files_image_size_is_kept_unless_a_flag_gives_one(tmp_path):
         f"({backbone}); give one"), result.stderr
 
 
+@pytest.mark.slow
 def test_the_synth_preset_makes_the_demos_store(tmp_path):
     from synth.demo import DemoSettings, extract_benchmark
     from synth.generator import SynthConfig, generate

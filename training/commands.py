@@ -113,6 +113,34 @@ def infer(run_dir, checkpoint_path, store_path, annotations_path, subset, out_pa
     click.echo(f"wrote {count} segments for {len(predictions['results'])} videos to {out_path}")
 
 
+@click.command()
+@click.argument("video_files", nargs=-1, required=True, metavar="VIDEO...")
+@click.option("--run", "run_dir", required=True, type=click.Path(),
+              help="Run directory (its best.pt, else last.pt) or a checkpoint file.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for detections.json, a timeline <video>.png per video and the "
+              "features cache (features.zarr).")
+@click.option("--checkpoint", "backbone_checkpoint", default=None,
+              type=click.Path(dir_okay=False), help="The backbone checkpoint (.pth), where it "
+              "is no longer where the run's store recorded it.")
+@click.option("--device", default=None, help="torch device (default: cuda if available).")
+@click.option("--no-figures", is_flag=True, help="Detections only, no timeline figures.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def detect(video_files, run_dir, out_dir, backbone_checkpoint, device, no_figures, quiet):
+    """Localise actions in video files with a trained run: stage one with the settings the
+    run's features were extracted with (cached in --out: a second call extracts nothing), then
+    the run's detector. No annotation or backbone file is needed."""
+    from training.detect import detect as run_detection
+
+    with flag_errors({"checkpoint": "--checkpoint", "device": "--device"}):
+        written = run_detection(video_files, run_dir, out_dir, backbone_checkpoint, device,
+                                progress=not quiet, figures=not no_figures)
+    extracted = len(written["extracted"])
+    click.echo(f"extracted {extracted} of {len(video_files)} videos (the rest were cached); "
+               f"wrote {written['detections']}" +
+               "".join(f", {figure}" for figure in written["figures"]))
+
+
 @click.group()
 def convert():
     """Turn another codebase's trained model into a run directory for cli.py infer."""
