@@ -548,3 +548,47 @@ def test_weight_decay_spares_gates_norms_and_biases():
     assert id(detector.losa.fuse.weight) not in spared
     assert all(id(p) in spared for n, p in detector.named_parameters() if p.ndim < 2)
     assert groups["adapter"]["base_lr"] == 1e-3 and groups["head"]["base_lr"] == 2e-3
+
+
+def test_tensorboard_event_files_hold_the_logged_scalars(dataset_files, tmp_path):
+    """Losses, learning rates, mAP per evaluation and LoSA's gate norms per range and layer,
+    against the optimizer step, equal to what log.jsonl records; --no-tensorboard writes none."""
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator")
+    store_path, annotations_path = dataset_files
+    config_path = write_config(tmp_path / "tiny.json", tiny_config(
+        train={"epochs": 2}, eval={"every": 1}))
+    args = ["train", "--config", str(config_path), "--store", str(store_path),
+            "--annotations", str(annotations_path), "--quiet"]
+    code, output = run_cli([*args, "--out", str(tmp_path / "run")])
+    assert code == 0, output
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text()
+               .splitlines()]
+    events = event_accumulator.EventAccumulator(str(tmp_path / "run"))
+    events.Reload()
+
+    def series(tag):
+        return [(scalar.step, scalar.value) for scalar in events.Scalars(tag)]
+
+    steps = [r for r in records if r["event"] == "step"]
+    assert series("loss/step") == [(r["step"], pytest.approx(r["loss"], rel=1e-6))
+                                   for r in steps]
+    for group in steps[0]["lr"]:
+        assert series(f"lr/{group}") == [(r["step"], pytest.approx(r["lr"][group], rel=1e-6,
+                                                                   abs=1e-12)) for r in steps]
+    evals = [r for r in records if r["event"] == "eval"]
+    assert len(evals) == 2
+    assert series("mAP/average") == [(r["step"], pytest.approx(r["average_map"], rel=1e-6))
+                                     for r in evals]
+    assert series("mAP/tIoU_0.50") == [(r["step"], pytest.approx(r["map"]["0.50"], rel=1e-6))
+                                       for r in evals]
+    gates = {tag for tag in events.Tags()["scalars"] if tag.startswith("losa/gate_norm/")}
+    assert gates == {f"losa/gate_norm/{name}/layer_{layer}" for name in ("short", "long")
+                     for layer in LAYERS}
+    weights = final_weights(tmp_path / "run")["model"]["losa.gates"]
+    last_epoch = [r for r in records if r["event"] == "epoch"][-1]
+    assert series(f"losa/gate_norm/long/layer_{LAYERS[1]}")[-1] == (
+        last_epoch["step"], pytest.approx(float(weights[1, 1].norm()), rel=1e-5))
+    code, output = run_cli([*args, "--out", str(tmp_path / "quiet_run"), "--no-tensorboard"])
+    assert code == 0, output
+    assert not list((tmp_path / "quiet_run").glob("events.out.tfevents.*"))

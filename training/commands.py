@@ -33,12 +33,14 @@ INFER_FLAGS = {**STORE_FLAGS, **FUSE_FLAGS, "subset": "--subset"}
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch threads per process when training on the CPU  [default: half the "
               "cores, shared by torchrun's local processes]")
+@click.option("--tensorboard/--no-tensorboard", default=True, show_default=True,
+              help="TensorBoard event files in the run directory (needs the tensorboard extra).")
 @click.option("--print-config", is_flag=True,
               help="Print the resolved config (every value, flags applied) and exit.")
 @storage_options_flag
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(config_path, store_path, annotations_path, out_dir, model_type, epochs, overrides,
-          resume, threads, print_config, storage_options, quiet):
+          resume, threads, tensorboard, print_config, storage_options, quiet):
     """Train LoSA adapters and the detection head from a feature store.
 
     Data parallel: torchrun --standalone --nproc_per_node N cli.py train ... (the global batch
@@ -70,7 +72,8 @@ def train(config_path, store_path, annotations_path, out_dir, model_type, epochs
     with flag_errors(TRAIN_FLAGS):
         summary = run_training(config, store_path, annotations_path, out_dir, resume=resume,
                                progress=not quiet, storage_options=storage_options,
-                               cpu_threads=threads or default_cpu_threads())
+                               cpu_threads=threads or default_cpu_threads(),
+                               tensorboard=tensorboard)
     if losa_distributed.launch().is_main:  # under torchrun, the main process reports
         best = summary["best"]
         best_text = (f", best average mAP {best['average_map']:.4f} at epoch {best['epoch']}"

@@ -49,14 +49,18 @@ RESUME_FREE_KEYS = {"description", "data.store", "data.annotations", "data.num_w
 
 def train(config: Config, store_path=None, annotations_path=None, out_dir="runs/train",
           resume: bool = False, progress: bool = True, storage_options=None,
-          cpu_threads: int | None = None) -> dict:
+          cpu_threads: int | None = None, tensorboard: bool = True) -> dict:
     """Train a detector; returns the final log record (epoch, step, best mAP, run directory).
     ``storage_options`` (for a URL store) are used, never saved: they may hold credentials.
-    ``cpu_threads``: torch threads when training on the CPU (None: leave torch's setting)."""
+    ``cpu_threads``: torch threads when training on the CPU (None: leave torch's setting).
+    ``tensorboard``: event files beside log.jsonl where the package is installed."""
+    from training import tensorboard as events
+
     place = distributed.launch()
     share = share_batch(config.train, place.world_size)
     config = replace(config, train=replace(config.train, batch_size=share.batch_size))
     device = distributed.rank_device(prefer_cuda=True)
+    threads = torch.get_num_threads()  # restored at the end: the caller's process setting
     if cpu_threads is not None and device.type == "cpu":
         torch.set_num_threads(cpu_threads)
     if place.is_main:
@@ -66,9 +70,17 @@ def train(config: Config, store_path=None, annotations_path=None, out_dir="runs/
     distributed.agree_on_device(device, config.train.timeout_minutes)
     try:
         with exclusive_run_directory(Path(out_dir), place):
-            return Trainer(device, share, config, store_path, annotations_path, out_dir, resume,
-                           progress, storage_options).run()
+            trainer = Trainer(device, share, config, store_path, annotations_path, out_dir,
+                              resume, progress, storage_options)
+            if tensorboard and place.is_main and events.available():
+                trainer.events = events.EventLog(out_dir, trainer.model, trainer.layers)
+            try:
+                return trainer.run()
+            finally:
+                if trainer.events is not None:
+                    trainer.events.close()
     finally:
+        torch.set_num_threads(threads)
         distributed.leave()
 
 
@@ -144,6 +156,8 @@ def exclusive_run_directory(out_dir: Path, place):
 
 
 class Trainer:
+    events = None  # a tensorboard.EventLog, fed every record log.jsonl gets
+
     def __init__(self, device, share, config, store_path, annotations_path, out_dir, resume,
                  progress, storage_options=None):
         place = distributed.launch()
@@ -392,7 +406,8 @@ class Trainer:
                               world=self.world)
         report = evaluate_predictions(self.annotations, predictions, self.eval_set,
                                       self.config.eval)
-        self._log({"event": "eval", "epoch": self.epoch, "subset": report["subset"],
+        self._log({"event": "eval", "epoch": self.epoch, "step": self.step,
+                   "subset": report["subset"],
                    "average_map": report["average_mAP"], "map": dict(zip(
                        [f"{t:.2f}" for t in report["tiou_thresholds"]], report["mAP"]))})
         return report["average_mAP"]
@@ -474,6 +489,8 @@ class Trainer:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
                 with open(self.out_dir / "log.jsonl", "a") as log:
                     log.write(json.dumps({**record, "time": time.time()}) + "\n")
+            if self.events is not None:
+                self.events.write(record)
 
 
 # ---------------------------------------------------------------------------------------------
