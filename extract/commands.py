@@ -81,10 +81,10 @@ def option(key: str, help: str, shown=None, **kwargs):
               help="Set a preset key, e.g. --set protocol.fps=15 (repeatable; flags win).")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the backbone.")
 @storage_options_flag
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def extract(ctx, preset, random_init, like, overrides, compile_model, storage_options,
-            no_progress, **flags):
+            quiet, **flags):
     """Encode videos with a frozen VideoMAEv2 and cache its features in a feature store.
 
     Rerunning the same command resumes: finished videos are skipped. Several extractors (or
@@ -125,7 +125,7 @@ def extract(ctx, preset, random_init, like, overrides, compile_model, storage_op
         backbone_source=backbone_source,
         expected_durations={vid: d for vid, d in durations.items() if d})
     with flag_errors(FLAGS, origins), _rank_group() as total_failures:
-        summary = run_extraction(settings, show_progress=not no_progress)
+        summary = run_extraction(settings, show_progress=not quiet)
         failures = total_failures(len(summary.failed))
     click.echo(format_summary(summary, missing))
     if failures:
@@ -344,9 +344,9 @@ def videos():
 @click.option("--clip-stride", type=int, help="Probe with this clip stride.")
 @click.option("--clips", "probe_clips", type=int, default=3, show_default=True,
               help="Clips per video in the frame-accuracy probe.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
-def check(ctx, folder, annotations, subset, json_out, preset, probe_clips, no_progress,
+def check(ctx, folder, annotations, subset, json_out, preset, probe_clips, quiet,
           **protocol_flags):
     """Will each video in FOLDER be extracted right? One line per video, exit 1 if not.
 
@@ -370,7 +370,7 @@ def check(ctx, folder, annotations, subset, json_out, preset, probe_clips, no_pr
     found, missing = find_videos(folder, list(durations) if annotations else None)
     protocol = load_config(preset, dict(flags_by_key(protocol_flags)))[0].protocol
     records = []
-    for video_id, path in tqdm(found, unit="video", desc="check", disable=no_progress):
+    for video_id, path in tqdm(found, unit="video", desc="check", disable=quiet):
         records.append(check_video(video_id, path, protocol, durations.get(video_id),
                                    probe_clips))
     counts = {status: sum(r["status"] == status for r in records)

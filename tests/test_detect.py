@@ -36,7 +36,7 @@ def trained(tmp_path_factory):
     store = root / "store.zarr"
     result = run_cli("extract", "--preset", "synth", "--videos", root / "bench" / "videos",
                      "--annotations", root / "bench" / "annotations.json", "--out", store,
-                     "--checkpoint", weights, "--no-progress")
+                     "--checkpoint", weights, "--quiet")
     assert result.exit_code == 0, result.output
     result = run_cli("train", "--config", "demo/train", "--store", store, "--annotations",
                      root / "bench" / "annotations.json", "--epochs", "1", "--out",

@@ -30,7 +30,7 @@ def first_store(tmp_path):
 def test_appending_with_no_flags_takes_every_setting_from_the_store(first_store, tmp_path):
     before = store_contents(first_store)
     result = run_cli("extract", "--videos", tmp_path / "new", "--out", first_store,
-                     "--num-workers", "0", "--device", "cpu", "--no-progress")
+                     "--num-workers", "0", "--device", "cpu", "--quiet")
     assert result.exit_code == 0, result.output
     after = store_contents(first_store)
     assert set(after) == {"a", "b", "c"}
@@ -52,7 +52,7 @@ def test_a_contradicting_flag_is_refused_before_any_backbone_is_built(first_stor
     before = store_contents(first_store)
     started = time.perf_counter()
     result = run_cli("extract", "--videos", tmp_path / "new", "--out", first_store,
-                     "--img-size", "64", "--layers", "1", "--seed", "4", "--no-progress")
+                     "--img-size", "64", "--layers", "1", "--seed", "4", "--quiet")
     seconds = time.perf_counter() - started
     assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
     message = result.stderr
@@ -77,7 +77,7 @@ def test_like_copies_a_stores_settings_and_flags_still_win(first_store, tmp_path
     other = tmp_path / "other.zarr"
     result = run_cli("extract", "--videos", tmp_path / "new", "--out", other, "--like",
                      first_store, "--layers", "2", "--num-workers", "0", "--device", "cpu",
-                     "--no-progress")
+                     "--quiet")
     assert result.exit_code == 0, result.output
     made, model = FeatureStore.open(other).meta, FeatureStore.open(first_store).meta
     assert made["layers"] == [2] and model["layers"] == [1, 2]
@@ -90,7 +90,7 @@ def test_a_backbone_files_image_size_is_kept_unless_a_flag_gives_one(tmp_path):
     backbone = tmp_path / "small.json"
     backbone.write_text(json.dumps({**TINY, "img_size": 48}))
     args = ["extract", "--videos", tmp_path / "videos", "--backbone", backbone, "--random-init",
-            "--num-workers", "0", "--device", "cpu", "--no-progress"]
+            "--num-workers", "0", "--device", "cpu", "--quiet"]
     result = run_cli(*args, "--out", tmp_path / "kept.zarr")
     assert result.exit_code == 0, result.output
     assert FeatureStore.open(tmp_path / "kept.zarr").meta["protocol"]["img_size"] == 48
@@ -112,7 +112,7 @@ def test_the_synth_preset_makes_the_demos_store(tmp_path):
                                                                       progress=False))
     result = run_cli("extract", "--preset", "synth", "--videos", benchmark / "videos",
                      "--annotations", benchmark / "annotations.json", "--out",
-                     tmp_path / "cli.zarr", "--no-progress")
+                     tmp_path / "cli.zarr", "--quiet")
     assert result.exit_code == 0, result.output
     assert_same_contents(store_contents(tmp_path / "cli.zarr"),
                          store_contents(tmp_path / "demo.zarr"))

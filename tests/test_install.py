@@ -14,7 +14,7 @@ import pytest
 from helpers import REPO
 
 SMALL_DEMO = ["--videos", "6", "--min-seconds", "10", "--max-seconds", "12", "--epochs", "2",
-              "--no-progress"]
+              "--quiet"]
 
 
 @pytest.fixture(scope="module")
