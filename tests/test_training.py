@@ -361,6 +361,9 @@ def test_a_run_remembers_its_inputs_and_infer_run_alone_uses_them(dataset_files,
     saved = json.loads((work / "run" / "config.json").read_text())["data"]
     assert (saved["store"], saved["annotations"]) == ("data/store.zarr", "data/gt.json")
     start = json.loads((work / "run" / "log.jsonl").read_text().splitlines()[0])
+    from training.train import default_cpu_threads
+
+    assert start["torch_threads"] == default_cpu_threads()  # CPU training's default
     assert start["inputs"]["store"] == {"given": "data/store.zarr",
                                         "absolute": str(work / "data" / "store.zarr")}
     elsewhere = tmp_path / "elsewhere"
@@ -419,7 +422,10 @@ def test_wrong_checkpoints_and_stores_are_one_line_errors(dataset_files, tmp_pat
     other = write_store(tmp_path / "other.zarr", videos, dim=8)
     code, output = run_cli([*infer_args[:1], "--checkpoint", str(checkpoint), "--store",
                             str(other), *infer_args[3:]])
-    assert code == 2 and output.startswith(f"error: {other}: its backbone, feature_dim differ")
+    assert code == 2 and output.startswith(f"error: {other}: its features differ from those the "
+                                           f"checkpoint {checkpoint} was trained on: ")
+    assert "backbone.kwargs.embed_dim (store: 8, checkpoint: 16)" in output
+    assert "feature_dim (store: 8, checkpoint: 16)" in output
 
     # Weights that do not fit the config, a pickled payload, and a file that is not ours.
     state = torch.load(checkpoint, weights_only=True)
@@ -589,6 +595,9 @@ def test_tensorboard_event_files_hold_the_logged_scalars(dataset_files, tmp_path
     last_epoch = [r for r in records if r["event"] == "epoch"][-1]
     assert series(f"losa/gate_norm/long/layer_{LAYERS[1]}")[-1] == (
         last_epoch["step"], pytest.approx(float(weights[1, 1].norm()), rel=1e-5))
-    code, output = run_cli([*args, "--out", str(tmp_path / "quiet_run"), "--no-tensorboard"])
+    code, output = run_cli([*args, "--out", str(tmp_path / "quiet_run"), "--no-tensorboard",
+                            "--threads", "3"])
     assert code == 0, output
     assert not list((tmp_path / "quiet_run").glob("events.out.tfevents.*"))
+    start = json.loads((tmp_path / "quiet_run" / "log.jsonl").read_text().splitlines()[0])
+    assert start["torch_threads"] == 3

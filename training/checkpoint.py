@@ -154,14 +154,14 @@ def store_signature(store, layers) -> dict:
 
 def check_store_matches(signature: dict, store, checkpoint_path) -> None:
     """Refuse a store whose features are not the ones the checkpoint was trained on."""
-    current = store_signature(store, [])
-    differing = [key for key in ("backbone", "protocol", "feature_dim")
-                 if signature.get(key) != current[key]]
-    if signature["layers"] and signature.get("tokens") != current["tokens"]:
-        differing.append("tokens")
+    from store.meta import meta_differences
+
+    keys = ("backbone", "protocol", "feature_dim") + (("tokens",) if signature["layers"] else ())
+    differing = meta_differences(store_signature(store, []), signature, keys,
+                                 names=("store", "checkpoint"))
     if differing:
-        raise input_error(store.path, f"its {', '.join(differing)} differ from those of the "
-                          f"store the checkpoint {checkpoint_path} was trained on")
+        raise input_error(store.path, f"its features differ from those the checkpoint "
+                          f"{checkpoint_path} was trained on: {'; '.join(differing)}")
     missing = [layer for layer in signature["layers"] if layer not in list(store.layers)]
     if missing:
         raise input_error(store.path, f"lacks intermediate layers {missing} that the checkpoint "

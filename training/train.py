@@ -273,6 +273,7 @@ class Trainer:
                    "train_videos": len(self.train_set), "eval_videos": len(self.eval_set.videos),
                    "steps_per_epoch": self.steps_per_epoch, "cache": self.cache_plan.message(),
                    "trainable_parameters": trainable_parameters(self.model),
+                   "torch_threads": torch.get_num_threads(),
                    "inputs": self.inputs})
         try:
             self._run_epochs()
