@@ -102,10 +102,10 @@ def extract(ctx, preset, random_init, like, overrides, compile_model, storage_op
     if "backbone" in given:
         backbone_source, given["backbone"] = _backbone_spec(given["backbone"])
     config, origins = load_config(preset, given, overrides)
-    random_init = random_init or (config.random_init and not config.checkpoint)
-    if random_init:
+    if random_init or (config.random_init and not config.checkpoint):
         config = dataclasses.replace(config, checkpoint=None)
-        origins["checkpoint"] = "--random-init"
+        origins["checkpoint"] = "--random-init" if random_init else origins["random_init"]
+        random_init = True
     config, origins, random_init = recorded_settings(config, origins, like, random_init,
                                                      storage_options)
     if "backbone" in origins and origins["backbone"] != FLAGS["backbone"]:
@@ -136,8 +136,8 @@ def recorded_settings(config, origins: dict, like, random_init: bool, storage_op
     """``(config, origins, random_init)`` with the settings a store records: those of ``--like
     STORE`` where no flag or --set gives them, then, for an existing ``--out`` store, every
     one (refusing, before any model is built, an explicit value that contradicts it)."""
-    from extract.recorded import (checkpoint_for, existing_store, refuse_contradictions,
-                                  taken_from)
+    from extract.recorded import (RECORDED_KEYS, checkpoint_for, existing_store,
+                                  refuse_contradictions, taken_from)
 
     explicit = {key: source for key, source in origins.items()
                 if source in FLAGS.values() or source in ("--set", "--random-init")}
@@ -146,11 +146,10 @@ def recorded_settings(config, origins: dict, like, random_init: bool, storage_op
         if model is None:
             from losa_tal import input_error
 
-            raise input_error(like, "--like: no feature store there")
+            raise input_error(like, "no feature store there (--like)")
         config = taken_from(model, config, explicit)
         random_init = random_init or ("checkpoint" not in explicit and model.random_weights())
-        origins.update({key: "--like" for key in ("backbone", "checkpoint", "seed", "layers",
-                                                  "tokens", "protocol") if key not in explicit})
+        origins.update({key: "--like" for key in RECORDED_KEYS if key not in explicit})
     recorded = existing_store(config.store, storage_options) if config.store else None
     if recorded is None:
         return config, origins, random_init

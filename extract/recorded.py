@@ -132,7 +132,7 @@ def refuse_contradictions(recorded: Recorded, config: ExtractionConfig, origins:
     found = contradictions(recorded, config, origins)
     if random_init and not recorded.random_weights():
         found.append(f"checkpoint ({recorded.where}: {recorded.checkpoint['file']}, "
-                     "--random-init: random weights)")
+                     f"{origins.get('checkpoint', '--random-init')}: random weights)")
     if found:
         raise input_error(recorded.where, "was extracted with other settings: " +
                           "; ".join(found) + "; leave these out to take the store's, or "
