@@ -3,11 +3,15 @@ contradicts it is refused before any model is built, ``--like`` copies another s
 and a backbone file's geometry is not replaced by a flag's default. Real videos, the tiny
 random-init backbone, real Zarr stores, through the real command line."""
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
 
 from extract import pipeline
+from helpers import REPO
 from helpers.extraction import (SIZE, TINY, assert_same_contents, cli_args, run_cli,
                                 store_contents, write_videos)
 from store import FeatureStore
@@ -63,6 +67,16 @@ def test_a_contradicting_flag_is_refused_before_any_backbone_is_built(first_stor
         assert field in message, message
     assert seconds < 1.0, seconds
     assert store_contents(first_store).keys() == before.keys()
+    # In a fresh process: refused without importing torch.
+    code = ("import sys\nimport cli\n"
+            f"sys.argv = ['cli.py', 'extract', '--videos', {str(tmp_path / 'new')!r}, '--out', "
+            f"{str(first_store)!r}, '--img-size', '64']\n"
+            "try:\n    cli.main()\nexcept SystemExit as stop:\n    print(stop.code)\n"
+            "print('torch' in sys.modules)\n")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert child.stdout.split() == ["2", "False"], child
+    assert "protocol.img_size" in child.stderr
     # A store made with random weights takes no checkpoint.
     checkpoint = tmp_path / "weights.pth"
     checkpoint.write_bytes(b"not read")
