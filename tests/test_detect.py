@@ -52,7 +52,7 @@ def test_detect_extracts_an_unseen_video_once_and_writes_detections_and_a_figure
     out = tmp_path / "out"
     result = run_cli("detect", unseen, "--run", run, "--out", out, "--quiet")
     assert result.exit_code == 0, result.output
-    assert result.output.startswith("extracted 1 of 1 videos")
+    assert result.stdout.startswith("extracted 1 of 1 videos"), result.output
     detections = json.loads((out / "detections.json").read_text())["results"]
     assert list(detections) == ["unseen"] and detections["unseen"], detections
     assert all(entry["segment"][1] > entry["segment"][0] >= 0 for entry in detections["unseen"])
@@ -69,7 +69,7 @@ def test_detect_extracts_an_unseen_video_once_and_writes_detections_and_a_figure
     started = time.perf_counter()
     again = run_cli("detect", unseen, "--run", run, "--out", out, "--quiet")
     assert again.exit_code == 0, again.output
-    assert again.output.startswith("extracted 0 of 1 videos"), again.output
+    assert again.stdout.startswith("extracted 0 of 1 videos"), again.output
     assert json.loads((out / "detections.json").read_text())["results"] == detections
     assert time.perf_counter() - started < 30
 
@@ -88,7 +88,7 @@ def test_a_moved_backbone_checkpoint_is_asked_for_then_taken(trained, tmp_path):
         result = run_cli("detect", unseen, "--run", run, "--out", tmp_path / "out",
                          "--checkpoint", moved, "--quiet", "--no-figures")
         assert result.exit_code == 0, result.output
-        assert result.output.startswith("extracted 1 of 1 videos")
+        assert result.stdout.startswith("extracted 1 of 1 videos"), result.output
     finally:
         shutil.move(moved, weights)
 
