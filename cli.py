@@ -28,12 +28,31 @@ COMMANDS = {
     "store": "store.commands:store",
     "train": "training.commands:train",
     "infer": "training.commands:infer",
+    "detect": "training.commands:detect",
     "convert": "training.commands:convert",
     "evaluate": "evaluation.commands:evaluate",
     "fuse": "evaluation.commands:fuse",
     "visualize": "evaluation.commands:visualize",
     "demo": "synth.commands:demo",
 }
+
+
+# Flags renamed so that each concept has one name in every command (--quiet: no progress bars;
+# --annotations: a ground-truth file). The old spellings still work, with a one-line note.
+RENAMED_FLAGS = {"--no-progress": "--quiet", "--gt": "--annotations"}
+
+
+def renamed_flags(args: list) -> list:
+    """``args`` with each old flag spelling replaced by its name (a note on stderr says so);
+    nothing after ``--`` is touched."""
+    args = list(args)
+    end = args.index("--") if "--" in args else len(args)
+    for index, arg in enumerate(args[:end]):
+        old, equals, value = arg.partition("=")
+        if old in RENAMED_FLAGS:
+            args[index] = RENAMED_FLAGS[old] + equals + value
+            click.echo(f"note: {old} is now {RENAMED_FLAGS[old]}", err=True)
+    return args
 
 
 def show_warning_line(message, category, filename, lineno, file=None, line=None):
@@ -43,6 +62,9 @@ def show_warning_line(message, category, filename, lineno, file=None, line=None)
 
 class LazyGroup(click.Group):
     """A click group whose subcommands are imported on first use."""
+
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, renamed_flags(args))
 
     def list_commands(self, ctx):
         return list(COMMANDS)

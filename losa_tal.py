@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import errno
 import importlib
+import importlib.resources
 import json
 import math
 import os
@@ -158,6 +159,35 @@ def _named_by_flags(message: str, flags: dict) -> str:
     for key, flag in flags.items():
         message = message.replace(f"`{key}`", flag)
     return message
+
+
+def shipped_configs() -> Path:
+    """The folder of shipped presets and recipes (datasets/, train/, demo/): the checkout's
+    ``configs/`` when running from one (setup.cfg beside this file), else the copy an install
+    carries as package data, ``losa_tal_configs`` (setup.cfg)."""
+    here = Path(__file__).resolve().parent
+    if (here / "setup.cfg").is_file() and (here / "configs").is_dir():
+        return here / "configs"
+    return Path(str(importlib.resources.files("losa_tal_configs")))
+
+
+def find_recipe(value) -> Path:
+    """A training config given as a path, or by the name of a shipped recipe (``thumos_vitg_losa``
+    for configs/train/thumos_vitg_losa.json, ``demo/train``), so that an install without the
+    checkout runs the recipes too; ``configs/train/x.json`` falls back to the shipped file when
+    there is no such file here. A missing file is an InputError listing the shipped recipes."""
+    path = Path(value)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    relative = path.relative_to("configs") if path.parts[:1] == ("configs",) else path
+    for candidate in (shipped / relative, shipped / relative.with_suffix(".json"),
+                      shipped / "train" / relative.with_suffix(".json")):
+        if candidate.is_file():
+            return candidate
+    names = sorted(str(p.relative_to(shipped).with_suffix("")).removeprefix("train/")
+                   for p in shipped.glob("*/*.json") if p.parent.name != "datasets")
+    raise input_error(value, f"config file not found (shipped recipes: {', '.join(names)})")
 
 
 def read_config_file(path, shape: str = "a config must be a JSON object of sections") -> dict:

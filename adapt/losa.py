@@ -278,6 +278,13 @@ class LoSA(nn.Module):
                    for name in self.ranges)
         return sum(self.gates[g, i] * out for g, out in enumerate(outputs))
 
+    def gate_norms(self) -> dict:
+        """``{(range, layer position): L2 norm of that adapter's gate}``: how open each adapter
+        is (with ``zero_init="gates"`` all start at zero)."""
+        norms = self.gates.detach().float().norm(dim=-1).cpu()
+        return {(name, layer): float(norms[g, layer]) for g, name in enumerate(self.ranges)
+                for layer in range(self.num_layers)}
+
     def _check_shapes(self, last, inter, mask):
         batch, length, dim = last.shape
         expected = (batch, self.num_layers, length, self.num_tokens, dim)

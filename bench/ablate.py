@@ -4,7 +4,7 @@ both (LoSA) and LoSA with the zero-gates start, over several training seeds from
 
     python bench/ablate.py [--out ablate_out] [--seed 0] [--videos 40] [--train-seeds 0,1,2,3,4]
                            [--variants head_only,short,long,losa,losa_gates] [--epochs N]
-                           [--quick] [--no-progress]
+                           [--quick] [--quiet]
 
 Prints the table (average mAP mean +- std over seeds, AP per class) and writes table.md,
 summary.json, ablation.png and sensitivity.png into --out; synth/ablate.py says how. Rerun
@@ -37,7 +37,7 @@ def parse_args(argv):
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--epochs", type=int, help="default: configs/demo/train.json's")
     parser.add_argument("--quick", action="store_true", help="the test's small run")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
 
@@ -55,7 +55,7 @@ def settings_from(args) -> AblationSettings:
         out=args.out, synth=SynthConfig(seed=args.seed, **synth), train_seeds=seeds,
         variants=tuple(args.variants.split(",")),
         epochs=QUICK_EPOCHS if args.quick and args.epochs is None else args.epochs,
-        progress=not args.no_progress)
+        progress=not args.quiet)
 
 
 def main(argv=None) -> int:

@@ -148,7 +148,7 @@ def main():
         floor = time_command(bare_parse(paths["preds"]), args.repeat)
         print_time("bare json.loads of the predictions file (start-up included)", *floor,
                    args.repeat)
-        evaluate = time_command([cli, "evaluate", "--gt", paths["gt"], "--preds", paths["preds"],
+        evaluate = time_command([cli, "evaluate", "--annotations", paths["gt"], "--preds", paths["preds"],
                                  "--tiou", THRESHOLDS, "--json", report_path], args.repeat)
         print_time("cli.py evaluate, whole command", *evaluate, args.repeat)
         fuse_floor = time_command(bare_parse(paths["agnostic"]), args.repeat)

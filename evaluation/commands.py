@@ -12,14 +12,17 @@ FUSE_FLAGS = {"topk": "--topk", "top_detections": "--top-detections"}
 
 preds_option = click.option("--preds", "preds_path", required=True, metavar="PRED.json",
                             help="Detections: {results: {video: [{segment, label, score}]}}.")
-gt_option = click.option("--gt", "gt_path", required=True, metavar="GT.json",
-                         help="Ground truth in the ActivityNet layout (ActionFormer and OpenTAD "
-                         "variants too).")
+
+
+def annotations_option(required: bool = True, also: str = ""):
+    return click.option("--annotations", "annotations_path", required=required,
+                        metavar="GT.json", help="Ground truth in the ActivityNet layout (ActionFormer and OpenTAD "
+                        "variants too)" + also + ".")
 
 
 @click.command()
 @preds_option
-@gt_option
+@annotations_option()
 @click.option("--subset", default=None, help="Subset to evaluate (any case). Default: the test split.")
 @click.option("--tiou", default=None, metavar="LIST",
               help="tIoU thresholds: '0.3,0.5' or start:stop:step (inclusive).")
@@ -35,7 +38,7 @@ gt_option = click.option("--gt", "gt_path", required=True, metavar="GT.json",
               help="Write per-class AP bars and precision-recall curves (PNG).")
 @click.option("--diagnose", "diagnose_dir", default=None, metavar="DIR",
               help="Write a false-positive analysis and mAP sensitivity (PNG + JSON).")
-def evaluate(preds_path, gt_path, subset, tiou, dataset, ignore_other_videos, json_path,
+def evaluate(preds_path, annotations_path, subset, tiou, dataset, ignore_other_videos, json_path,
              per_class, plot_dir, diagnose_dir):
     """Score detections against ground truth: mAP per tIoU threshold and the average."""
     from .annotations import load_annotations
@@ -47,7 +50,7 @@ def evaluate(preds_path, gt_path, subset, tiou, dataset, ignore_other_videos, js
 
     with flag_errors(EVALUATE_FLAGS):
         thresholds = parse_tiou(tiou, dataset)
-        annotations = load_annotations(gt_path)
+        annotations = load_annotations(annotations_path)
         predictions = load_predictions(preds_path)
         evaluation = evaluate_detections(annotations, predictions, subset, thresholds,
                                          ignore_other_videos)
@@ -106,7 +109,7 @@ def _echo_written(paths):
 
 @click.command()
 @preds_option
-@gt_option
+@annotations_option(required=False, also="; without it, detections are drawn as detections")
 @click.option("--video", "video_id", required=True, metavar="ID", help="Video id to draw.")
 @click.option("--video-file", default=None, metavar="PATH",
               help="The video itself: adds frame thumbnails (decoded with decord).")
@@ -115,11 +118,11 @@ def _echo_written(paths):
               help="tIoU threshold that decides true and false positives.")
 @click.option("--top", default=None, type=int, metavar="N",
               help="Detections to draw, best first (default: max(10, 2 x ground truth)).")
-def visualize(preds_path, gt_path, video_id, video_file, out_path, tiou_threshold, top):
+def visualize(preds_path, annotations_path, video_id, video_file, out_path, tiou_threshold, top):
     """Draw one video's timeline: ground truth against detections, TP/FP coloured."""
     from .timeline import plot_timeline
 
     with flag_errors({"tiou_threshold": "--tiou", "video_file": "--video-file"}):
-        path = plot_timeline(gt_path, preds_path, video_id, out_path, video_file=video_file,
+        path = plot_timeline(annotations_path, preds_path, video_id, out_path, video_file=video_file,
                              tiou_threshold=tiou_threshold, top=top)
     _echo_written([path])

@@ -2,8 +2,10 @@
 
 Detections are drawn best first, one row each, green when they are a true positive at the chosen
 tIoU threshold and red otherwise (the matching is the evaluation's, restricted to this video,
-which gives the same answer because detections compete only within a video). With the video
-file, a row of frame thumbnails (decoded with decord) sits above the time axis.
+which gives the same answer because detections compete only within a video). Without ground
+truth (``annotations=None``: a video nobody annotated, as ``detect`` draws) they are drawn as
+detections, in one colour. With the video file, a row of frame thumbnails (decoded with decord)
+sits above the time axis.
 """
 import os
 import sys
@@ -13,27 +15,33 @@ import numpy as np
 
 from losa_tal import ConfigError, InputError, input_error
 
-from .annotations import load_annotations
+from .annotations import VideoAnnotation, load_annotations
 from .matching import greedy_match
 from .predictions import load_predictions
 
 NUM_THUMBNAILS = 8
-COLOURS = {"gt": "tab:blue", "tp": "tab:green", "fp": "tab:red"}
+COLOURS = {"gt": "tab:blue", "tp": "tab:green", "fp": "tab:red", "detection": "tab:orange"}
 
 
 def plot_timeline(annotations, predictions, video_id, out_path, video_file=None,
                   tiou_threshold=0.5, top=None) -> str:
     """Draw the timeline of ``video_id`` into the PNG ``out_path``; returns the path.
 
-    ``annotations``/``predictions``: parsed objects, paths or dicts. ``top``: detections to
-    draw, best first (default max(10, 2 x the video's ground truth)).
+    ``annotations``/``predictions``: parsed objects, paths or dicts; ``annotations`` None: no
+    ground truth. ``top``: detections to draw, best first (default max(10, 2 x the video's
+    ground truth)).
     """
     if not 0.0 < tiou_threshold <= 1.0:
         raise ConfigError("tiou_threshold", f"threshold {tiou_threshold!r} is outside (0, 1]")
-    annotations, predictions = load_annotations(annotations), load_predictions(predictions)
-    video = annotations.video(video_id)
+    predictions = load_predictions(predictions)
     detections = predictions.for_video(video_id)
-    is_tp = match_one_video(video, detections, tiou_threshold)
+    if annotations is None:
+        video = VideoAnnotation(duration=None, fps=None, segments=np.zeros((0, 2)), labels=[],
+                                num_frames=None, subset=None)
+        is_tp = None
+    else:
+        video = load_annotations(annotations).video(video_id)
+        is_tp = match_one_video(video, detections, tiou_threshold)
     top = max(10, 2 * len(video.labels)) if top is None else top
     shown = np.argsort(-detections["scores"], kind="stable")[:max(top, 0)]
     thumbnails = read_thumbnails(video_file, NUM_THUMBNAILS) if video_file else None
@@ -122,17 +130,21 @@ def _draw(video_id, video, detections, is_tp, shown, thumbnails, end, tiou_thres
     axes.set_ylim(len(names) - 0.5, -0.5)
     axes.set_xlim(0, end)
     axes.set_xlabel("time (s)")
-    legend = [Patch(color=COLOURS[key], label=text) for key, text in
-              (("gt", "ground truth"), ("tp", "true positive"), ("fp", "false positive"))]
+    kinds = (("detection", "detection"),) if is_tp is None else \
+        (("gt", "ground truth"), ("tp", "true positive"), ("fp", "false positive"))
+    legend = [Patch(color=COLOURS[key], label=text) for key, text in kinds]
     axes.legend(handles=legend, fontsize=7, ncols=3, loc="lower right", bbox_to_anchor=(1.0, 1.0))
-    figure.suptitle(f"{video_id}: {len(video.labels)} ground-truth segments, best {len(shown)} "
-                    f"of {len(detections['scores'])} detections (TP/FP at tIoU {tiou_threshold:g})",
-                    fontsize=10)
+    title = f"{video_id}: best {len(shown)} of {len(detections['scores'])} detections" \
+        if is_tp is None else (f"{video_id}: {len(video.labels)} ground-truth segments, best "
+                               f"{len(shown)} of {len(detections['scores'])} detections (TP/FP "
+                               f"at tIoU {tiou_threshold:g})")
+    figure.suptitle(title, fontsize=10)
     return figure
 
 
 def _draw_rows(axes, video, detections, is_tp, shown) -> list:
-    """A row per ground-truth class, then a row per shown detection; returns the row names."""
+    """A row per ground-truth class, then a row per shown detection; returns the row names.
+    ``is_tp`` None: no ground truth, every detection in the detection colour."""
     names = []
     for label in sorted(set(video.labels)):
         spans = [(s, e - s) for (s, e), x in zip(video.segments, video.labels) if x == label]
@@ -143,8 +155,9 @@ def _draw_rows(axes, video, detections, is_tp, shown) -> list:
     for i in shown:
         start, stop = detections["segments"][i]
         alpha = min(0.3 + 0.7 * max(scores[i], 0.0) / top_score, 1.0)  # fainter = less sure
+        kind = "detection" if is_tp is None else "tp" if is_tp[i] else "fp"
         axes.broken_barh([(start, stop - start)], (len(names) - 0.4, 0.8),
-                         color=COLOURS["tp" if is_tp[i] else "fp"], alpha=alpha)
+                         color=COLOURS[kind], alpha=alpha)
         names.append(f"{detections['labels'][i]} {scores[i]:.2f}")
     return names
 

@@ -50,6 +50,8 @@ def option(key: str, help: str, shown=None, **kwargs):
 @option("checkpoint", "VideoMAEv2 checkpoint (.pth) to load.", shown="")
 @click.option("--random-init", is_flag=True, help="Random weights instead of a checkpoint "
               "(smoke tests).")
+@click.option("--like", "like", metavar="STORE", help="Take the backbone, checkpoint, layers, "
+              "tokens and protocol of this feature store (flags and --set still win).")
 @option("seed", "Seed of the random weights.", type=int)
 @option("annotations", "Only the videos of this annotation file (JSON).", shown="")
 @option("subset", "Only this subset of --annotations.", shown="all subsets")
@@ -81,15 +83,16 @@ def option(key: str, help: str, shown=None, **kwargs):
 @click.option("--shard", metavar="I/N", help="Be shard I of N (0-based).  [default: from "
               "torchrun, Slurm tasks or a Slurm job array, else 0/1]")
 @storage_options_flag
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
-def extract(ctx, preset, random_init, overrides, compile_model, shard, storage_options,
-            no_progress, **flags):
+def extract(ctx, preset, random_init, like, overrides, compile_model, shard, storage_options,
+            quiet, **flags):
     """Encode videos with a frozen VideoMAEv2 and cache its features in a feature store.
 
     Rerunning the same command resumes: finished videos are skipped. Several extractors
-    (shards: torchrun ranks, Slurm tasks, job array tasks, or --shard) share one store. A video
-    that cannot be decoded is reported and skipped; the exit status is then 1.
+    (shards: torchrun ranks, Slurm tasks, job array tasks, or --shard) share one store. Into an
+    existing store, every setting it records is taken from it (a flag that contradicts it is
+    refused). A video that cannot be decoded is reported and skipped; the exit status is then 1.
     """
     from extract.shards import launcher_shard
 
@@ -104,10 +107,16 @@ def extract(ctx, preset, random_init, overrides, compile_model, shard, storage_o
     if "backbone" in given:
         backbone_source, given["backbone"] = _backbone_spec(given["backbone"])
     config, origins = load_config(preset, given, overrides)
+    if random_init or (config.random_init and not config.checkpoint):
+        config = dataclasses.replace(config, checkpoint=None)
+        origins["checkpoint"] = "--random-init" if random_init else origins["random_init"]
+        random_init = True
+    config, origins, random_init = recorded_settings(config, origins, like, random_init,
+                                                     storage_options)
     if "backbone" in origins and origins["backbone"] != FLAGS["backbone"]:
         backbone_source = f"{origins['backbone']}: backbone"
-    if random_init:
-        config = dataclasses.replace(config, checkpoint=None)
+    with flag_errors(FLAGS, origins):
+        config = geometry_from_backbone(config, origins, backbone_source)
     check_inputs(config, random_init)
     # Only now torch: a bad setting is refused in a fraction of a second.
     from extract.pipeline import (ExtractionSettings, annotated_durations, find_videos,
@@ -122,11 +131,62 @@ def extract(ctx, preset, random_init, overrides, compile_model, shard, storage_o
         expected_durations={vid: d for vid, d in durations.items() if d})
     click.echo(str(shard))
     with flag_errors(FLAGS, origins), _rank_group() as total_failures:
-        summary = run_extraction(settings, show_progress=not no_progress)
+        summary = run_extraction(settings, show_progress=not quiet)
         failures = total_failures(len(summary.failed))
     click.echo(format_summary(summary, missing))
     if failures:
         ctx.exit(1)
+
+
+def recorded_settings(config, origins: dict, like, random_init: bool, storage_options):
+    """``(config, origins, random_init)`` with the settings a store records: those of ``--like
+    STORE`` where no flag or --set gives them, then, for an existing ``--out`` store, every
+    one (refusing, before any model is built, an explicit value that contradicts it)."""
+    from extract.recorded import (RECORDED_KEYS, checkpoint_for, existing_store,
+                                  refuse_contradictions, taken_from)
+
+    explicit = {key: source for key, source in origins.items()
+                if source in FLAGS.values() or source in ("--set", "--random-init")}
+    if like:
+        model = existing_store(like, storage_options)
+        if model is None:
+            from losa_tal import input_error
+
+            raise input_error(like, "no feature store there (--like)")
+        config = taken_from(model, config, explicit)
+        random_init = random_init or ("checkpoint" not in explicit and model.random_weights())
+        origins.update({key: "--like" for key in RECORDED_KEYS if key not in explicit})
+    recorded = existing_store(config.store, storage_options) if config.store else None
+    if recorded is None:
+        return config, origins, random_init
+    with flag_errors(FLAGS, origins):
+        refuse_contradictions(recorded, config, origins, random_init)
+        config = taken_from(recorded, config, origins)
+        random_init = recorded.random_weights()
+        checkpoint_for(recorded, config)
+    return config, origins, random_init
+
+
+def geometry_from_backbone(config, origins: dict, source: str):
+    """A backbone file's ``img_size`` and ``all_frames`` are the clip geometry unless the
+    protocol's ``img_size`` and ``clip_len`` are given too (then the two must agree): a flag's
+    default never replaces a value the user wrote."""
+    from losa_tal import ConfigError
+
+    if not isinstance(config.backbone, dict) or origins.get("backbone", "--like") == "--like":
+        return config  # a store's backbone: its geometry is its protocol's
+    protocol = {}
+    for backbone_key, protocol_key in (("img_size", "img_size"), ("all_frames", "clip_len")):
+        if backbone_key not in config.backbone:
+            continue
+        value, current = config.backbone[backbone_key], getattr(config.protocol, protocol_key)
+        key = f"protocol.{protocol_key}"
+        if key not in origins and "protocol" not in origins:
+            protocol[protocol_key] = value
+        elif value != current:
+            raise ConfigError(key, f"{current} but the backbone's {backbone_key} is {value} "
+                              f"({source}); give one")
+    return dataclasses.replace(config, protocol=dataclasses.replace(config.protocol, **protocol))
 
 
 def flags_by_key(flags: dict):
@@ -151,7 +211,7 @@ def load_config(preset, given: dict, overrides=()) -> tuple:
         path = _preset_path(preset)
         raw = _without(read_config_file(path), replaced)
         config = build_config(ExtractionConfig, raw, str(path))  # names the file and key
-        origins = {key: str(path) for key in raw}
+        origins = {key: str(path) for key in _leaf_keys(raw)}
     if overrides:
         apply_overrides(raw, overrides)
         config = build_config(ExtractionConfig, raw, "--set")
@@ -167,6 +227,17 @@ def load_config(preset, given: dict, overrides=()) -> tuple:
         config = dataclasses.replace(config, **section)
         config.check()
     return config, origins
+
+
+def _leaf_keys(raw: dict) -> list:
+    """The preset's keys, its protocol section's by field (``protocol.fps``): a field the
+    preset leaves at its default was not given by it."""
+    keys = [key for key in raw if key != "protocol"]
+    if isinstance(raw.get("protocol"), dict):
+        keys += [f"protocol.{name}" for name in raw["protocol"]]
+    elif "protocol" in raw:
+        keys.append("protocol")
+    return keys
 
 
 def _without(raw: dict, keys) -> dict:
@@ -278,9 +349,9 @@ def videos():
 @click.option("--clip-stride", type=int, help="Probe with this clip stride.")
 @click.option("--clips", "probe_clips", type=int, default=3, show_default=True,
               help="Clips per video in the frame-accuracy probe.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
-def check(ctx, folder, annotations, subset, json_out, preset, probe_clips, no_progress,
+def check(ctx, folder, annotations, subset, json_out, preset, probe_clips, quiet,
           **protocol_flags):
     """Will each video in FOLDER be extracted right? One line per video, exit 1 if not.
 
@@ -304,7 +375,7 @@ def check(ctx, folder, annotations, subset, json_out, preset, probe_clips, no_pr
     found, missing = find_videos(folder, list(durations) if annotations else None)
     protocol = load_config(preset, dict(flags_by_key(protocol_flags)))[0].protocol
     records = []
-    for video_id, path in tqdm(found, unit="video", desc="check", disable=no_progress):
+    for video_id, path in tqdm(found, unit="video", desc="check", disable=quiet):
         records.append(check_video(video_id, path, protocol, durations.get(video_id),
                                    probe_clips))
     counts = {status: sum(r["status"] == status for r in records)

@@ -12,10 +12,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from losa_tal import ConfigError, build_config, check_values, read_config_file
+from losa_tal import ConfigError, build_config, check_values, read_config_file, shipped_configs
 from store.protocol import SamplingProtocol
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "datasets"
+PRESET_DIR = shipped_configs() / "datasets"
 STORE_FORMATS = ("zarr", "hdf5")
 
 
@@ -39,6 +39,7 @@ class ExtractionConfig:
     # A backbone preset name (vit_s|b|l|h|g) or a dict of VideoMAEv2 constructor arguments.
     backbone: str | dict = "vit_g"
     checkpoint: str | None = None  # VideoMAEv2 checkpoint (.pth); None: random weights
+    random_init: bool = False  # random weights from ``seed`` are meant (no checkpoint needed)
     seed: int = 0  # of the random weights
     layers: list[int] = field(default_factory=list)  # intermediate blocks to store (0-based)
     tokens: list[int] = field(default_factory=lambda: [1, 1, 1])  # pooled grid t, h, w per clip

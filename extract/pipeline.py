@@ -323,7 +323,10 @@ def store_meta(encoder: Encoder, config: ExtractionConfig) -> dict:
             "layers": encoder.layers,
             "tokens": list(encoder.tokens) if encoder.layers else None,
             "feature_dim": encoder.feature_dim,
-            "dtype": "float16"}
+            "dtype": "float16",
+            # Where the checkpoint was: an append or detect finds it there (not compared).
+            "checkpoint_path": str(Path(config.checkpoint).absolute()) if config.checkpoint
+            else None}
 
 
 # -- claiming and writing videos ----------------------------------------------------------------

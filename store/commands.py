@@ -74,13 +74,14 @@ def _format_info(summary: dict) -> str:
 @store.command()
 @click.argument("path", metavar="STORE")
 @storage_options_flag
-def verify(path, storage_options):
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def verify(path, storage_options, quiet):
     """Read every complete video through every check; exit 1 naming each bad one."""
     from .feature_store import FeatureStore
     from .verify import verify_store
 
     with FeatureStore.open(path, storage_options) as fs:
-        report = verify_store(fs, progress=True)
+        report = verify_store(fs, progress=not quiet)
     for note in report.notes:
         click.echo(f"note: {note}")
     for vid, problem in report.bad.items():

@@ -99,22 +99,24 @@ def meta_problems(meta: dict) -> list[str]:
     return problems
 
 
-def meta_differences(stored: dict, requested: dict) -> list[str]:
-    """Each compared key (dotted down to the leaf) whose value differs, with both values."""
+def meta_differences(stored: dict, requested: dict, keys=COMPARED_KEYS,
+                     names=("store", "requested")) -> list[str]:
+    """Each of ``keys`` (dotted down to the leaf) whose value differs, with both values, each
+    after its side's name: ``protocol.fps (store: 15.0, requested: null)``."""
     differences = []
-    for key in COMPARED_KEYS:
-        differences += _leaf_differences(key, stored.get(key), requested.get(key))
+    for key in keys:
+        differences += _leaf_differences(key, stored.get(key), requested.get(key), names)
     return differences
 
 
-def _leaf_differences(where, stored, requested) -> list[str]:
+def _leaf_differences(where, stored, requested, names) -> list[str]:
     if isinstance(stored, dict) and isinstance(requested, dict):
         return [diff for key in sorted(set(stored) | set(requested))
                 for diff in _leaf_differences(f"{where}.{key}", stored.get(key),
-                                              requested.get(key))]
+                                              requested.get(key), names)]
     if stored == requested:
         return []
-    return [f"{where} (store: {json.dumps(stored)}, requested: {json.dumps(requested)})"]
+    return [f"{where} ({names[0]}: {json.dumps(stored)}, {names[1]}: {json.dumps(requested)})"]
 
 
 def video_record_problems(record, layer_names) -> list[str]:

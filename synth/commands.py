@@ -44,14 +44,14 @@ def _synth_config(**values):
 @click.command()
 @click.option("--out", required=True, help="Folder to write videos/ and annotations.json into.")
 @_benchmark_options
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-def synth(out, no_progress, **values):
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def synth(out, quiet, **values):
     """Write the synthetic untrimmed-video benchmark: H.264 videos and ActivityNet-layout
     annotations with train and test subsets (docs/synth.md describes its design)."""
     from synth.generator import generate
 
     config = _synth_config(**values)
-    annotations = generate(out, config, progress=not no_progress)
+    annotations = generate(out, config, progress=not quiet)
     database = annotations["database"]
     actions = sum(len(video["annotations"]) for video in database.values())
     click.echo(f"wrote {len(database)} videos with {actions} actions to {out}")
@@ -65,8 +65,8 @@ def synth(out, no_progress, **values):
               "constructor arguments must match); default: random weights from --seed.")
 @click.option("--epochs", type=int, help="Training epochs of both models (default: the "
               "configs' own, configs/demo/*.json).")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
-def demo(out, checkpoint, epochs, no_progress, **values):
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo(out, checkpoint, epochs, quiet, **values):
     """Run the whole pipeline on the synthetic benchmark: generate, extract, train LoSA and the
     head-only baseline from the same store, infer on the test split, evaluate, and report
     (report.json, report.md, timelines and diagnosis figures in --out)."""
@@ -78,7 +78,7 @@ def demo(out, checkpoint, epochs, no_progress, **values):
         raise input_error("--epochs", f"must be at least 1, got {epochs}")
     settings = DemoSettings(out=out, checkpoint=checkpoint, synth=config,
                             train_overrides=[] if epochs is None else [f"train.epochs={epochs}"],
-                            progress=not no_progress)
+                            progress=not quiet)
     with flag_errors({"out": "--out"}):
         report = run_demo(settings)
     click.echo(f"\nmAP (%) on the test split, seed {report['seed']}:")

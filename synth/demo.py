@@ -16,18 +16,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from losa_tal import InputError, input_error, output_errors, write_output
+from losa_tal import InputError, input_error, output_errors, shipped_configs, write_output
 from synth.generator import ANNOTATION_FILE, VIDEO_DIR, SynthConfig, generate
 
-TRAIN_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo" / "train.json"
+TRAIN_CONFIG = shipped_configs() / "demo" / "train.json"
 MODELS = ("losa", "head_only")
-# A small VideoMAEv2 for 64-pixel videos: 4 blocks of width 128 on 8x4x4 tokens per clip.
-DEMO_BACKBONE = {"preset": "vit_s", "img_size": 64, "depth": 4, "embed_dim": 128, "num_heads": 4}
-DEMO_LAYERS = [1, 2]          # the intermediate blocks LoSA adapts
-DEMO_TOKENS = (2, 2, 2)       # each clip keeps early/late x 2x2 quadrants of those blocks
-# Centred pixels: with random weights the ViT is nearly linear, and on raw [0, 1] pixels its
-# features are dominated by a constant (mean grey and the position table) that hides the ball.
-DEMO_PROTOCOL = dict(img_size=DEMO_BACKBONE["img_size"], normalise="imagenet")
+# The store's settings: the extraction preset "synth" (configs/datasets/synth.json), so that
+# `losa-tal extract --preset synth` makes the same store. A small VideoMAEv2 for 64-pixel
+# videos (4 blocks of width 128 on 8x4x4 tokens per clip); LoSA adapts blocks 1 and 2, each clip
+# keeping early/late x 2x2 quadrants of them.
+DEMO_EXTRACTION = "synth"
 REPORT_FILE = "report.json"
 BENCHMARK_DIR = "benchmark"
 STORE_DIR = "features.zarr"
@@ -82,7 +80,7 @@ def _run_stages(settings: DemoSettings, out: Path) -> dict:
                          "tiou_thresholds": r["tiou_thresholds"]}
                  for model, r in results.items()},
               "seconds": {k: round(v, 1) for k, v in seconds.items()},
-              "backbone": DEMO_BACKBONE, "layers": DEMO_LAYERS, "tokens": list(DEMO_TOKENS),
+              **{key: getattr(demo_extraction(), key) for key in ("backbone", "layers", "tokens")},
               "checkpoint": settings.checkpoint, "synth": vars(settings.synth)}
     _write_text(out / REPORT_FILE, json.dumps(report, indent=1))
     _write_text(out / "report.md", report_markdown(report, results))
@@ -98,20 +96,26 @@ def check_checkpoint(path) -> None:
 
     if not Path(path).is_file():
         raise input_error(path, "checkpoint file not found")
-    load_checkpoint(build_backbone(DEMO_BACKBONE, source="demo backbone"), path)
+    load_checkpoint(build_backbone(demo_extraction().backbone, source="demo backbone"), path)
+
+
+def demo_extraction():
+    """The demo store's extraction settings (the preset ``DEMO_EXTRACTION``)."""
+    from extract.config import load_preset
+
+    return load_preset(DEMO_EXTRACTION)
 
 
 def extract_benchmark(benchmark: Path, store: Path, settings: DemoSettings):
-    from extract.config import ExtractionConfig
+    from dataclasses import replace
+
     from extract.pipeline import ExtractionSettings, run_extraction
-    from store.protocol import SamplingProtocol
 
     database = json.loads((benchmark / ANNOTATION_FILE).read_text())["database"]
     videos = [(vid, str(benchmark / VIDEO_DIR / f"{vid}.mp4")) for vid in sorted(database)]
-    extraction = ExtractionSettings(ExtractionConfig(
-        store=str(store), backbone=DEMO_BACKBONE, protocol=SamplingProtocol(**DEMO_PROTOCOL),
-        layers=DEMO_LAYERS, tokens=list(DEMO_TOKENS), checkpoint=settings.checkpoint,
-        seed=settings.synth.seed, batch_size=64, num_workers=0, device="cpu"),
+    extraction = ExtractionSettings(replace(
+        demo_extraction(), store=str(store), checkpoint=settings.checkpoint,
+        random_init=settings.checkpoint is None, seed=settings.synth.seed),
         videos=videos, backbone_source="demo backbone")
     summary = run_extraction(extraction, show_progress=settings.progress)
     if summary.failed:

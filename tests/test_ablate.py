@@ -17,7 +17,7 @@ from synth.ablate import VARIANTS, summarise, table_markdown
 def _ablate(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(REPO / "bench" / "ablate.py"), *args,
-                           "--no-progress"], capture_output=True, text=True, env=env)
+                           "--quiet"], capture_output=True, text=True, env=env)
 
 
 def _is_png(path: Path) -> bool:

@@ -13,7 +13,7 @@ import pytest
 from helpers import REPO
 
 SMALL = ["--videos", "6", "--min-seconds", "10", "--max-seconds", "12", "--epochs", "2",
-         "--no-progress"]
+         "--quiet"]
 
 
 def _demo(*args, cwd=None):

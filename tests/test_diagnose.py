@@ -79,7 +79,7 @@ def test_sensitivity_to_length_and_instances():
 def test_diagnosis_files_and_cli(tmp_path):
     gt = write_json(tmp_path / "gt.json", GT)
     preds = write_json(tmp_path / "preds.json", preds_dict({"v1": [d for d, _ in CASES]}))
-    result = CliRunner().invoke(cli.main, ["evaluate", "--gt", gt, "--preds", preds,
+    result = CliRunner().invoke(cli.main, ["evaluate", "--annotations", gt, "--preds", preds,
                                            "--diagnose", str(tmp_path / "diag")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "diag" / "diagnosis.json").read_text())

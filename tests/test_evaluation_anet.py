@@ -245,7 +245,7 @@ def test_fuse_then_evaluate_gives_the_activitynet_map_worked_out_by_hand(tmp_pat
     assert result.exit_code == 0, result.output
     assert result.stdout == f"wrote 12 detections for 3 videos to {fused}\n"
     gt_path = write_json(tmp_path / "gt.json", gt)
-    result = run_cli("evaluate", "--gt", gt_path, "--preds", fused, "--dataset", "anet",
+    result = run_cli("evaluate", "--annotations", gt_path, "--preds", fused, "--dataset", "anet",
                      "--json", tmp_path / "report.json")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "report.json").read_text())

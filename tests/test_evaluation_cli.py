@@ -27,7 +27,7 @@ def files(tmp_path):
 def test_evaluate_prints_the_table_and_writes_the_json_report(files, tmp_path):
     gt, preds = files
     out = tmp_path / "deep" / "report.json"
-    result = run_cli("evaluate", "--gt", gt, "--preds", preds, "--subset", "test",
+    result = run_cli("evaluate", "--annotations", gt, "--preds", preds, "--subset", "test",
                      "--tiou", "0.5,0.8", "--json", out, "--per-class")
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
@@ -46,7 +46,7 @@ def test_evaluate_prints_the_table_and_writes_the_json_report(files, tmp_path):
 
 def test_evaluate_dataset_presets_and_the_default_subset(files, tmp_path):
     gt, preds = files
-    result = run_cli("evaluate", "--gt", gt, "--preds", preds, "--dataset", "anet",
+    result = run_cli("evaluate", "--annotations", gt, "--preds", preds, "--dataset", "anet",
                      "--json", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
@@ -56,7 +56,7 @@ def test_evaluate_dataset_presets_and_the_default_subset(files, tmp_path):
 def test_evaluate_warns_on_stderr_about_ignored_labels(files, tmp_path):
     gt, _ = files
     preds = write_json(tmp_path / "p.json", preds_dict({"v1": [(0, 10, "Unknown", 1.0)]}))
-    result = run_cli("evaluate", "--gt", gt, "--preds", preds)
+    result = run_cli("evaluate", "--annotations", gt, "--preds", preds)
     assert result.exit_code == 0
     assert f"warning: {preds}: ignored 1 detections of labels without ground truth" in result.stderr
     assert "Unknown" in result.stderr
@@ -67,7 +67,7 @@ def test_detections_on_other_videos_count_as_false_positives_unless_ignored(file
     preds = write_json(tmp_path / "p.json", preds_dict({
         "v1": [(0, 10, "A", 0.5), (20, 30, "B", 0.5)], "v2": [(5, 9, "A", 0.4)],
         "train_1": [(0, 10, "A", 0.9)], "train_2": [(0, 10, "B", 0.9), (5, 10, "B", 0.8)]}))
-    args = ["evaluate", "--gt", gt, "--preds", preds, "--tiou", "0.5", "--json"]
+    args = ["evaluate", "--annotations", gt, "--preds", preds, "--tiou", "0.5", "--json"]
     result = run_cli(*args, tmp_path / "fp.json")
     assert result.exit_code == 0, result.output
     assert result.stderr == (f"warning: {preds}: 3 detections on 2 videos outside subset 'Test' "
@@ -83,7 +83,7 @@ def test_detections_on_other_videos_count_as_false_positives_unless_ignored(file
 
 def test_evaluate_writes_plots(files, tmp_path):
     gt, preds = files
-    result = run_cli("evaluate", "--gt", gt, "--preds", preds, "--plot", tmp_path / "plots")
+    result = run_cli("evaluate", "--annotations", gt, "--preds", preds, "--plot", tmp_path / "plots")
     assert result.exit_code == 0, result.output
     for name in ("per_class_ap.png", "precision_recall.png"):
         data = (tmp_path / "plots" / name).read_bytes()
@@ -99,18 +99,18 @@ def test_evaluate_on_real_thumos_defaults_to_its_test_split(tmp_path):
     preds = write_json(tmp_path / "p.json", preds_dict(
         {vid: [(*s, label, 1.0) for s, label in zip(v.segments, v.labels)]
          for vid, v in videos.items()}))
-    result = run_cli("evaluate", "--gt", OPENTAD_FILE, "--preds", preds)
+    result = run_cli("evaluate", "--annotations", OPENTAD_FILE, "--preds", preds)
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("subset 'validation': 211 videos")
     assert result.stdout.splitlines()[2].split()[2:] == ["100.00"] * 6
-    result = run_cli("evaluate", "--gt", ACTIONFORMER_FILE, "--preds", preds)
+    result = run_cli("evaluate", "--annotations", ACTIONFORMER_FILE, "--preds", preds)
     assert result.exit_code == 0 and result.stdout.startswith("subset 'Test': 212 videos")
 
 
 def test_evaluate_runs_without_torch_or_matplotlib(files):
     gt, preds = files
     code = ("import runpy, sys\n"
-            f"sys.argv = ['cli.py', 'evaluate', '--gt', {gt!r}, '--preds', {preds!r}]\n"
+            f"sys.argv = ['cli.py', 'evaluate', '--annotations', {gt!r}, '--preds', {preds!r}]\n"
             "try:\n    runpy.run_path('cli.py', run_name='__main__')\n"
             "except SystemExit as exit:\n    assert not exit.code, exit.code\n"
             "heavy = [m for m in ('torch', 'matplotlib', 'decord') if m in sys.modules]\n"
@@ -218,7 +218,7 @@ BAD_FILES = ([("preds", case, *BAD_PREDICTIONS[case]) for case in BAD_PREDICTION
 def test_bad_input_file(which, case, content, problem, tmp_path):
     files = {"gt": GOOD_GT, "preds": GOOD_PREDS, which: content}
     paths = {name: write_input(tmp_path / f"{name}.json", data) for name, data in files.items()}
-    result = run_cli("evaluate", "--gt", paths["gt"], "--preds", paths["preds"])
+    result = run_cli("evaluate", "--annotations", paths["gt"], "--preds", paths["preds"])
     assert_one_line_error(result, paths[which], problem)
 
 
@@ -231,16 +231,16 @@ def test_bad_input_file(which, case, content, problem, tmp_path):
 def test_bad_options(args, name, problem, tmp_path):
     gt = write_input(tmp_path / "gt.json", GOOD_GT)
     preds = write_input(tmp_path / "preds.json", GOOD_PREDS)
-    result = run_cli("evaluate", "--gt", gt, "--preds", preds, *args)
+    result = run_cli("evaluate", "--annotations", gt, "--preds", preds, *args)
     assert_one_line_error(result, gt if name == "GT" else name, problem)
 
 
 def test_missing_file_and_directory(tmp_path):
     gt = write_input(tmp_path / "gt.json", GOOD_GT)
     missing = tmp_path / "nope.json"
-    assert_one_line_error(run_cli("evaluate", "--gt", gt, "--preds", missing), missing,
+    assert_one_line_error(run_cli("evaluate", "--annotations", gt, "--preds", missing), missing,
                           "no such file")
-    assert_one_line_error(run_cli("evaluate", "--gt", tmp_path, "--preds", gt), tmp_path,
+    assert_one_line_error(run_cli("evaluate", "--annotations", tmp_path, "--preds", gt), tmp_path,
                           "is a directory")
 
 
@@ -248,16 +248,16 @@ def test_outputs_that_cannot_be_written(files, tmp_path):
     gt, preds = files
     a_file = tmp_path / "a_file"
     a_file.write_text("")
-    result = run_cli("evaluate", "--gt", gt, "--preds", preds, "--json", tmp_path)
+    result = run_cli("evaluate", "--annotations", gt, "--preds", preds, "--json", tmp_path)
     assert_one_line_error(result, tmp_path, "cannot write (Is a directory)", table_printed=True)
-    result = run_cli("evaluate", "--gt", gt, "--preds", preds, "--plot", a_file)
+    result = run_cli("evaluate", "--annotations", gt, "--preds", preds, "--plot", a_file)
     assert_one_line_error(result, a_file, "is a file, expected a folder", table_printed=True)
 
 
 def test_subprocess_error_is_one_line_with_exit_status_2(tmp_path):
     gt = write_input(tmp_path / "gt.json", GOOD_GT)
     preds = write_input(tmp_path / "preds.json", bad_detection(segment=[2, 1]))
-    result = subprocess.run([sys.executable, "cli.py", "evaluate", "--gt", gt, "--preds", preds],
+    result = subprocess.run([sys.executable, "cli.py", "evaluate", "--annotations", gt, "--preds", preds],
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr == (f"error: {preds}: video 'v1', detection 0: segment ends before it "
@@ -269,5 +269,5 @@ def test_existing_report_survives_a_failed_run(files, tmp_path):
     out = tmp_path / "report.json"
     out.write_text('{"old": true}')
     bad = write_input(tmp_path / "bad.json", "{")
-    assert run_cli("evaluate", "--gt", gt, "--preds", bad, "--json", out).exit_code == 2
+    assert run_cli("evaluate", "--annotations", gt, "--preds", bad, "--json", out).exit_code == 2
     assert json.loads(out.read_text()) == {"old": True}

@@ -298,7 +298,7 @@ def test_set_and_presets_reach_every_key_and_errors_say_where_the_value_came_fro
     (tmp_path / "mine.json").write_text(json.dumps({"protocol": {"clip_stride": 0, "fps": 15},
                                                     "layers": [9]}))
     base = ["extract", "--videos", folder, "--backbone", backbone, "--random-init",
-            "--img-size", SIZE, "--num-workers", 0, "--device", "cpu", "--no-progress"]
+            "--img-size", SIZE, "--num-workers", 0, "--device", "cpu", "--quiet"]
     cases = {
         ("--set", "protocol.clip_stride=0"): "--set: protocol.clip_stride: must be a positive "
                                              "integer, got 0",

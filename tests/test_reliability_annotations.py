@@ -64,7 +64,7 @@ def test_a_video_id_given_twice_is_a_warning_naming_it(tmp_path):
         entry % (segment % (4, 4))))
     preds = tmp_path / "preds.json"
     preds.write_text(json.dumps({"results": {}}))
-    result = CliRunner().invoke(cli.main, ["evaluate", "--gt", str(path), "--preds", str(preds)])
+    result = CliRunner().invoke(cli.main, ["evaluate", "--annotations", str(path), "--preds", str(preds)])
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.output.splitlines() if line.startswith("warning: ")]
     assert any(str(path) in line and "'video_7'" in line and "more than once" in line

@@ -56,17 +56,17 @@ def inputs(tmp_path_factory):
 def extract_args(folder, backbone):
     return ["extract", "--videos", folder / "videos", "--out", folder / "s.zarr", "--backbone",
             backbone, "--random-init", "--img-size", "32", "--num-workers", "0",
-            "--device", "cpu", "--no-progress"]
+            "--device", "cpu", "--quiet"]
 
 
 def cases(folder):
     """(command line, what the error starts with, words in it)."""
     return [
-        (["evaluate", "--gt", folder / "deep.json", "--preds", folder / "preds.json"],
+        (["evaluate", "--annotations", folder / "deep.json", "--preds", folder / "preds.json"],
          folder / "deep.json", "nested too deeply"),
-        (["evaluate", "--gt", folder / "deep_gt.json", "--preds", folder / "preds.json"],
+        (["evaluate", "--annotations", folder / "deep_gt.json", "--preds", folder / "preds.json"],
          folder / "deep_gt.json", "nested too deeply"),
-        (["evaluate", "--gt", folder / "gt.json", "--preds", folder / "deep.json"],
+        (["evaluate", "--annotations", folder / "gt.json", "--preds", folder / "deep.json"],
          folder / "deep.json", "nested too deeply"),
         (["train", "--config", folder / "deep.json"], folder / "deep.json", "nested too deeply"),
         (["train", "--config", REPO / "configs" / "train" / "thumos_vitg_losa.json", "--set",

@@ -148,7 +148,7 @@ def test_evaluate_ends_cleanly_on_generated_files(tmp_path, monkeypatch, gt, pre
     preds_path = write_file(tmp_path / "preds.json", preds)
     report_path = tmp_path / "out" / "report.json"
     report_path.unlink(missing_ok=True)
-    result = invoke("evaluate", "--gt", gt_path, "--preds", preds_path, "--json", report_path,
+    result = invoke("evaluate", "--annotations", gt_path, "--preds", preds_path, "--json", report_path,
                     "--per-class")
     if not assert_clean_outcome(result, [gt_path, preds_path]):
         report = json.loads(report_path.read_text())
@@ -176,10 +176,10 @@ def test_plots_diagnosis_and_timelines_draw_hostile_names_as_text(tmp_path, monk
     gt_path, preds_path = write_file(tmp_path / "gt.json", gt), write_file(tmp_path / "p.json",
                                                                            preds)
     outputs = tmp_path / "outputs"
-    result = invoke("evaluate", "--gt", gt_path, "--preds", preds_path, "--subset", "$\\frac{$",
+    result = invoke("evaluate", "--annotations", gt_path, "--preds", preds_path, "--subset", "$\\frac{$",
                     "--plot", outputs / "plots", "--diagnose", outputs / "diagnosis")
     assert result.exit_code == 0, f"{result.exception!r} {result.output[-1500:]}"
-    result = invoke("visualize", "--gt", gt_path, "--preds", preds_path, "--video", vid,
+    result = invoke("visualize", "--annotations", gt_path, "--preds", preds_path, "--video", vid,
                     "--out", outputs / "timeline.png")
     assert result.exit_code == 0, f"{result.exception!r} {result.output[-1500:]}"
     assert len(files_under(outputs)) == 6
@@ -195,7 +195,7 @@ def test_huge_segment_times_are_refused_or_scored_without_overflow(tmp_path):
     gt_path, preds_path = write_file(tmp_path / "gt.json", gt), write_file(tmp_path / "p.json",
                                                                            preds)
     report_path = tmp_path / "report.json"
-    result = invoke("evaluate", "--gt", gt_path, "--preds", preds_path, "--json", report_path)
+    result = invoke("evaluate", "--annotations", gt_path, "--preds", preds_path, "--json", report_path)
     if not assert_clean_outcome(result, [gt_path, preds_path]):
         assert "overflow" not in result.stderr
         assert json.loads(report_path.read_text())["average_mAP"] == 1.0
@@ -505,7 +505,7 @@ def test_path_like_video_ids_stay_inside_every_output_end_to_end(tmp_path, monke
     assert result.exit_code == 0, result.output
     validation = sorted(ids[-2:])
     assert sorted(json.loads(preds.read_text())["results"]) == validation
-    result = invoke("evaluate", "--gt", annotations, "--preds", preds, "--subset", "validation")
+    result = invoke("evaluate", "--annotations", annotations, "--preds", preds, "--subset", "validation")
     assert result.exit_code == 0, result.output
 
     assert invoke("store", "export", store, "--out", export).exit_code == 0

@@ -117,7 +117,7 @@ def test_balls_move_inside_actions_and_rest_outside(benchmark):
 ])
 def test_bad_options_are_one_line_errors(tmp_path, args, message):
     result = subprocess.run([sys.executable, str(REPO / "cli.py"), "synth", "--out",
-                             str(tmp_path / "b"), "--no-progress", *args],
+                             str(tmp_path / "b"), "--quiet", *args],
                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
     assert result.returncode == 2
     assert result.stderr.startswith(message) and result.stderr.count("\n") == 1
@@ -127,7 +127,7 @@ def test_bad_options_are_one_line_errors(tmp_path, args, message):
 def test_cli_writes_the_benchmark(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "cli.py"), "synth", "--out",
                              str(tmp_path / "c"), "--videos", "2", "--min-seconds", "8",
-                             "--max-seconds", "8.5", "--seed", "5", "--no-progress"],
+                             "--max-seconds", "8.5", "--seed", "5", "--quiet"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     written = json.loads((tmp_path / "c" / ANNOTATION_FILE).read_text())

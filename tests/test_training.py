@@ -336,8 +336,47 @@ def test_missing_store_says_to_extract_first(tmp_path):
                             "--store", str(tmp_path / "nowhere.zarr"),
                             "--out", str(tmp_path / "run")])
     assert code == 2
-    assert output == (f"error: {tmp_path / 'nowhere.zarr'}: feature store not found; "
-                      "run `make extract DATASET=thumos` first (or pass --store)")
+    assert output == (f"error: {tmp_path / 'nowhere.zarr'}: feature store not found; make it "
+                      "with `losa-tal extract --preset thumos` first (or pass --store)")
+    # The suggested command exists: the preset is found (and says what it misses).
+    code, output = run_cli(["extract", "--preset", "thumos", "--random-init"])
+    assert code == 2 and "video folder not found; put the THUMOS-14" in output, output
+
+
+def test_a_run_remembers_its_inputs_and_infer_run_alone_uses_them(dataset_files, tmp_path,
+                                                                   monkeypatch):
+    """train --store --annotations records both (as given, and absolute); infer --run alone
+    reads them from another working directory; --store still overrides them."""
+    store_path, annotations_path = dataset_files
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "data").mkdir()
+    (work / "data" / "store.zarr").symlink_to(store_path)
+    (work / "data" / "gt.json").symlink_to(annotations_path)
+    config_path = write_config(tmp_path / "tiny.json", tiny_config(train={"epochs": 1}))
+    monkeypatch.chdir(work)
+    code, output = run_cli(["train", "--config", str(config_path), "--store", "data/store.zarr",
+                            "--annotations", "data/gt.json", "--out", "run", "--quiet"])
+    assert code == 0, output
+    saved = json.loads((work / "run" / "config.json").read_text())["data"]
+    assert (saved["store"], saved["annotations"]) == ("data/store.zarr", "data/gt.json")
+    start = json.loads((work / "run" / "log.jsonl").read_text().splitlines()[0])
+    from training.train import default_cpu_threads
+
+    assert start["torch_threads"] == default_cpu_threads()  # CPU training's default
+    assert start["inputs"]["store"] == {"given": "data/store.zarr",
+                                        "absolute": str(work / "data" / "store.zarr")}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, output = run_cli(["infer", "--run", str(work / "run"), "--out", "preds.json",
+                            "--quiet"])
+    assert code == 0, output
+    predictions = json.loads((elsewhere / "preds.json").read_text())["results"]
+    assert set(predictions) == {"video_004", "video_005"}
+    code, output = run_cli(["infer", "--run", str(work / "run"), "--store", "nowhere.zarr",
+                            "--out", "preds.json", "--quiet"])
+    assert code == 2 and output.startswith("error: nowhere.zarr: feature store not found"), output
 
 
 @pytest.mark.parametrize("overrides, problem", [
@@ -383,7 +422,10 @@ def test_wrong_checkpoints_and_stores_are_one_line_errors(dataset_files, tmp_pat
     other = write_store(tmp_path / "other.zarr", videos, dim=8)
     code, output = run_cli([*infer_args[:1], "--checkpoint", str(checkpoint), "--store",
                             str(other), *infer_args[3:]])
-    assert code == 2 and output.startswith(f"error: {other}: its backbone, feature_dim differ")
+    assert code == 2 and output.startswith(f"error: {other}: its features differ from those the "
+                                           f"checkpoint {checkpoint} was trained on: ")
+    assert "backbone.kwargs.embed_dim (store: 8, checkpoint: 16)" in output
+    assert "feature_dim (store: 8, checkpoint: 16)" in output
 
     # Weights that do not fit the config, a pickled payload, and a file that is not ours.
     state = torch.load(checkpoint, weights_only=True)
@@ -512,3 +554,50 @@ def test_weight_decay_spares_gates_norms_and_biases():
     assert id(detector.losa.fuse.weight) not in spared
     assert all(id(p) in spared for n, p in detector.named_parameters() if p.ndim < 2)
     assert groups["adapter"]["base_lr"] == 1e-3 and groups["head"]["base_lr"] == 2e-3
+
+
+def test_tensorboard_event_files_hold_the_logged_scalars(dataset_files, tmp_path):
+    """Losses, learning rates, mAP per evaluation and LoSA's gate norms per range and layer,
+    against the optimizer step, equal to what log.jsonl records; --no-tensorboard writes none."""
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator")
+    store_path, annotations_path = dataset_files
+    config_path = write_config(tmp_path / "tiny.json", tiny_config(
+        train={"epochs": 2}, eval={"every": 1}))
+    args = ["train", "--config", str(config_path), "--store", str(store_path),
+            "--annotations", str(annotations_path), "--quiet"]
+    code, output = run_cli([*args, "--out", str(tmp_path / "run")])
+    assert code == 0, output
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text()
+               .splitlines()]
+    events = event_accumulator.EventAccumulator(str(tmp_path / "run"))
+    events.Reload()
+
+    def series(tag):
+        return [(scalar.step, scalar.value) for scalar in events.Scalars(tag)]
+
+    steps = [r for r in records if r["event"] == "step"]
+    assert series("loss/step") == [(r["step"], pytest.approx(r["loss"], rel=1e-6))
+                                   for r in steps]
+    for group in steps[0]["lr"]:
+        assert series(f"lr/{group}") == [(r["step"], pytest.approx(r["lr"][group], rel=1e-6,
+                                                                   abs=1e-12)) for r in steps]
+    evals = [r for r in records if r["event"] == "eval"]
+    assert len(evals) == 2
+    assert series("mAP/average") == [(r["step"], pytest.approx(r["average_map"], rel=1e-6))
+                                     for r in evals]
+    assert series("mAP/tIoU_0.50") == [(r["step"], pytest.approx(r["map"]["0.50"], rel=1e-6))
+                                       for r in evals]
+    gates = {tag for tag in events.Tags()["scalars"] if tag.startswith("losa/gate_norm/")}
+    assert gates == {f"losa/gate_norm/{name}/layer_{layer}" for name in ("short", "long")
+                     for layer in LAYERS}
+    weights = final_weights(tmp_path / "run")["model"]["losa.gates"]
+    last_epoch = [r for r in records if r["event"] == "epoch"][-1]
+    assert series(f"losa/gate_norm/long/layer_{LAYERS[1]}")[-1] == (
+        last_epoch["step"], pytest.approx(float(weights[1, 1].norm()), rel=1e-5))
+    code, output = run_cli([*args, "--out", str(tmp_path / "quiet_run"), "--no-tensorboard",
+                            "--threads", "3"])
+    assert code == 0, output
+    assert not list((tmp_path / "quiet_run").glob("events.out.tfevents.*"))
+    start = json.loads((tmp_path / "quiet_run" / "log.jsonl").read_text().splitlines()[0])
+    assert start["torch_threads"] == 3

@@ -17,7 +17,7 @@ VFR_TIMES = np.cumsum([0.0] + [0.02, 0.05, 0.03] * 20)[:60]
 
 
 def run(*args):
-    result = CliRunner().invoke(main, ["videos", "check", *map(str, args), "--no-progress"])
+    result = CliRunner().invoke(main, ["videos", "check", *map(str, args), "--quiet"])
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result

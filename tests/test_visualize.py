@@ -71,12 +71,24 @@ def test_visualize_command_with_and_without_the_video(tmp_path):
     sizes = {}
     for name, extra in (("plain", []), ("thumbs", ["--video-file", video])):
         out = tmp_path / f"{name}.png"
-        result = CliRunner().invoke(cli.main, ["visualize", "--gt", gt, "--preds", preds,
+        result = CliRunner().invoke(cli.main, ["visualize", "--annotations", gt, "--preds", preds,
                                                "--video", "v1", "--out", str(out), *extra])
         assert result.exit_code == 0, result.output
         assert out.read_bytes().startswith(b"\x89PNG")
         sizes[name] = out.stat().st_size
     assert sizes["thumbs"] > sizes["plain"] > 10_000
+
+
+def test_visualize_without_ground_truth_draws_detections_and_old_gt_flag_still_works(tmp_path):
+    gt, preds = write_json(tmp_path / "gt.json", GT), write_json(tmp_path / "p.json", PREDS)
+    result = CliRunner().invoke(cli.main, ["visualize", "--preds", preds, "--video", "v1",
+                                           "--out", str(tmp_path / "bare.png")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "bare.png").read_bytes().startswith(b"\x89PNG")
+    result = CliRunner().invoke(cli.main, ["visualize", "--gt", gt, "--preds", preds, "--video",
+                                           "v1", "--out", str(tmp_path / "old.png")])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == "note: --gt is now --annotations\n"
 
 
 def test_timeline_api_for_a_video_without_detections(tmp_path):
@@ -87,7 +99,7 @@ def test_timeline_api_for_a_video_without_detections(tmp_path):
 @pytest.mark.parametrize("problem", ["unknown video", "not a video", "missing file", "bad tiou"])
 def test_visualize_bad_input_is_one_line(problem, tmp_path):
     gt, preds = write_json(tmp_path / "gt.json", GT), write_json(tmp_path / "p.json", PREDS)
-    args = ["visualize", "--gt", gt, "--preds", preds, "--video", "v1", "--out",
+    args = ["visualize", "--annotations", gt, "--preds", preds, "--video", "v1", "--out",
             str(tmp_path / "o.png")]
     fake = tmp_path / "fake.mp4"
     fake.write_text("not a video")

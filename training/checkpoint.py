@@ -9,6 +9,7 @@ A checkpoint is a dict::
     config: Config.to_dict(), classes: [label names, in output order]
     store: the signature of the store it was trained on (see store_signature)
     best: {"epoch", "average_map"} or None, the best evaluation so far
+    inputs (optional): the store and annotations trained on, each {"given", "absolute"} path
 
 No RNG state is needed: every random draw is derived from (seed, epoch, step, sample), so a run
 resumed from the end of epoch n draws exactly what an uninterrupted run would.
@@ -81,6 +82,7 @@ def field_problem(checkpoint: dict) -> str | None:
 
     signature = checkpoint["store"]
     best = checkpoint.get("best")
+    inputs = checkpoint.get("inputs")
     checks = [
         ("epoch", count(checkpoint["epoch"]), "a count"),
         ("step", count(checkpoint["step"]), "a count"),
@@ -99,6 +101,10 @@ def field_problem(checkpoint: dict) -> str | None:
         ("best", best is None or (isinstance(best, dict) and count(best.get("epoch"))
                                   and isinstance(best.get("average_map"), float)),
          "null or {epoch, average_map}"),
+        ("inputs", inputs is None or (isinstance(inputs, dict) and all(
+            isinstance(record, dict) and isinstance(record.get("given"), str)
+            and isinstance(record.get("absolute"), str) for record in inputs.values())),
+         "null or {store, annotations} of {given, absolute} paths"),
     ]
     for key, ok, expected in checks:
         if not ok:
@@ -148,14 +154,14 @@ def store_signature(store, layers) -> dict:
 
 def check_store_matches(signature: dict, store, checkpoint_path) -> None:
     """Refuse a store whose features are not the ones the checkpoint was trained on."""
-    current = store_signature(store, [])
-    differing = [key for key in ("backbone", "protocol", "feature_dim")
-                 if signature.get(key) != current[key]]
-    if signature["layers"] and signature.get("tokens") != current["tokens"]:
-        differing.append("tokens")
+    from store.meta import meta_differences
+
+    keys = ("backbone", "protocol", "feature_dim") + (("tokens",) if signature["layers"] else ())
+    differing = meta_differences(store_signature(store, []), signature, keys,
+                                 names=("store", "checkpoint"))
     if differing:
-        raise input_error(store.path, f"its {', '.join(differing)} differ from those of the "
-                          f"store the checkpoint {checkpoint_path} was trained on")
+        raise input_error(store.path, f"its features differ from those the checkpoint "
+                          f"{checkpoint_path} was trained on: {'; '.join(differing)}")
     missing = [layer for layer in signature["layers"] if layer not in list(store.layers)]
     if missing:
         raise input_error(store.path, f"lacks intermediate layers {missing} that the checkpoint "

@@ -2,7 +2,7 @@
 import click
 
 from evaluation.commands import FUSE_FLAGS, topk_option, video_scores_option  # no torch
-from losa_tal import flag_errors
+from losa_tal import find_recipe, flag_errors
 from store.urls import storage_options_flag
 from training.config import MODEL_TYPES, load_config  # no torch
 
@@ -14,7 +14,8 @@ INFER_FLAGS = {**STORE_FLAGS, **FUSE_FLAGS, "subset": "--subset"}
 
 @click.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
-              help="Training config (JSON), e.g. configs/train/thumos_vitg_losa.json.")
+              help="Training config (JSON), or a shipped recipe's name: thumos_vitg_losa, "
+              "anet_vitg_losa, demo/train (configs/).")
 @click.option("--store", "store_path", default=None,
               help="Feature store (default: the config's data.store).")
 @click.option("--annotations", "annotations_path", default=None,
@@ -29,30 +30,50 @@ INFER_FLAGS = {**STORE_FLAGS, **FUSE_FLAGS, "subset": "--subset"}
               help="Override a config value, e.g. --set optim.lr_head=2e-4 (repeatable).")
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out from its last checkpoint.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch threads per process when training on the CPU  [default: half the "
+              "cores, shared by torchrun's local processes]")
+@click.option("--tensorboard/--no-tensorboard", default=True, show_default=True,
+              help="TensorBoard event files in the run directory (needs the tensorboard extra).")
+@click.option("--print-config", is_flag=True,
+              help="Print the resolved config (every value, flags applied) and exit.")
 @storage_options_flag
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(config_path, store_path, annotations_path, out_dir, model_type, epochs, overrides,
-          resume, storage_options, quiet):
+          resume, threads, tensorboard, print_config, storage_options, quiet):
     """Train LoSA adapters and the detection head from a feature store.
 
     Data parallel: torchrun --standalone --nproc_per_node N cli.py train ... (the global batch
     is shared by the N processes; one line says what changes where it cannot be).
     """
+    import dataclasses
+    import json
     from pathlib import Path
-
-    import losa_distributed
 
     overrides = list(overrides)
     if model_type is not None:
         overrides.append(f"model.type={model_type}")
     if epochs is not None:
         overrides.append(f"train.epochs={epochs}")
+    config_path = find_recipe(config_path)
     config = load_config(config_path, overrides)  # refuses a bad config before torch loads
+    # The run's config.json names the inputs it was trained on, not the recipe's defaults.
+    config = dataclasses.replace(config, data=dataclasses.replace(
+        config.data, store=store_path or config.data.store,
+        annotations=annotations_path or config.data.annotations))
+    if print_config:
+        click.echo(json.dumps(config.to_dict(), indent=2))
+        return
+    import losa_distributed
+    from training.train import default_cpu_threads
     from training.train import train as run_training
+
     out_dir = out_dir or str(Path("runs") / Path(config_path).stem)
     with flag_errors(TRAIN_FLAGS):
         summary = run_training(config, store_path, annotations_path, out_dir, resume=resume,
-                               progress=not quiet, storage_options=storage_options)
+                               progress=not quiet, storage_options=storage_options,
+                               cpu_threads=threads or default_cpu_threads(),
+                               tensorboard=tensorboard)
     if losa_distributed.launch().is_main:  # under torchrun, the main process reports
         best = summary["best"]
         best_text = (f", best average mAP {best['average_map']:.4f} at epoch {best['epoch']}"
@@ -93,6 +114,34 @@ def infer(run_dir, checkpoint_path, store_path, annotations_path, subset, out_pa
                                     storage_options=storage_options)
     count = sum(len(v) for v in predictions["results"].values())
     click.echo(f"wrote {count} segments for {len(predictions['results'])} videos to {out_path}")
+
+
+@click.command()
+@click.argument("video_files", nargs=-1, required=True, metavar="VIDEO...")
+@click.option("--run", "run_dir", required=True, type=click.Path(),
+              help="Run directory (its best.pt, else last.pt) or a checkpoint file.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for detections.json, a timeline <video>.png per video and the "
+              "features cache (features.zarr).")
+@click.option("--checkpoint", "backbone_checkpoint", default=None,
+              type=click.Path(dir_okay=False), help="The backbone checkpoint (.pth), where it "
+              "is no longer where the run's store recorded it.")
+@click.option("--device", default=None, help="torch device (default: cuda if available).")
+@click.option("--no-figures", is_flag=True, help="Detections only, no timeline figures.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def detect(video_files, run_dir, out_dir, backbone_checkpoint, device, no_figures, quiet):
+    """Localise actions in video files with a trained run: stage one with the settings the
+    run's features were extracted with (cached in --out: a second call extracts nothing), then
+    the run's detector. No annotation or backbone file is needed."""
+    from training.detect import detect as run_detection
+
+    with flag_errors({"checkpoint": "--checkpoint", "device": "--device"}):
+        written = run_detection(video_files, run_dir, out_dir, backbone_checkpoint, device,
+                                progress=not quiet, figures=not no_figures)
+    extracted = len(written["extracted"])
+    click.echo(f"extracted {extracted} of {len(video_files)} videos (the rest were cached); "
+               f"wrote {written['detections']}" +
+               "".join(f", {figure}" for figure in written["figures"]))
 
 
 @click.group()

@@ -25,7 +25,7 @@ from training.config import Config
 from training.data import (StoreDataset, batch_to, collate, head_label, steps_to_seconds,
                            to_video_steps)
 from training.detector import Detector
-from training.inputs import open_annotations, open_store, resolve_subset
+from training.inputs import open_annotations, open_store, recorded_input, resolve_subset
 
 
 def infer(run_or_checkpoint, store_path=None, annotations_path=None, subset=None,
@@ -39,9 +39,12 @@ def infer(run_or_checkpoint, store_path=None, annotations_path=None, subset=None
     path = checkpoint_path(run_or_checkpoint)
     state = ckpt.load(path)
     config = Config.from_dict(state["config"], f"{path} (config)")
-    store = open_store(store_path or config.data.store, config.data.dataset, storage_options)
+    inputs = state.get("inputs") or {}  # what the run was trained on; the flags override it
+    store = open_store(store_path or recorded_input(inputs.get("store"), config.data.store),
+                       config.data.dataset, storage_options)
     ckpt.check_store_matches(state["store"], store, path)
-    annotations = open_annotations(annotations_path or config.data.annotations)
+    annotations = open_annotations(annotations_path or recorded_input(
+        inputs.get("annotations"), config.data.annotations))
     layers = state["store"]["layers"]
     model = build_trained_detector(state, config, store, path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

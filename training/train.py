@@ -38,7 +38,7 @@ from training.config import Config
 from training.data import (EpochBatches, StoreDataset, batch_to, channel_statistics,
                            head_classes, needed_layers, training_loader)
 from training.detector import Detector, parameter_groups, trainable_parameters
-from training.inputs import open_annotations, open_store, resolve_subset
+from training.inputs import input_record, open_annotations, open_store, resolve_subset
 
 # Paths may move between a run and its resumption, and so may what changes no step's videos
 # (workers, cache, the micro-batch cap, which another process count may lower anyway, the
@@ -48,13 +48,21 @@ RESUME_FREE_KEYS = {"description", "data.store", "data.annotations", "data.num_w
 
 
 def train(config: Config, store_path=None, annotations_path=None, out_dir="runs/train",
-          resume: bool = False, progress: bool = True, storage_options=None) -> dict:
+          resume: bool = False, progress: bool = True, storage_options=None,
+          cpu_threads: int | None = None, tensorboard: bool = True) -> dict:
     """Train a detector; returns the final log record (epoch, step, best mAP, run directory).
-    ``storage_options`` (for a URL store) are used, never saved: they may hold credentials."""
+    ``storage_options`` (for a URL store) are used, never saved: they may hold credentials.
+    ``cpu_threads``: torch threads when training on the CPU (None: leave torch's setting).
+    ``tensorboard``: event files beside log.jsonl where the package is installed."""
+    from training import tensorboard as events
+
     place = distributed.launch()
     share = share_batch(config.train, place.world_size)
     config = replace(config, train=replace(config.train, batch_size=share.batch_size))
     device = distributed.rank_device(prefer_cuda=True)
+    threads = torch.get_num_threads()  # restored at the end: the caller's process setting
+    if cpu_threads is not None and device.type == "cpu":
+        torch.set_num_threads(cpu_threads)
     if place.is_main:
         for note in share.notes:
             print(note, file=sys.stderr)
@@ -62,9 +70,17 @@ def train(config: Config, store_path=None, annotations_path=None, out_dir="runs/
     distributed.agree_on_device(device, config.train.timeout_minutes)
     try:
         with exclusive_run_directory(Path(out_dir), place):
-            return Trainer(device, share, config, store_path, annotations_path, out_dir, resume,
-                           progress, storage_options).run()
+            trainer = Trainer(device, share, config, store_path, annotations_path, out_dir,
+                              resume, progress, storage_options)
+            if tensorboard and place.is_main and events.available():
+                trainer.events = events.EventLog(out_dir, trainer.model, trainer.layers)
+            try:
+                return trainer.run()
+            finally:
+                if trainer.events is not None:
+                    trainer.events.close()
     finally:
+        torch.set_num_threads(threads)
         distributed.leave()
 
 
@@ -140,6 +156,8 @@ def exclusive_run_directory(out_dir: Path, place):
 
 
 class Trainer:
+    events = None  # a tensorboard.EventLog, fed every record log.jsonl gets
+
     def __init__(self, device, share, config, store_path, annotations_path, out_dir, resume,
                  progress, storage_options=None):
         place = distributed.launch()
@@ -150,9 +168,13 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.progress = progress and place.is_main
 
-        self.store = open_store(store_path or config.data.store, config.data.dataset,
-                                storage_options)
-        self.annotations = open_annotations(annotations_path or config.data.annotations)
+        store_path = store_path or config.data.store
+        annotations_path = annotations_path or config.data.annotations
+        self.store = open_store(store_path, config.data.dataset, storage_options)
+        self.annotations = open_annotations(annotations_path)
+        # What the run was trained on, for infer --run (and detect) to read the same files.
+        self.inputs = {"store": input_record(store_path),
+                       "annotations": input_record(annotations_path)}
         self.classes = head_classes(self.annotations, config.data)
         self.layers = needed_layers(config, self.store)
         self.train_set = self._dataset(config.data.train_subset, train=True)
@@ -250,7 +272,9 @@ class Trainer:
                    "micro_batch": self.share.micro_batch, "accum_steps": self.share.accum_steps,
                    "train_videos": len(self.train_set), "eval_videos": len(self.eval_set.videos),
                    "steps_per_epoch": self.steps_per_epoch, "cache": self.cache_plan.message(),
-                   "trainable_parameters": trainable_parameters(self.model)})
+                   "trainable_parameters": trainable_parameters(self.model),
+                   "torch_threads": torch.get_num_threads(),
+                   "inputs": self.inputs})
         try:
             self._run_epochs()
         finally:
@@ -383,7 +407,8 @@ class Trainer:
                               world=self.world)
         report = evaluate_predictions(self.annotations, predictions, self.eval_set,
                                       self.config.eval)
-        self._log({"event": "eval", "epoch": self.epoch, "subset": report["subset"],
+        self._log({"event": "eval", "epoch": self.epoch, "step": self.step,
+                   "subset": report["subset"],
                    "average_map": report["average_mAP"], "map": dict(zip(
                        [f"{t:.2f}" for t in report["tiou_thresholds"]], report["mAP"]))})
         return report["average_mAP"]
@@ -450,6 +475,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": {"step": self.step},
                 "config": self.config.to_dict(), "classes": self.classes,
                 "store": ckpt.store_signature(self.store, self.layers), "best": self.best,
+                "inputs": self.inputs,
             }
             # best.pt first: a crash in between leaves last.pt one epoch behind, and the
             # resumed run repeats that epoch exactly and rewrites best.pt identically.
@@ -464,6 +490,8 @@ class Trainer:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
                 with open(self.out_dir / "log.jsonl", "a") as log:
                     log.write(json.dumps({**record, "time": time.time()}) + "\n")
+            if self.events is not None:
+                self.events.write(record)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,6 +516,14 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     """
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
     torch._foreach_copy_(list(ema.buffers()), list(model.buffers()))
+
+
+def default_cpu_threads() -> int:
+    """Torch threads per training process on a CPU: half the cores this process may use, shared
+    by the node's torchrun processes, at least one. Torch's default (every core) spin-waits on a
+    busy machine: one demo-config epoch took 47-125 s with two threads on a loaded 2-core
+    machine against 9.2 s with one."""
+    return max(1, len(os.sched_getaffinity(0)) // (2 * distributed.launch().local_world_size))
 
 
 def derived_seed(*keys: int) -> int:

@@ -45,7 +45,7 @@ def cli_args(videos_dir, store, backbone_file, *extra) -> list:
     return ["extract", "--videos", str(videos_dir), "--out", str(store), "--backbone",
             str(backbone_file), "--random-init", "--img-size", str(SIZE), "--layers",
             ",".join(map(str, LAYERS)), "--tokens", "x".join(map(str, TOKENS)),
-            "--batch-size", "5", "--num-workers", "0", "--device", "cpu", "--no-progress",
+            "--batch-size", "5", "--num-workers", "0", "--device", "cpu", "--quiet",
             *map(str, extra)]  # a later repeat of an option wins
 
 

@@ -74,7 +74,7 @@ def child(work: str):
                        "--subset", "training", "--out", out, "--quiet")
 
     def evaluate(preds, out):
-        return cli_run("evaluate", "--gt", annotations, "--preds", preds, "--subset", "training",
+        return cli_run("evaluate", "--annotations", annotations, "--preds", preds, "--subset", "training",
                        "--json", out)
 
     def report(scenario, **facts):
