@@ -48,7 +48,7 @@ def renamed_flags(args: list) -> list:
     args = list(args)
     end = args.index("--") if "--" in args else len(args)
     for index, arg in enumerate(args[:end]):
-        old, equals, value = arg.partition("=")
+        old, equals, value = str(arg).partition("=")  # (callers of main() may pass paths)
         if old in RENAMED_FLAGS:
             args[index] = RENAMED_FLAGS[old] + equals + value
             click.echo(f"note: {old} is now {RENAMED_FLAGS[old]}", err=True)
