@@ -7,7 +7,9 @@ from losa_tal import lazy_attributes
 
 _HOMES = {"ActionFormerHead": "head.model", "HeadConfig": "head.config",
           "PostprocessConfig": "head.config", "THUMOS_REGRESSION_RANGES": "head.config",
-          "Points": "head.targets", "assign_targets": "head.targets", "make_points": "head.targets",
+          "Points": "head.targets", "Targets": "head.targets", "assign_targets": "head.targets",
+          "assign_batch": "head.targets", "make_points": "head.targets",
+          "pack_targets": "head.targets",
           "batched_nms": "head.nms", "segment_iou": "head.nms", "suppress": "head.nms",
           "postprocess": "head.postprocess"}
 __all__ = sorted(_HOMES)

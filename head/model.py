@@ -26,7 +26,7 @@ from head.config import (THUMOS_REGRESSION_RANGES, HeadConfig, level_windows, op
                          padding_factor)
 from head.losses import diou_loss, sigmoid_focal_loss
 from head.postprocess import postprocess
-from head.targets import assign_targets, make_points
+from head.targets import assign_batch, make_points, pack_targets
 from losa_tal import check_positive_integers, checked_config, config_arguments
 
 DEFAULT = HeadConfig()  # the constructor's defaults (written once, in head/config.py)
@@ -200,22 +200,23 @@ class ActionFormerHead(nn.Module):
                            device=out["masks"][0].device)
 
     def assign(self, out: dict, targets):
-        """Stacked targets for a batch: cls [B, P, C], reg [B, P, 2] (see assign_targets)."""
+        """Targets for a batch: cls [B, P, C], reg [B, P, 2] (see head.targets.assign_batch).
+        ``targets``: a ``Targets``, or one dict per video (packed and checked here)."""
         points = self.points(out)
-        assigned = [assign_targets(points, t["segments"], t["labels"], self.num_classes,
-                                   self.center_sample_radius) for t in targets]
-        cls, reg = zip(*assigned)
-        return torch.stack(cls), torch.stack(reg)
+        targets = pack_targets(targets, self.num_classes).to(points.position.device)
+        return assign_batch(points, targets, self.num_classes, self.center_sample_radius)
 
     def loss(self, out: dict, targets, update_normalizer: bool | None = None) -> dict:
         """Focal + DIoU losses of a batch, each divided by the loss normaliser.
 
-        targets: one dict per video, "segments" [N, 2] (start, end) in feature steps of the
-        input, "labels" [N] int class indices. ``update_normalizer`` (default: in training mode)
-        first moves the normaliser EMA with this batch's positive count; pass False and call
-        ``update_loss_normalizer`` yourself to move it once per optimizer step with a count
-        summed over micro-batches and processes.
-        Returns {"cls", "reg", "total", "num_positives"}.
+        targets: a ``head.targets.Targets``, or one dict per video, "segments" [N, 2] (start,
+        end) in feature steps of the input, "labels" [N] int class indices.
+        ``update_normalizer`` (default: in training mode) first moves the normaliser EMA with
+        this batch's positive count; pass False and call ``update_loss_normalizer`` yourself to
+        move it once per optimizer step with a count summed over micro-batches and processes.
+        Returns {"cls", "reg", "total", "num_positives"}, all tensors on the device: nothing
+        here waits for the device (padding and negatives are zeroed, not indexed out, as an
+        index by mask would wait to learn its size).
         """
         cls_targets, reg_targets = self.assign(out, targets)
         logits = torch.cat(out["cls_logits"], dim=1)
@@ -232,20 +233,21 @@ class ActionFormerHead(nn.Module):
         if self.label_smoothing > 0:
             smooth = self.label_smoothing
             cls_targets = cls_targets * (1 - smooth) + smooth / (self.num_classes + 1)
-        cls_loss = sigmoid_focal_loss(logits[valid], cls_targets[valid], self.focal_alpha,
-                                      self.focal_gamma).sum() / normalizer
-        # Sum over no element is 0 but keeps the towers in the graph (DDP needs every parameter).
-        reg_loss = diou_loss(offsets[positive], reg_targets[positive]).sum() / normalizer
+        focal = sigmoid_focal_loss(logits, cls_targets, self.focal_alpha, self.focal_gamma)
+        cls_loss = torch.where(valid[..., None], focal, 0.0).sum() / normalizer
+        # A sum over no positive is 0 but keeps the towers in the graph (DDP needs every parameter).
+        reg_loss = torch.where(positive, diou_loss(offsets, reg_targets), 0.0).sum() / normalizer
         total = cls_loss + self.reg_loss_weight * reg_loss
         return {"cls": cls_loss, "reg": reg_loss, "total": total, "num_positives": count}
 
     @torch.no_grad()
-    def count_positives(self, mask, targets) -> int:
-        """How many positive points ``loss`` will find for inputs with this mask [B, T]."""
+    def count_positives(self, mask, targets) -> torch.Tensor:
+        """How many positive points ``loss`` will find for inputs with this mask [B, T], as a
+        0-dim tensor on the mask's device (reading it would wait for that device)."""
         mask = F.pad(mask, (0, self.padded_length(mask.shape[1]) - mask.shape[1]), value=False)
         masks = [downsample_mask(mask, stride) for stride in self.strides]
         cls, _ = self.assign({"masks": masks}, targets)
-        return int((torch.cat(masks, dim=1) & (cls.sum(-1) > 0)).sum())
+        return (torch.cat(masks, dim=1) & (cls.sum(-1) > 0)).sum()
 
     @torch.no_grad()
     def update_loss_normalizer(self, num_positives) -> None:

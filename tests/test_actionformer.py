@@ -89,26 +89,32 @@ def test_class_agnostic_soft_nms_with_voting_gives_actionformers_detections(leng
     assert (unvoted["segments"] - det["segments"]).abs().max() > 1e-2   # voting moved some
 
 
-@pytest.mark.parametrize("recipe", sorted(RECIPES))
-def test_same_weights_give_actionformers_targets_and_losses(recipe):
-    smoothing = {"thumos": 0.0, "anet": 0.1}[recipe]
-    weight = {"thumos": 1.0, "anet": 2.0}[recipe]
-    ref = reference(recipe, label_smoothing=smoothing, loss_weight=weight)
-    head = ours(recipe, ref.state_dict(), label_smoothing=smoothing, reg_loss_weight=weight)
+def loss_case():
+    """Two videos (one padded) with ground truth, as the reference and as our head take them."""
     lengths = (128, 90)
     feats = [video(n, seed=n) for n in lengths]
     # Boundary cases on purpose: integer ends, an action at the very start, equal lengths.
     segments = [torch.tensor([[3.0, 40.0], [10.0, 14.0], [20.0, 24.0], [60.0, 127.0]]),
                 torch.tensor([[0.0, 8.0], [30.0, 38.5], [31.0, 39.5], [31.0, 39.5]])]
     labels = [torch.tensor([0, 1, 2, 1]), torch.tensor([2, 0, 1, 2])]
+    batch = torch.zeros(2, 128, IN_DIM)
+    for i, f in enumerate(feats):
+        batch[i, :f.shape[0]] = f
+    mask = torch.arange(128)[None] < torch.tensor(lengths)[:, None]
+    targets = [{"segments": s, "labels": lab} for s, lab in zip(segments, labels)]
+    return feats, segments, labels, (batch, mask, targets)
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_same_weights_give_actionformers_targets_and_losses(recipe):
+    smoothing = {"thumos": 0.0, "anet": 0.1}[recipe]
+    weight = {"thumos": 1.0, "anet": 2.0}[recipe]
+    ref = reference(recipe, label_smoothing=smoothing, loss_weight=weight)
+    head = ours(recipe, ref.state_dict(), label_smoothing=smoothing, reg_loss_weight=weight)
+    feats, segments, labels, (batch, mask, targets) = loss_case()
     with torch.no_grad():
         expected = ref.losses([f.T for f in feats], segments, labels)
-        batch = torch.zeros(2, 128, IN_DIM)
-        for i, f in enumerate(feats):
-            batch[i, :f.shape[0]] = f
-        mask = torch.arange(128)[None] < torch.tensor(lengths)[:, None]
         out = head(batch, mask)
-        targets = [{"segments": s, "labels": lab} for s, lab in zip(segments, labels)]
         got = head.loss(out, targets, update_normalizer=True)
         cls, reg = head.assign(out, targets)
         points = ref.points([m.shape[1] for m in out["masks"]])
@@ -121,6 +127,25 @@ def test_same_weights_give_actionformers_targets_and_losses(recipe):
     assert head.loss_normalizer.item() == pytest.approx(ref.loss_normalizer, rel=1e-6)
     for ours_key, ref_key in (("cls", "cls_loss"), ("reg", "reg_loss"), ("total", "final_loss")):
         assert got[ours_key].item() == pytest.approx(expected[ref_key].item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_same_weights_give_actionformers_gradients(recipe):
+    # Our loss zeroes padding and negatives where ActionFormer indexes them out: the same
+    # gradient for every parameter (the loss normaliser moved first in both).
+    smoothing = {"thumos": 0.0, "anet": 0.1}[recipe]
+    ref = reference(recipe, label_smoothing=smoothing)
+    head = ours(recipe, ref.state_dict(), label_smoothing=smoothing)
+    feats, segments, labels, (batch, mask, targets) = loss_case()
+    ref.losses([f.T for f in feats], segments, labels)["final_loss"].backward()
+    head.loss(head(batch, mask), targets, update_normalizer=True)["total"].backward()
+    theirs = dict(ref.named_parameters())
+    reached = 0
+    for name, param in head.named_parameters():
+        want = theirs[actionformer_name(name)].grad.reshape(param.shape)
+        assert torch.allclose(param.grad, want, rtol=1e-4, atol=1e-6), name
+        reached += bool(want.any())
+    assert reached > 0.9 * len(theirs)   # (a level without positives leaves its scale alone)
 
 
 def test_loading_accepts_training_checkpoints_and_prefers_the_ema_weights():

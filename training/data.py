@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from head.targets import pack_targets
 from losa_tal import input_error
 from store.verify import video_length
 
@@ -356,8 +357,12 @@ def collate(samples, pin: bool = False, buffers: "HostBuffers | None" = None) ->
         inter = _batch_buffer((len(samples), layers, length, tokens, dim),
                               _common_dtype(s["inter"] for s in samples), first["inter"].device,
                               pin, buffers)
-    mask = torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]
+    # Next to the features and filled in place: a mask made on the host would reach a GPU
+    # cache's batch by a copy that waits for the device.
+    mask = torch.zeros(len(samples), length, dtype=torch.bool, device=last.device,
+                       pin_memory=pin and last.device.type == "cpu")
     for i, (sample, steps) in enumerate(zip(samples, lengths)):
+        mask[i, :steps] = True
         last[i, :steps] = sample["last"]
         last[i, steps:] = 0
         if inter is not None:
@@ -367,9 +372,16 @@ def collate(samples, pin: bool = False, buffers: "HostBuffers | None" = None) ->
         "last": last,
         "inter": inter,
         "mask": mask,
-        "targets": [{"segments": s["segments"], "labels": s["labels"]} for s in samples],
+        "targets": _targets(samples, pin),
         "samples": [{k: s[k] for k in ("video", "step_offset", "step_scale")} for s in samples],
     }
+
+
+def _targets(samples, pin: bool):
+    """The samples' ground truth as one padded ``head.targets.Targets`` (two small tensors that
+    reach the device without making the host wait; see :func:`batch_to`)."""
+    targets = pack_targets([{"segments": s["segments"], "labels": s["labels"]} for s in samples])
+    return targets.pin_memory() if pin else targets
 
 
 class EpochBatches:
@@ -455,7 +467,8 @@ def batch_to(batch: dict, device, low_precision: bool = False) -> dict:
 
     ``last`` becomes float32; ``inter``, by far the largest tensor (L x K times the last
     layer), becomes bf16 with ``low_precision`` (autocast would compute with it in bf16 anyway,
-    and it halves its memory on the GPU), else float32.
+    and it halves its memory on the GPU), else float32. The targets become one padded
+    ``Targets`` (a list of per-video dicts is packed), copied without waiting for the device.
     """
     moved = dict(batch)
     moved["last"] = batch["last"].to(device, non_blocking=True).float()
@@ -463,7 +476,7 @@ def batch_to(batch: dict, device, low_precision: bool = False) -> dict:
     if batch["inter"] is not None:
         dtype = torch.bfloat16 if low_precision else torch.float32
         moved["inter"] = batch["inter"].to(device, non_blocking=True).to(dtype)
-    moved["targets"] = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
+    moved["targets"] = pack_targets(batch["targets"]).to(device)
     return moved
 
 

@@ -71,9 +71,9 @@ class Detector(nn.Module):
         """
         return self.head.loss(outputs, batch["targets"], update_normalizer=False)
 
-    def count_positives(self, batch: dict) -> int:
+    def count_positives(self, batch: dict) -> torch.Tensor:
         """The positive points the batch's targets give (what ``loss`` counts), without a
-        forward pass."""
+        forward pass: a 0-dim tensor on the device of the batch's mask."""
         return self.head.count_positives(batch["mask"], batch["targets"])
 
     def update_loss_normalizer(self, num_positives: float) -> None:

@@ -348,7 +348,8 @@ class Trainer:
             totals += torch.stack([losses["total"].detach().double(),
                                    losses["num_positives"].double()])
         # Every process sees the same global totals, so all of them stop together on a bad loss.
-        loss, num_positives = distributed.sum_across(self.world, totals).tolist()
+        totals = distributed.sum_across(self.world, totals)
+        loss = totals[0].item()  # the step's one host sync
         if not math.isfinite(loss):
             videos = [s["video"] for batch in micro_batches for s in batch["samples"]]
             raise input_error(self.store.path, f"non-finite loss at epoch {epoch + 1} in the "
@@ -359,16 +360,19 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if config.train.normalizer_update == "after":
-            self.model.update_loss_normalizer(num_positives)
+            self.model.update_loss_normalizer(totals[1])
         update_ema(self.ema, self.model, config.optim.ema_decay)
         self.step += 1
         return loss
 
     def _global_positives(self, micro_batches) -> torch.Tensor:
-        """Positive points of the whole global batch, known from the (host) targets alone; left
-        on the device, so that the step keeps its one host sync."""
-        count = sum(self.model.count_positives(batch) for batch in micro_batches)
-        return distributed.sum_across(self.world, torch.tensor(count, dtype=torch.float64))
+        """Positive points of the whole global batch, known from the targets alone; counted
+        and left on the device, so that the step keeps its one host sync."""
+        device = self.world.device
+        count = sum(self.model.count_positives(
+            {"mask": batch["mask"].to(device, non_blocking=True), "targets": batch["targets"]})
+            for batch in micro_batches)
+        return distributed.sum_across(self.world, count.double())
 
     def _fused_adamw(self) -> bool:
         """One kernel for the whole update on CUDA; CPU keeps the reference implementation."""
