@@ -27,8 +27,9 @@ def decode_level(cls_logits, offsets, mask, stride: int, score_threshold: float,
     position = point.to(torch.float32) * stride
     distance = offsets[point].float() * stride
     segments = torch.stack([position - distance[:, 0], position + distance[:, 1]], dim=1)
-    long_enough = (segments[:, 1] - segments[:, 0]) > min_duration
-    return segments[long_enough], scores[keep][long_enough], label[long_enough]
+    # Selected by index, not by mask: one wait for the device to learn the count, not three.
+    chosen = torch.nonzero((segments[:, 1] - segments[:, 0]) > min_duration).squeeze(1)
+    return segments[chosen], scores[keep[chosen]], label[chosen]
 
 
 def postprocess(out: dict, strides, score_threshold: float = DEFAULT.score_threshold,

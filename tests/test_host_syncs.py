@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import slow_except
-from helpers.syncs import TORCH_DIR, SyncCounter
+from helpers.syncs import SyncCounter, reads_optimizer_step_counts
 from helpers.training import tiny_config
 from training.train import Trainer, train
 
@@ -51,13 +51,6 @@ def test_the_counter_records_nothing_for_calls_that_do_not_wait(name):
     assert syncs.events == [], syncs.report()
 
 
-def reads_adamw_step_counts(event) -> bool:
-    """AdamW's reference implementation (the trainer's on the CPU) keeps its step counts as
-    host tensors and reads them: on a GPU these reads wait for nothing, and the fused AdamW the
-    trainer uses on CUDA keeps the counts on the device and reads none (the next test)."""
-    return event.origin.startswith(str(TORCH_DIR / "optim"))
-
-
 def test_the_fused_adamw_that_cuda_training_uses_reads_nothing_back():
     params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
     for fused in (True, False):
@@ -70,7 +63,7 @@ def test_the_fused_adamw_that_cuda_training_uses_reads_nothing_back():
             if fused:
                 assert syncs.events == [], syncs.report()
             else:
-                assert syncs.events and all(map(reads_adamw_step_counts, syncs.events))
+                assert syncs.events and all(map(reads_optimizer_step_counts, syncs.events))
 
 
 @pytest.mark.parametrize("case", slow_except(["losa", "head_only", "head_only/after"],
@@ -85,7 +78,7 @@ def test_an_optimizer_step_waits_for_the_device_once(dataset_files, tmp_path, mo
     def counted(self, *args):
         with SyncCounter() as syncs:
             loss = optimizer_step(self, *args)
-        step_events.append([e for e in syncs.events if not reads_adamw_step_counts(e)])
+        step_events.append([e for e in syncs.events if not reads_optimizer_step_counts(e)])
         return loss
 
     monkeypatch.setattr(Trainer, "_optimizer_step", counted)
@@ -100,3 +93,17 @@ def test_an_optimizer_step_waits_for_the_device_once(dataset_files, tmp_path, mo
         # the read of the step's loss, summed over micro-batches and processes on the device
         assert events[0].kind == "item()" and "training/train.py:" in events[0].caller
 
+
+
+def test_the_forward_pass_never_waits_and_decoding_waits_twice_per_level_and_video():
+    from head import ActionFormerHead
+
+    torch.manual_seed(0)
+    head = ActionFormerHead(16, 3, embed_dim=32, num_heads=2, window=5, max_seq_len=128).eval()
+    x, mask = torch.randn(2, 128, 16), torch.ones(2, 128, dtype=torch.bool)
+    with torch.no_grad(), SyncCounter() as forward:
+        out = head(x, mask)
+    assert forward.events == [], forward.report()
+    with SyncCounter() as decoding:   # candidates before NMS, as training/infer.py asks for them
+        head.predict(out, nms_method="none")
+    assert [e.kind for e in decoding.events] == ["nonzero"] * (2 * len(head.strides) * 2)

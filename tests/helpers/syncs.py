@@ -98,6 +98,13 @@ def _within(filename: str, path: Path) -> bool:
     return Path(filename).resolve().is_relative_to(path)
 
 
+def reads_optimizer_step_counts(event: SyncEvent) -> bool:
+    """A read made inside torch.optim: AdamW's reference implementation (the trainer's on the
+    CPU) keeps its step counts as host tensors and reads them, which waits for nothing on a GPU;
+    the fused AdamW the trainer uses on CUDA keeps them on the device and reads none."""
+    return event.origin.startswith(str(TORCH_DIR / "optim"))
+
+
 class _ReadMode(TorchFunctionMode):
     def __init__(self, counter):
         super().__init__()
