@@ -46,9 +46,6 @@ class Targets:
     segments: torch.Tensor
     labels: torch.Tensor
 
-    def __len__(self) -> int:
-        return self.labels.shape[0]
-
     def pin_memory(self) -> "Targets":
         """In page-locked memory (the DataLoader calls this with ``pin_memory``)."""
         return Targets(self.segments.pin_memory(), self.labels.pin_memory())
