@@ -25,6 +25,10 @@ SYNCING = {
     "masked_select": lambda: torch.masked_select(X, X > 2),
     "unique": lambda: torch.unique(X),
     "repeat_interleave": lambda: torch.repeat_interleave(X, ONES),
+    # from pageable host memory to another device (meta stands in for a GPU here)
+    "blocking copy to a device": lambda: X.to("meta"),
+    "non-blocking copy from pageable memory": lambda: X.to("meta", non_blocking=True),
+    "copy into a device tensor": lambda: torch.empty(6, device="meta").copy_(X),
 }
 SYNC_FREE = {
     "masked sum": lambda: torch.where(X > 2, X, 0.0).sum(),

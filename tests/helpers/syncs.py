@@ -157,10 +157,10 @@ def sync_kind(func, args, kwargs, result) -> str | None:
 def _copy_sync(func, args, kwargs, result) -> str | None:
     """A copy to the host always waits; one to the device waits unless it is non-blocking from
     page-locked memory (from pageable memory the driver may first wait to stage it)."""
-    if func is aten.copy_.default:
-        target, source = args[0], args[1]
-    else:
+    if func is aten._to_copy.default:
         source, target = args[0], result
+    else:  # copy_(self, src) and copy(self, src): src onto self's device
+        target, source = args[0], args[1]
     if source.device == target.device:
         return None
     non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
