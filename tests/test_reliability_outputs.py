@@ -58,7 +58,7 @@ def infer_args(run, out):
 
 
 def evaluate_args(run, predictions, out):
-    return ["evaluate", "--gt", run["annotations"], "--preds", predictions, "--subset",
+    return ["evaluate", "--annotations", run["annotations"], "--preds", predictions, "--subset",
             "training", "--json", out]
 
 
