@@ -60,8 +60,11 @@ def open_filesystem(location: str, options: dict, asynchronous: bool = False):
     """``(file system, root path)`` of the store at URL ``location``; its own instance, so that
     closing it (:func:`close_filesystem`) cannot pull a session from under another user.
     ``asynchronous=True`` gives one for Zarr's event loop. One never closed is closed at exit."""
+    import importlib
+
     import fsspec
-    import zarr.core.sync  # noqa: F401 (its exit hook, which stops the loop, must come first)
+
+    importlib.import_module("zarr.core.sync")  # its exit hook (stopping Zarr's loop) comes first
 
     options = {**options, "skip_instance_cache": True}
     if location.split("://", 1)[0].lower() in ("http", "https"):
