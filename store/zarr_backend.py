@@ -409,14 +409,20 @@ class ZarrBackend:
         return _parse_json(found)
 
     def _read_bytes(self, relatives: list[str]) -> list:
-        """Contents of small files (None where absent); URL reads go out concurrently."""
+        """Contents of small files (None where absent); URL reads go out concurrently. A read
+        that failed otherwise (no answer, a server error) is raised: a commit the server did not
+        deliver is not a missing video."""
         if not relatives:
             return []
         if self._fs is None:
             return [_read_file(os.path.join(self._root, path)) for path in relatives]
         paths = [f"{self._root}/{path}" for path in relatives]
-        found = self._fs.cat(paths, on_error="omit")
-        return [found.get(path) for path in paths]
+        found = self._fs.cat(paths, on_error="return")
+        for data in found.values():
+            if isinstance(data, BaseException) and not isinstance(data, FileNotFoundError):
+                raise data
+        return [None if isinstance(found.get(path), BaseException) else found.get(path)
+                for path in paths]
 
 
 class ZarrStaging:

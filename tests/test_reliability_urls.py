@@ -276,6 +276,23 @@ def test_a_failing_server_is_one_line(server, failure, target):
     assert "bad:" not in result.output  # the server failed, not the videos
 
 
+@pytest.mark.parametrize("command", ["info", "verify", "train"])
+def test_a_commit_record_the_server_fails_to_deliver_is_not_a_missing_video(server, tmp_path,
+                                                                             command):
+    server.fail(503, "commits/a")
+    args = ["store", command, server.store] if command != "train" else \
+        ["train", "--store", server.store, "--config", write_config(tmp_path / "c.json",
+                                                                   tiny_config()),
+         "--annotations", write_annotations(tmp_path / "gt.json", {
+             vid: {"subset": "training", "times": np.arange(5) / 7.5 + 0.27,
+                   "annotations": [{"segment": [0.3, 0.6], "label": "x"}]}
+             for vid in ("a", "b c")}), "--out", tmp_path / "run", "--quiet"]
+    result = CliRunner().invoke(cli.main, [*map(str, args), *QUICK])
+    assert result.exit_code == 2, result.output  # never a store listed without video 'a'
+    assert_one_line(result, server.store, "the server failed")
+    assert "skipping" not in result.output and "bad:" not in result.output, result.output
+
+
 @pytest.mark.parametrize("failure", [503, "cut", "silent"])
 def test_a_failure_the_next_try_does_not_see_is_retried(server, failure):
     server.fail(failure, "/last/c/", times=1)
