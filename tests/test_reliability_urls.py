@@ -243,6 +243,24 @@ def test_a_server_that_stops_answering_is_one_line_within_seconds(server, target
         assert server.hits == 2  # the first try and one retry, then the command stops
 
 
+@pytest.mark.parametrize("path", ["/last/c/", "/times/c/"])
+def test_training_on_a_server_that_stops_answering_ends_in_one_line(tmp_path, path):
+    videos = {**synthetic_videos(2, "training"), **synthetic_videos(1, "validation", first=2)}
+    write_store(tmp_path / "www" / "store.zarr", videos)
+    annotations = write_annotations(tmp_path / "gt.json", videos)
+    config = write_config(tmp_path / "config.json", tiny_config(train={"epochs": 1}))
+    with serve_directory(tmp_path / "www") as running:
+        running.fail("silent", path)
+        started = time.monotonic()
+        result = CliRunner().invoke(cli.main, [
+            "train", "--config", str(config), "--store", f"{running.url}/store.zarr",
+            "--annotations", str(annotations), "--out", str(tmp_path / "run"), "--quiet",
+            *QUICK])
+        took = time.monotonic() - started
+    assert result.exit_code == 2 and took < 30, (took, result.output)
+    assert_one_line(result, f"{running.url}/store.zarr", "the server stopped answering")
+
+
 def test_a_socket_that_never_answers_is_one_line():
     with silent_socket() as base:
         result = CliRunner().invoke(cli.main, ["store", "info", f"{base}/s.zarr", *QUICK])
