@@ -17,7 +17,7 @@ import numpy as np
 
 from losa_tal import InputError, input_error
 
-from .errors import storage_errors
+from .errors import remote_errors, storage_errors
 from .hdf5_backend import Hdf5Backend
 from .locks import NO_LOCKS, try_claim
 from .meta import (LAST, TIMES_KEY, array_key, checked_meta, meta_differences, new_meta,
@@ -254,9 +254,11 @@ class FeatureStore:
 
     @contextlib.contextmanager
     def _reading(self, video_id, key):
-        """Backend read errors (checksum mismatch, unreadable file) become InputErrors."""
+        """Backend read errors (checksum mismatch, unreadable file) become InputErrors; a URL
+        store's server failing is about the store, not this video (errors.RemoteFailure)."""
         try:
-            with self._backend.reading():
+            with remote_errors(self.path, f"cannot read video {video_id!r}"), \
+                    self._backend.reading():
                 yield
         except InputError:
             raise

@@ -36,7 +36,7 @@ import warnings
 
 import numpy as np
 
-from losa_tal import input_error
+from losa_tal import InputError, input_error
 
 from . import locks
 from .errors import describe_os_error
@@ -69,6 +69,7 @@ class Hdf5Backend:
         self._journal = os.path.join(self._writers, "publish.journal")
         self._handle = None
         self._complete = {}
+        self._listed = False  # whether the videos were listed once (committed_names)
         self._staging = None
 
     # -- creation --------------------------------------------------------------------------------
@@ -102,7 +103,7 @@ class Hdf5Backend:
             return False
 
     def read_meta(self):
-        with self.reading():
+        with self._reading_metadata():
             raw = self._handle.attrs.get(ROOT_META_KEY)
         if raw is None:
             return None
@@ -145,10 +146,26 @@ class Hdf5Backend:
                                   "it needs one access with write permission to be rolled back "
                                   f"({describe_os_error(err)})") from err
 
+    @contextlib.contextmanager
+    def _reading_metadata(self):
+        """``reading()``, where what the HDF5 library raises on a damaged index, name heap or
+        attribute (RuntimeError, KeyError, ValueError, an OSError without errno) is one line
+        naming the file; a video's own data is checked where it is read."""
+        try:
+            with self.reading():
+                yield
+        except InputError:
+            raise
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as err:
+            if isinstance(err, OSError) and err.errno is not None:
+                raise  # the disk, not the file: storage_errors says which
+            raise _damaged(self.location, " ".join(str(err).split())[:200]) from err
+
     def committed_names(self) -> list[str]:
-        with self.reading():
+        with self._reading_metadata():
             for name in self._videos():
                 self._remember_if_complete(name)
+        self._listed = True
         return list(self._complete)
 
     def prefetch(self, names: list[str]):
@@ -159,7 +176,9 @@ class Hdf5Backend:
 
     def record(self, name: str):
         if name not in self._complete:
-            with self.reading():
+            if not self._listed:  # a lookup by name misses a damaged name heap; a listing not
+                self.committed_names()
+            with self._reading_metadata():
                 self._remember_if_complete(name)
         return self._complete.get(name)
 
@@ -176,9 +195,12 @@ class Hdf5Backend:
         self._complete[name] = record if isinstance(record, dict) else {"complete": True}
 
     def _videos(self):
-        """The open file's video groups (none if a damaged or edited file lacks the group)."""
+        """The open file's video groups. Every store has the group (it is created with the
+        file), so a file without it is damaged, not empty."""
         group = self._handle.get(VIDEOS)
-        return group if isinstance(group, _h5py().Group) else {}
+        if not isinstance(group, _h5py().Group):
+            raise _damaged(self.location, f"no /{VIDEOS} group")
+        return group
 
     def array(self, name: str, key: str):
         """The dataset (valid inside ``reading()`` only), or None."""
@@ -187,13 +209,13 @@ class Hdf5Backend:
         return dataset if isinstance(dataset, _h5py().Dataset) else None
 
     def incomplete_videos(self) -> list[str]:
-        with self.reading():
+        with self._reading_metadata():
             names = list(self._videos())
         return sorted(set(names) - set(self.committed_names()))
 
     # -- documents (the plan): attributes of one group, appended like a video ----------------------
     def read_documents(self, folder: str) -> list[tuple[str, bytes]]:
-        with self.reading():
+        with self._reading_metadata():
             group = self._handle.get(folder)
             if not isinstance(group, _h5py().Group):
                 return []
@@ -282,6 +304,11 @@ class Hdf5Backend:
         if self._staging is not None:
             self._staging.close()
             self._staging = None
+
+
+def _damaged(location, problem: str):
+    return input_error(location, f"damaged HDF5 metadata ({problem}); restore the file from a "
+                       "copy, or extract into a new store")
 
 
 def _is_marked_complete(group) -> bool:

@@ -3,7 +3,9 @@
 Ids are arbitrary strings (unicode, ``/``, ``../x``). Every character outside ``[A-Za-z0-9._-]``
 is percent-encoded as UTF-8 bytes, and so is a leading ``.`` or ``_`` (no ``.``/``..``, no hidden
 or reserved names), so the name is a single, inert path component that decodes back to the id.
-Ids of ordinary datasets (``video_test_0000004``) keep their own name. A name that would exceed
+A name the store keeps beside the videos' (``RESERVED_PREFIXES``) gets its first character
+encoded too, so no id can replace, or hide among, the store's own files. Ids of ordinary
+datasets (``video_test_0000004``) keep their own name. A name that would exceed
 ``MAX_NAME`` characters is cut and suffixed with ``~`` and a hash of the id (``~`` never occurs
 in an encoded name); such a name cannot be decoded, so the store keeps every id in the video's
 attributes as well.
@@ -14,6 +16,9 @@ import string
 MAX_NAME = 200
 HASHED_MARK = "~"
 _SAFE = frozenset(string.ascii_letters + string.digits + "._-")
+# Zarr's group metadata (zarr_backend.METADATA_FILE) and the temporaries written beside it, which
+# sit in the videos folder; compared ignoring case, as a case-insensitive file system does.
+RESERVED_PREFIXES = ("zarr.json",)
 
 
 def encode_video_id(video_id: str) -> str:
@@ -26,6 +31,8 @@ def encode_video_id(video_id: str) -> str:
         else:
             parts.append("".join(f"%{byte:02X}" for byte in char.encode("utf-8", "surrogatepass")))
     name = "".join(parts)
+    if name.lower().startswith(RESERVED_PREFIXES):
+        name = f"%{ord(name[0]):02X}{name[1:]}"
     if len(name) > MAX_NAME:
         digest = hashlib.sha256(video_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
         name = f"{name[:MAX_NAME - 17]}{HASHED_MARK}{digest}"

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from losa_tal import InputError
 
+from .errors import RemoteFailure
+
 # Clips read at a time, so a long video with many layers never has to fit in memory at once.
 VERIFY_BLOCK_CLIPS = 1024
 
@@ -63,6 +65,8 @@ def video_problem(fs, video_id: str):
             return problem
         for start in range(0, info["num_clips"], VERIFY_BLOCK_CLIPS):
             fs.read(video_id, None, start, min(info["num_clips"], start + VERIFY_BLOCK_CLIPS))
+    except RemoteFailure:
+        raise  # the server failed, not the video: stop rather than call every video bad
     except InputError as err:
         message = str(err)
         return message[len(prefix):] if message.startswith(prefix) else message

@@ -42,7 +42,7 @@ import numpy as np
 from losa_tal import input_error
 
 from . import locks
-from .urls import is_url
+from .urls import close_filesystem, is_url, open_filesystem
 
 FORMAT_VERSION = 2
 ROOT_META_KEY = "losa_tal"
@@ -66,17 +66,16 @@ class ZarrBackend:
 
         self.location = str(location)
         if is_url(self.location):
-            import fsspec
-
             options = {"auto_mkdir": True} if self.location.startswith("file://") else {}
             options.update(storage_options or {})
             try:
-                self._fs, self._root = fsspec.core.url_to_fs(self.location, **options)
-                self._store = zarr.storage.FsspecStore.from_url(
-                    self.location, storage_options=options, read_only=not writable)
+                self._fs, self._root = open_filesystem(self.location, options)
+                store_fs, _ = open_filesystem(self.location, options, asynchronous=True)
             except (ImportError, ValueError) as err:  # unknown protocol, missing driver
                 raise input_error(self.location, f"cannot open this URL: {err}") from None
             self._root = self._root.rstrip("/")
+            self._store = zarr.storage.FsspecStore(store_fs, path=self._root,
+                                                   read_only=not writable)
             protocols = self._fs.protocol
             protocols = (protocols,) if isinstance(protocols, str) else protocols
             # file:// URLs have a POSIX file system underneath: locks and links work there.
@@ -376,6 +375,9 @@ class ZarrBackend:
 
     def close(self):
         self._arrays.clear()
+        if self._fs is not None:
+            close_filesystem(self._fs)
+            close_filesystem(self._store.fs)
 
     # -- file-system access ----------------------------------------------------------------------
     def _list(self, relative: str) -> list[str]:
@@ -407,14 +409,20 @@ class ZarrBackend:
         return _parse_json(found)
 
     def _read_bytes(self, relatives: list[str]) -> list:
-        """Contents of small files (None where absent); URL reads go out concurrently."""
+        """Contents of small files (None where absent); URL reads go out concurrently. A read
+        that failed otherwise (no answer, a server error) is raised: a commit the server did not
+        deliver is not a missing video."""
         if not relatives:
             return []
         if self._fs is None:
             return [_read_file(os.path.join(self._root, path)) for path in relatives]
         paths = [f"{self._root}/{path}" for path in relatives]
-        found = self._fs.cat(paths, on_error="omit")
-        return [found.get(path) for path in paths]
+        found = self._fs.cat(paths, on_error="return")
+        for data in found.values():
+            if isinstance(data, BaseException) and not isinstance(data, FileNotFoundError):
+                raise data
+        return [None if isinstance(found.get(path), BaseException) else found.get(path)
+                for path in paths]
 
 
 class ZarrStaging:

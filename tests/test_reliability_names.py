@@ -1,11 +1,13 @@
 """Names that are not what they seem: in a video folder, a file name that is not UTF-8, a
 symbolic link to nothing and a directory, each with a video extension; in a store, an id with a
-newline. Each must be reported by name or shown escaped, never a codec error, silence, or a
-broken table."""
+newline, and ids that spell the store's own file names (``zarr.json...``). Each must be reported
+by name, shown escaped or kept under a name of its own, never a codec error, silence, a lost
+video or a broken table."""
 import json
 import os
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 import cli
@@ -49,3 +51,44 @@ def test_store_info_shows_an_id_with_a_newline_on_one_row(tmp_path):
     assert result.exit_code == 0, result.output
     rows = result.output.splitlines()[-3:]
     assert [row.split()[0] for row in rows] == ["plain", "'tab\\there'", "'two\\nlines'"], rows
+
+
+# Ids that spell Zarr's metadata file or start like it (or its temporaries), in any case.
+METADATA_LIKE_IDS = ["zarr.json", "zarr.json.bak", "ZARR.JSON", "Zarr.Json.tmp", "zarr.jsonl",
+                     "zarr", "video_test_0000004"]
+
+
+@pytest.mark.parametrize("store_format", ["zarr", "hdf5"])
+def test_ids_that_spell_the_stores_own_names_are_imported_listed_and_exported(tmp_path,
+                                                                                store_format):
+    features = tmp_path / "features"
+    features.mkdir()
+    rng = np.random.default_rng(0)
+    arrays = {vid: rng.standard_normal((6, 4)).astype(np.float32) for vid in METADATA_LIKE_IDS}
+    for vid, values in arrays.items():
+        np.save(features / f"{vid}.npy", values)
+    store = tmp_path / ("s.zarr" if store_format == "zarr" else "s.h5")
+    runner = CliRunner()
+    imported = runner.invoke(cli.main, ["store", "import", str(features), "--out", str(store),
+                                        "--fps", "30"])
+    assert imported.exit_code == 0 and "Traceback" not in imported.output, imported.output
+    assert f"imported {len(arrays)} video(s)" in imported.output, imported.output
+    with FeatureStore.open(store) as fs:
+        assert fs.videos() == sorted(arrays)
+    verified = runner.invoke(cli.main, ["store", "verify", str(store)])
+    assert verified.exit_code == 0, verified.output
+    assert f"{len(arrays)} video(s) checked, 0 bad" in verified.output
+    exported = runner.invoke(cli.main, ["store", "export", str(store), "--out",
+                                        str(tmp_path / "out")])
+    assert exported.exit_code == 0, exported.output
+    again = runner.invoke(cli.main, ["store", "import", str(tmp_path / "out"), "--out",
+                                     str(tmp_path / "again.zarr"), "--fps", "30"])
+    assert again.exit_code == 0, again.output
+    with FeatureStore.open(tmp_path / "again.zarr") as fs:
+        assert fs.videos() == sorted(arrays)  # names decode back to the ids
+        for vid, values in arrays.items():
+            np.testing.assert_array_equal(fs.read(vid)[LAST], values)
+    if store_format == "zarr":  # no name looks like Zarr's own; ordinary names are unchanged
+        names = {path.name for path in (store / "commits").iterdir()}
+        assert len(names) == len(arrays) and {"video_test_0000004", "zarr"} <= names, names
+        assert not any(name.lower().startswith("zarr.json") for name in names), names

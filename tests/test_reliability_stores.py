@@ -5,7 +5,9 @@ lie about its shapes, dtype, layers, clip counts, frame rate or feature times. T
 a lab runs on shared stores, ``train``, ``infer``, ``store verify`` and ``store export``, are
 run on it through the real command line. Each must refuse with one ``error:`` line naming the
 store, or (for a lie about data it does not read) give exactly what the honest store gives:
-never a traceback, never a result computed from misread features.
+never a traceback, never a result computed from misread features. An HDF5 store whose own
+metadata (the library's index and name heaps) is damaged is one line saying so, never a
+traceback and never an empty store.
 """
 import json
 import shutil
@@ -134,3 +136,45 @@ def test_a_store_that_lies_is_refused_by_every_command(honest, tmp_path, lie):
     assert verified.exit_code in (1, 2) and "Traceback" not in verified.output
     assert (f"bad: {EDITED}: " in verified.stdout) if verified.exit_code == 1 else \
         verified.stderr.startswith(refusal)
+
+
+def hide_videos_group(data: bytearray, path: Path):
+    """Rename the root's link to /videos in its name heap (the first "videos" in the file)."""
+    at = data.index(b"videos\x00")
+    data[at:at + 6] = b"vidxos"
+
+
+def damage_videos_name_heap(data: bytearray, path: Path):
+    """Break the signature of the name heap of /videos, found through the group's header."""
+    import h5py
+
+    with h5py.File(path, "r") as handle:
+        header = h5py.h5o.get_info(handle["videos"].id).addr
+    heap = next(value for value in (int.from_bytes(data[at:at + 8], "little")
+                                    for at in range(header, header + 256))
+                if 0 < value < len(data) - 4 and data[value:value + 4] == b"HEAP")
+    data[heap:heap + 4] = b"XEAP"
+
+
+HDF5_DAMAGE = {"videos group hidden": hide_videos_group,
+               "videos name heap": damage_videos_name_heap}
+
+
+@pytest.mark.parametrize("damage", HDF5_DAMAGE)
+def test_damaged_hdf5_metadata_is_one_line_naming_the_file(tmp_path, damage):
+    videos = {**synthetic_videos(2, "training"), **synthetic_videos(1, "validation", first=2)}
+    store = write_store(tmp_path / "store.h5", videos)
+    annotations = write_annotations(tmp_path / "gt.json", videos)
+    config = write_config(tmp_path / "config.json", tiny_config(train={"epochs": 1}))
+    data = bytearray(store.read_bytes())
+    HDF5_DAMAGE[damage](data, store)
+    store.write_bytes(bytes(data))
+    paths = {"root": tmp_path, "store": store, "annotations": annotations, "config": config}
+    for name in ("info", "verify", "export", "train"):
+        args = ["store", "info", store] if name == "info" else \
+            command(name, paths, store, tmp_path / name)
+        result = invoke(args)
+        errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+        assert result.exit_code == 2 and "Traceback" not in result.output, (name, result.output)
+        assert len(errors) == 1 and errors[0].startswith(f"error: {store}: damaged HDF5 "
+                                                         "metadata"), (name, result.output)
