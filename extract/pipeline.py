@@ -610,6 +610,7 @@ class Extraction:
         self.batch = [part for part in self.batch if part[0] != video]
         self.batch_clips = sum(len(part[2]) for part in self.batch)
         self.summary.failed[video] = reason
+        self.store.record_failure(video, reason)
         tqdm.write(f"skipped video {video!r}: {reason}", file=sys.stderr)
         claims.release(video)
         self._feed()

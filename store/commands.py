@@ -86,10 +86,13 @@ def verify(path, storage_options, quiet):
         click.echo(f"note: {note}")
     for vid, problem in report.bad.items():
         click.echo(f"bad: {vid}: {problem}")
+    for vid, reason in report.failed.items():
+        click.echo(f"failed: {vid}: its source could not be extracted ({reason})")
     for vid in report.missing:
         click.echo(f"missing: {vid}: planned, not committed")
     click.echo(f"{report.checked} video(s) checked, {len(report.bad)} bad"
-               + (f", {len(report.missing)} planned but missing" if report.missing else ""))
+               + (f", {len(report.missing)} planned but missing" if report.missing else "")
+               + (f", {len(report.failed)} failed at extraction" if report.failed else ""))
     if not report.clean:
         click.get_current_context().exit(1)
 

@@ -27,6 +27,7 @@ from .urls import check_storage_options, is_url
 from .zarr_backend import ZarrBackend
 
 PLAN = "plan"
+FAILED = "failed"  # planned videos whose source could not be extracted
 BACKENDS = {"zarr": ZarrBackend, "hdf5": Hdf5Backend}
 HDF5_SUFFIXES = (".h5", ".hdf5")
 
@@ -371,6 +372,26 @@ class FeatureStore:
                 if self._backend.create_document(PLAN, part, json_bytes(new)):
                     return planned + new
             # Another writer recorded a part first: read it and add only what is still new.
+
+    def record_failure(self, video_id: str, reason: str) -> None:
+        """Record that a planned video could not be extracted (its source failed), so that
+        `store verify` tells it from a video no run has reached yet. The first reason stays."""
+        document = json_bytes({"video_id": video_id, "reason": reason})
+        with storage_errors(self.path, f"cannot record the failure of video {video_id!r}"):
+            self._backend.create_document(FAILED, encode_video_id(video_id), document)
+
+    def failed_videos(self) -> dict:
+        """``{video_id: reason}`` of the videos recorded as failed (committed ones included)."""
+        with storage_errors(self.path, "cannot read the store"):
+            parts = self._backend.read_documents(FAILED)
+        failed = {}
+        for _, data in parts:
+            try:
+                document = json.loads(data)
+                failed[document["video_id"]] = str(document["reason"])
+            except (ValueError, TypeError, KeyError):
+                continue  # a damaged failure note hides nothing: the video is then "missing"
+        return failed
 
     # -- maintenance -----------------------------------------------------------------------------
     def leftovers(self, older_than: float) -> list[tuple[str, float]]:

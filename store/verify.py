@@ -16,7 +16,8 @@ VERIFY_BLOCK_CLIPS = 1024
 class VerifyReport:
     checked: int = 0
     bad: dict = field(default_factory=dict)  # video id -> problem
-    missing: list = field(default_factory=list)  # planned but not committed
+    missing: list = field(default_factory=list)  # planned, not committed, not failed
+    failed: dict = field(default_factory=dict)  # planned, not committed: id -> why its source failed
     notes: list = field(default_factory=list)  # things readers ignore but a user should know
 
     @property
@@ -27,7 +28,9 @@ class VerifyReport:
 def verify_store(fs, progress: bool = False) -> VerifyReport:
     """Check every committed video: its commit and record, times (finite, increasing, within
     the recorded duration), every layer's shape, dtype and values (finite; checksums on every
-    chunk); then list the planned videos that are not committed."""
+    chunk); then list the planned videos that are not committed: those whose source failed
+    (recorded by extraction, with the reason; the store is right not to hold them) apart from
+    the missing ones (no run has committed them: the store is incomplete)."""
     from tqdm import tqdm
 
     report = VerifyReport()
@@ -40,7 +43,10 @@ def verify_store(fs, progress: bool = False) -> VerifyReport:
             report.checked += 1
     planned = fs.planned_videos()
     if planned is not None:
-        report.missing = sorted(set(entry["video_id"] for entry in planned) - set(committed))
+        absent = set(entry["video_id"] for entry in planned) - set(committed)
+        failed = fs.failed_videos()
+        report.failed = {vid: failed[vid] for vid in sorted(absent & set(failed))}
+        report.missing = sorted(absent - set(failed))
     incomplete = fs.incomplete_videos()
     if incomplete:
         report.notes.append(f"{len(incomplete)} uncommitted video(s) ignored by readers (a writer "

@@ -80,14 +80,17 @@ def finish(process, timeout=300):
 
 
 def verify(store):
-    """``python cli.py store verify`` (in process): every complete video right, and reported
-    missing exactly the planned videos not committed (a run stopped before them, or files that
-    cannot be decoded), with exit status 1 then."""
+    """``python cli.py store verify`` (in process): every complete video right; the planned
+    videos not committed reported as failed (files that cannot be decoded, with the reason the
+    run recorded) or missing (a run stopped before them), exit status 1 only for missing."""
     result = CliRunner().invoke(main, ["store", "verify", str(store)])
     fs = FeatureStore.open(store)
     planned = {entry["video_id"] for entry in fs.planned_videos() or []}
+    absent = planned - set(fs.videos())
+    failed = set(re.findall(r"failed: (\S+): its source could not be extracted", result.output))
     missing = set(re.findall(r"missing: (\S+): planned, not committed", result.output))
-    assert missing == planned - set(fs.videos()), result.output
+    assert failed == absent & set(fs.failed_videos()) and missing == absent - failed, \
+        result.output
     assert result.exit_code == (1 if missing else 0) and "bad:" not in result.output, \
         result.output
     return result
@@ -372,4 +375,9 @@ def test_all_hostile_videos_at_once_through_the_command_line(backbone_file, tmp_
         assert f"  failed: {names[kind]}: {HOSTILE[kind]}" in stdout, stdout
     extracted = {Path(names[k]).stem for k, reason in HOSTILE.items() if reason is None}
     assert set(FeatureStore.open(store).videos()) == extracted | {"good"}
+    # Each failure is recorded with its reason: verify tells them from videos not yet reached.
+    recorded = FeatureStore.open(store).failed_videos()
+    assert set(recorded) == {Path(names[kind]).stem for kind in failed}
+    for kind in failed:
+        assert HOSTILE[kind] in recorded[Path(names[kind]).stem]
     verify(store)
