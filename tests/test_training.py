@@ -371,7 +371,7 @@ def test_a_run_remembers_its_inputs_and_infer_run_alone_uses_them(dataset_files,
     monkeypatch.chdir(elsewhere)
     code, output = run_cli(["infer", "--run", str(work / "run"), "--out", "preds.json",
                             "--quiet"])
-    assert code == 0, output
+    assert code == 0 and "; predicted on cpu (" in output, output  # the device used, said
     predictions = json.loads((elsewhere / "preds.json").read_text())["results"]
     assert set(predictions) == {"video_004", "video_005"}
     code, output = run_cli(["infer", "--run", str(work / "run"), "--store", "nowhere.zarr",

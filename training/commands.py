@@ -102,7 +102,9 @@ def train(config_path, store_path, annotations_path, out_dir, model_type, epochs
 def infer(run_dir, checkpoint_path, store_path, annotations_path, subset, out_path, device,
           scores_path, topk, storage_options, quiet):
     """Predict action segments for a subset with a trained checkpoint."""
+    import losa_distributed
     from losa_tal import InputError
+    from training.infer import inference_device
     from training.infer import infer as run_inference
 
     if (run_dir is None) == (checkpoint_path is None):
@@ -113,7 +115,8 @@ def infer(run_dir, checkpoint_path, store_path, annotations_path, subset, out_pa
                                     video_scores=scores_path, topk=topk,
                                     storage_options=storage_options)
     count = sum(len(v) for v in predictions["results"].values())
-    click.echo(f"wrote {count} segments for {len(predictions['results'])} videos to {out_path}")
+    click.echo(f"wrote {count} segments for {len(predictions['results'])} videos to {out_path}; "
+               + losa_distributed.device_line(inference_device(device), "predicted"))
 
 
 @click.command()

@@ -28,6 +28,11 @@ from training.detector import Detector
 from training.inputs import open_annotations, open_store, recorded_input, resolve_subset
 
 
+def inference_device(device=None) -> torch.device:
+    """The device given, else the GPU where there is one (the command prints which)."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def infer(run_or_checkpoint, store_path=None, annotations_path=None, subset=None,
           out_path=None, device=None, progress: bool = False, video_scores=None,
           topk=None, storage_options=None) -> dict:
@@ -47,7 +52,7 @@ def infer(run_or_checkpoint, store_path=None, annotations_path=None, subset=None
         inputs.get("annotations"), config.data.annotations))
     layers = state["store"]["layers"]
     model = build_trained_detector(state, config, store, path)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = inference_device(device)
     name = resolve_subset(annotations, subset or config.eval.subset, train=False)
     dataset = StoreDataset(store, annotations, name, state["classes"], layers, config.data,
                            train=False)
