@@ -60,18 +60,44 @@ class ConvNormReLU(nn.Module):
 
 
 
-def attention_mask(query_mask, key_mask, window: int) -> torch.Tensor:
-    """[B, T, T] bool: query t may attend to valid keys within window//2 steps of t (all valid
-    keys with GLOBAL_WINDOW).
+def banded_attention(q, k, v, key_mask, window: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v where query t sees only keys t-w..t+w (w = window // 2).
 
-    Padded queries may attend anywhere: an empty softmax row would give NaN, and their outputs
-    are zeroed anyway.
+    q, k, v [B, heads, T, d]; key_mask [B, T] bool. The sequence is cut into blocks of 2w
+    queries; each block's scores are taken against its 2w keys and the w on either side
+    ([2w, 4w] per block), so memory and time grow as T x window, never T x T. As in ActionFormer,
+    a padded key adds -1e4 to its score (keys beyond either end of the sequence count as
+    padded), keys outside the band are left out, and every query sees at least itself, so no
+    row is empty.
     """
-    allowed = key_mask.unsqueeze(1)
-    if window != GLOBAL_WINDOW:
-        positions = torch.arange(key_mask.shape[1], device=key_mask.device)
-        allowed = allowed & ((positions[:, None] - positions[None, :]).abs() <= window // 2)
-    return allowed | ~query_mask.unsqueeze(-1)
+    half = window // 2
+    block = 2 * half
+    length = q.shape[2]
+    extra = -length % block  # a level's length is a multiple of 2w in the head; others pad
+    blocks = (length + extra) // block
+    scale = q.shape[-1] ** -0.5
+    q = F.pad(q * scale, (0, 0, 0, extra)).unflatten(2, (blocks, block))
+    k, v = (F.pad(t, (0, 0, half, half + extra)).unfold(2, block + 2 * half, block)
+            for t in (k, v))                                  # [B, h, blocks, d, 4w] views
+    key_bias = F.pad((~key_mask).to(q.dtype) * -1e4, (half, half + extra), value=-1e4)
+    key_bias = key_bias.unfold(1, block + 2 * half, block)   # [B, blocks, 4w]
+    # Key j of a block is step j - w of its first query: query i sees j in [i, i + 2w].
+    offset = torch.arange(block + 2 * half, device=q.device) - torch.arange(block,
+                                                                            device=q.device)[:, None]
+    band = torch.zeros(offset.shape, dtype=q.dtype, device=q.device).masked_fill_(
+        (offset < 0) | (offset > 2 * half), float("-inf"))
+    scores = q @ k + (key_bias[:, None, :, None, :] + band)
+    out = scores.softmax(-1) @ v.transpose(-1, -2)
+    return out.flatten(2, 3)[:, :, :length]
+
+
+def attention(q, k, v, key_mask, window: int) -> torch.Tensor:
+    """Multi-head attention of queries over valid keys: within ``window`` (banded), or over the
+    whole sequence with GLOBAL_WINDOW. Rows of padded queries are computed but meaningless
+    (their outputs are zeroed afterwards)."""
+    if window == GLOBAL_WINDOW:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+    return banded_attention(q, k, v, key_mask, window)
 
 
 class LocalSelfAttention(nn.Module):
@@ -104,8 +130,7 @@ class LocalSelfAttention(nn.Module):
             y = getattr(self, name)(getattr(self, f"{name}_norm")(y))
             heads.append(y.unflatten(-1, (self.num_heads, -1)).transpose(1, 2))
         q, k, v = heads
-        allowed = attention_mask(out_mask, out_mask, self.window)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed.unsqueeze(1))
+        out = attention(q, k, v, out_mask, self.window)
         out = self.proj_drop(self.proj(out.transpose(1, 2).flatten(2)))
         return zero_padding(out, out_mask), out_mask
 

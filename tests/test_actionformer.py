@@ -6,7 +6,8 @@ import torch
 
 from head import ActionFormerHead
 from head.actionformer import actionformer_name, load_actionformer_weights
-from helpers.reference_actionformer import PtTransformer, batched_soft_nms, seg_voting
+from helpers.reference_actionformer import (PtTransformer, band_scores, band_times_values,
+                                            batched_soft_nms, seg_voting)
 
 IN_DIM, CLASSES = 16, 3
 RECIPES = {
@@ -146,6 +147,24 @@ def test_same_weights_give_actionformers_gradients(recipe):
         assert torch.allclose(param.grad, want, rtol=1e-4, atol=1e-6), name
         reached += bool(want.any())
     assert reached > 0.9 * len(theirs)   # (a level without positives leaves its scale alone)
+
+
+@pytest.mark.parametrize("half, length", [(1, 4), (2, 8), (9, 36), (9, 72)])
+def test_the_references_sliding_chunk_attention_is_the_banded_product(half, length):
+    # The yardstick's own check: its chunked computation against the plain dense one.
+    generator = torch.Generator().manual_seed(length)
+    q, k, v = (torch.randn(3, length, 5, generator=generator) for _ in range(3))
+    offset = torch.arange(length)[None, :] - torch.arange(length)[:, None]  # key - query
+    dense = (q @ k.transpose(1, 2)).masked_fill(offset.abs() > half, float("-inf"))
+    band = band_scores(q, k, half)
+    for j in range(2 * half + 1):  # column j: key t + j - half, -inf beyond the sequence
+        keys = torch.arange(length) + j - half
+        inside = (keys >= 0) & (keys < length)
+        want = torch.full((3, length), float("-inf"))
+        want[:, inside] = dense[:, inside.nonzero()[:, 0], keys[inside]]
+        assert torch.allclose(band[:, :, j], want, atol=1e-5)
+    assert torch.allclose(band_times_values(band.softmax(-1), v, half), dense.softmax(-1) @ v,
+                          atol=1e-5)
 
 
 def test_loading_accepts_training_checkpoints_and_prefers_the_ema_weights():

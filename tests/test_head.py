@@ -392,3 +392,41 @@ def test_head_config_is_the_constructor_signature_with_its_defaults():
     assert open_ranges(signature.pop("regression_ranges")) == \
         open_ranges(defaults.pop("regression_ranges"))
     assert signature == defaults
+
+
+@pytest.mark.parametrize("window, length, valid", [(3, 8, 8), (5, 13, 9), (19, 40, 40),
+                                                   (19, 36, 20), (-1, 30, 17)])
+def test_local_attention_equals_softmax_over_the_window_of_valid_keys(window, length, valid):
+    from head.blocks import attention
+
+    generator = torch.Generator().manual_seed(window + length)
+    q, k, v = (torch.randn(2, 3, length, 8, generator=generator) for _ in range(3))
+    mask = torch.arange(length)[None] < torch.tensor([length, valid])[:, None]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(8)
+    steps = torch.arange(length)
+    allowed = mask[:, None, None, :].expand_as(scores)
+    if window != -1:
+        allowed = allowed & ((steps[:, None] - steps[None, :]).abs() <= window // 2)
+    expected = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+    got = attention(q, k, v, mask, window)
+    rows = mask[:, None, :, None].expand_as(got)  # padded queries' rows are not defined
+    assert torch.allclose(got[rows], expected[rows], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_long_video_runs_in_memory_linear_in_its_length():
+    # 40,000 steps: a dense T x T attention mask alone would take 1.6 GB, its scores 6.4 GB.
+    from helpers.memory import peak_growth
+
+    growth = peak_growth("""
+        import torch
+        from head import ActionFormerHead
+        torch.set_num_threads(1)
+        head = ActionFormerHead(8, 3, embed_dim=16, num_heads=2).eval()
+        x = torch.randn(1, 40_000, 8)
+        """, """
+        with torch.no_grad():
+            out = head(x, torch.ones(1, 40_000, dtype=torch.bool))
+        assert out["cls_logits"][0].shape == (1, 40_320, 3)
+        """)
+    assert growth < 200 * 2**20, growth / 2**20

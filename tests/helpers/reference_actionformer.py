@@ -6,9 +6,12 @@ state-dict key names (``backbone.embd.0.conv.weight``, ``neck.fpn_norms.0.weight
 ``cls_head.cls_head.conv.bias``, ...), so that weights saved from it load into our head through
 ``head.actionformer.load_actionformer_weights`` exactly as an official checkpoint would. None of
 our shortcuts: its own LayerNorm over dim 1 with [1, C, 1] parameters, 1x1 Conv1d projections,
-the local attention as an explicit additive mask (-1e4 on padded keys as ActionFormer adds it,
--inf outside the window), masks multiplied in as float tensors, and Soft-NMS as the extension's
-swap-and-scan loop over one detection at a time. Written for these tests, not copied.
+the local attention as ActionFormer computes it (scores of overlapping 2w-step chunks copied
+into a band of 2w+1 diagonals, -1e4 added on padded keys, -inf beyond the sequence; the
+values multiplied chunk by chunk), masks multiplied in as float tensors, stochastic depth in
+training, and Soft-NMS as the extension's swap-and-scan loop over one detection at a time.
+Written for these tests, not copied. Having the official computation and tensor sizes
+throughout, it also stands for the official code in bench/head_speed.py.
 """
 import math
 
@@ -57,8 +60,58 @@ def sinusoid_encoding(n_position, dim):
     return torch.FloatTensor(table).unsqueeze(0).transpose(1, 2)
 
 
+def band_scores(q, k, half):
+    """ActionFormer's sliding-chunk product (after Longformer): [BH, T, d] x [BH, T, d] ->
+    [BH, T, 2w+1] with column j = q[t] . k[t + j - w] (w = ``half``), -inf where that key is
+    beyond either end. Computed, as there, from overlapping chunks of 2w steps (stride w):
+    one [2w, 2w] product per chunk, whose diagonals are copied into the band."""
+    bh, length, dim = q.shape
+    w, chunks = half, length // half - 1
+
+    def chunked(x):
+        return x.as_strided((bh, chunks, 2 * w, dim),
+                            (x.stride(0), w * x.stride(1), x.stride(1), x.stride(2)))
+
+    # Padded at the end (one copy, as ActionFormer pads too) so that the diagonal views of
+    # the last chunk may run past it; what they read there is masked below.
+    s = F.pad(torch.einsum("bcxd,bcyd->bcxy", chunked(q), chunked(k)).flatten(), (0, 2 * w * w))
+
+    def diagonals(offset, rows, cols, first=0, count=chunks):  # s[c, x, offset + x + j], a view
+        return s.as_strided((bh, count, rows, cols), (chunks * 4 * w * w, 4 * w * w, 2 * w + 1,
+                                                      1), first * 4 * w * w + offset)
+
+    band = s.new_full((bh, chunks + 1, w, 2 * w + 1), float("-inf"))
+    band[:, :-1, :, w:] = diagonals(0, w, w + 1)                  # block c, keys t..t+w
+    band[:, -1:, :, w:2 * w] = diagonals(2 * w * w + w, w, w, chunks - 1, 1)  # last: t..t+w-1
+    band[:, 1:, :, :w] = diagonals(2 * w * w, w, w)                 # block c, keys t-w..t-1
+    band[:, :1, 1:, :w] = diagonals(w + 1, w - 1, w, 0, 1)       # first: t-w..t-1
+    band = band.view(bh, length, 2 * w + 1)
+    offsets = torch.arange(2 * w + 1) - w
+    for rows, beyond in ((slice(0, w), torch.arange(w)[:, None] + offsets < 0),
+                         (slice(length - w, length),
+                          torch.arange(length - w, length)[:, None] + offsets >= length)):
+        band[:, rows] = band[:, rows].masked_fill(beyond, float("-inf"))
+    return band
+
+
+def band_times_values(probs, v, half):
+    """sum_j probs[t, j] v[t + j - w]: each block of w queries' band is laid out along the
+    diagonals of a [w, 3w] matrix and multiplied with the 3w values around the block."""
+    bh, length, dim = v.shape
+    w, blocks = half, length // half
+    padded = F.pad(v, (0, 0, w, w))
+    values = padded.as_strided((bh, blocks, 3 * w, dim),
+                               (padded.stride(0), w * dim, dim, 1))
+    spread = probs.new_zeros(bh, blocks, w, 3 * w)
+    spread.as_strided((bh, blocks, w, 2 * w + 1),
+                      (spread.stride(0), spread.stride(1), 3 * w + 1, 1)).copy_(
+        probs.view(bh, blocks, w, 2 * w + 1))
+    return torch.einsum("bcxy,bcyd->bcxd", spread, values).reshape(bh, length, dim)
+
+
 class MaskedMHCA(nn.Module):
-    """Both of ActionFormer's attentions: local (window > 1) or over the whole sequence."""
+    """Both of ActionFormer's attentions: local (window > 1, its sliding-chunk computation,
+    memory linear in T) or over the whole sequence."""
 
     def __init__(self, dim, n_head, window, stride, proj_pdrop):
         super().__init__()
@@ -82,16 +135,17 @@ class MaskedMHCA(nn.Module):
         v = self.value(self.value_norm(v))
         split = lambda t: t.view(B, self.n_head, C // self.n_head, -1).transpose(2, 3)  # noqa
         q, k, v = split(q), split(k), split(v)
-        att = (q * self.scale) @ k.transpose(-2, -1)                  # [B, h, T, T]
-        T = att.shape[-1]
         if self.window > 1:
-            offset = torch.arange(T)[:, None] - torch.arange(T)[None, :]
-            att = att.masked_fill(offset.abs() > self.window // 2, float("-inf"))
-            att = att + (~kv_mask[:, :, None, :]).float() * -1e4
-            att = F.softmax(att, dim=-1)
-            att = att.masked_fill(~kv_mask[:, :, :, None], 0.0)
-            out = att @ v
+            T, half = q.shape[2], self.window // 2
+            flat = lambda t: t.reshape(B * self.n_head, T, -1)  # noqa: E731
+            att = band_scores(flat(q * self.scale), flat(k), half).view(B, self.n_head, T, -1)
+            padded = (~kv_mask[:, 0, :, None]).float() * -1e4         # [B, T, 1]
+            att = att + band_scores(torch.ones_like(padded), padded, half)[:, None]
+            att = F.softmax(att, dim=-1).masked_fill(~kv_mask[:, :, :, None], 0.0)
+            out = band_times_values(att.view(B * self.n_head, T, -1), flat(v), half)
+            out = out.view(B, self.n_head, T, -1)
         else:
+            att = (q * self.scale) @ k.transpose(-2, -1)              # [B, h, T, T]
             att = att.masked_fill(~kv_mask[:, :, None, :], float("-inf"))
             out = F.softmax(att, dim=-1) @ (v * kv_mask[:, :, :, None].float())
         out = out.transpose(2, 3).contiguous().view(B, C, -1)
@@ -105,7 +159,11 @@ class AffineDropPath(nn.Module):
         self.drop_prob = drop_prob
 
     def forward(self, x):
-        return self.scale * x  # evaluation only: stochastic depth is the identity
+        x = self.scale * x
+        if not self.training or self.drop_prob == 0:
+            return x
+        keep = 1 - self.drop_prob  # stochastic depth: drop a whole sample's branch
+        return x.div(keep) * x.new_empty(x.shape[0], 1, 1).bernoulli_(keep)
 
 
 class TransformerBlock(nn.Module):
