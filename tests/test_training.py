@@ -264,6 +264,39 @@ def test_same_seed_same_weights_other_seed_other_weights(dataset_files, tmp_path
                            runs["c"]["model"]["head.cls_tower.predict.conv.weight"])
 
 
+def test_an_evaluation_failure_loses_no_finished_epoch(dataset_files, tmp_path, monkeypatch):
+    # The last epoch's evaluation runs out of memory (a long video did so with a dense
+    # attention): the epoch is already saved, and the failure is one line, not a traceback.
+    import training.infer
+
+    store_path, annotations_path = dataset_files
+    run, real_predict, saved_epochs = tmp_path / "run", training.infer.predict, []
+
+    def predict_running_out_of_memory(*args, **kwargs):
+        saved_epochs.append(ckpt.load(run / "last.pt")["epoch"])
+        if len(saved_epochs) == 2:
+            raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate "
+                               "123480309760 bytes.\nException raised from alloc_cpu")
+        return real_predict(*args, **kwargs)
+
+    monkeypatch.setattr(training.infer, "predict", predict_running_out_of_memory)
+    config = tiny_config(train={"epochs": 2}, eval={"every": 1, "subset": "training"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = train(config, store_path, annotations_path, run, progress=False)
+    assert saved_epochs == [1, 2]  # each epoch was on disk before its evaluation began
+    (failure,) = [str(w.message) for w in caught if "evaluation failed" in str(w.message)]
+    assert failure == ("epoch 2: evaluation failed (RuntimeError: DefaultCPUAllocator: not "
+                       "enough memory: you tried to allocate 123480309760 bytes.); the epoch "
+                       f"is kept in {run / 'last.pt'}")
+    assert ckpt.load(run / "last.pt")["epoch"] == 2
+    assert summary["best"]["epoch"] == ckpt.load(run / "best.pt")["epoch"] == 1
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [(r["event"], r["epoch"]) for r in log if r["event"].startswith("eval")] == [
+        ("eval", 1), ("eval_failed", 2)]
+    assert "average_map" not in [r for r in log if r["event"] == "epoch"][-1]
+
+
 def test_head_only_reads_a_store_without_intermediate_layers(tmp_path):
     videos = {**synthetic_videos(2, "training"), **synthetic_videos(1, "validation", first=2)}
     store_path = write_store(tmp_path / "last_only.zarr", videos, layers=())

@@ -288,14 +288,14 @@ class Trainer:
             loss = self._train_epoch(self.epoch)
             self.epoch += 1
             record = {"event": "epoch", "epoch": self.epoch, "step": self.step, "loss": loss}
-            improved = False
-            if self._evaluation_due():
-                average_map = self._evaluate()
+            # Saved before it is evaluated: no evaluation failure can lose a finished epoch.
+            self._save_checkpoints(improved=False)
+            average_map = self._evaluate() if self._evaluation_due() else None
+            if average_map is not None:
                 record["average_map"] = average_map
-                improved = self.best is None or average_map > self.best["average_map"]
-                if improved:
+                if self.best is None or average_map > self.best["average_map"]:
                     self.best = {"epoch": self.epoch, "average_map": average_map}
-            self._save_checkpoints(improved)
+                    self._save_checkpoints(improved=True)
             self._log(record)
 
     def _train_epoch(self, epoch) -> float:
@@ -397,13 +397,26 @@ class Trainer:
         every = self.config.eval.every
         return self.epoch == self.config.train.epochs or (every > 0 and self.epoch % every == 0)
 
-    def _evaluate(self) -> float:
-        """Average mAP of the EMA weights on the held-out videos.
+    def _evaluate(self) -> float | None:
+        """Average mAP of the EMA weights on the held-out videos, or None when the evaluation
+        failed (out of memory, say): one line says so and training goes on, its epoch saved.
 
         Each process predicts its share of the videos and every process receives all the
         detections, then scores them itself: every process keeps the same "best" record, and
         none waits idle in a collective while another evaluates the whole split.
         """
+        try:
+            return self._evaluation()
+        except Exception as error:  # noqa: BLE001 - any failure: the run keeps what it has
+            text = str(error).strip()
+            reason = f"{type(error).__name__}: {text.splitlines()[0]}" if text else \
+                type(error).__name__
+            self._log({"event": "eval_failed", "epoch": self.epoch, "error": reason})
+            warnings.warn(f"epoch {self.epoch}: evaluation failed ({reason}); the epoch is kept "
+                          f"in {self.out_dir / 'last.pt'}", stacklevel=2)
+            return None
+
+    def _evaluation(self) -> float:
         from training.infer import evaluate_predictions, predict
 
         predictions = predict(self.ema, self.eval_set, self.config.postprocess, self.world.device,
@@ -469,6 +482,9 @@ class Trainer:
         for group in self.optimizer.param_groups:  # the saved flag is the saving device's
             group["fused"] = self._fused_adamw()
         self.epoch, self.step, self.best = state["epoch"], state["step"], state.get("best")
+        best_path = path.with_name("best.pt")
+        if best_path.exists():  # newer than last.pt's record after a crash between the two
+            self.best = ckpt.load(best_path).get("best") or self.best
         self._log({"event": "resume", "epoch": self.epoch, "step": self.step})
 
     def _save_checkpoints(self, improved: bool):
@@ -481,8 +497,8 @@ class Trainer:
                 "store": ckpt.store_signature(self.store, self.layers), "best": self.best,
                 "inputs": self.inputs,
             }
-            # best.pt first: a crash in between leaves last.pt one epoch behind, and the
-            # resumed run repeats that epoch exactly and rewrites best.pt identically.
+            # best.pt first: a crash in between leaves last.pt without this best record,
+            # which _restore then takes from best.pt.
             if improved:
                 ckpt.save(self.out_dir / "best.pt", state)
             ckpt.save(self.out_dir / "last.pt", state)
