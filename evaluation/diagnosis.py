@@ -51,12 +51,12 @@ def classify_false_positives(evaluation) -> np.ndarray:
 def _best_overlaps(evaluation):
     """Highest tIoU of each detection with ground truth of its class and of other classes."""
     gt, detections = evaluation.gt, evaluation.detections
-    pair_det, pair_gt = pairs_with_equal_keys(detections.video, gt.video)
-    iou = pair_iou(detections.segments, gt.segments, pair_det, pair_gt)
-    same = gt.label[pair_gt] == detections.label[pair_det]
     best = np.zeros((2, len(detections.scores)))
-    np.maximum.at(best[0], pair_det[same], iou[same])
-    np.maximum.at(best[1], pair_det[~same], iou[~same])
+    for pair_det, pair_gt in pairs_with_equal_keys(detections.video, gt.video):
+        iou = pair_iou(detections.segments, gt.segments, pair_det, pair_gt)
+        same = gt.label[pair_gt] == detections.label[pair_det]
+        np.maximum.at(best[0], pair_det[same], iou[same])
+        np.maximum.at(best[1], pair_det[~same], iou[~same])
     return best[0], best[1]
 
 

@@ -25,8 +25,15 @@ def elementwise_tiou(pred_start, pred_end, gt_start, gt_end) -> np.ndarray:
     return inter / ((pred_end - pred_start) + (gt_end - gt_start) - inter)
 
 
+# Candidate pairs are built this many at a time (about 100 MB of index and tIoU arrays): a video
+# with 100,000 detections and 2,000 segments of one class holds 200 million pairs.
+PAIRS_PER_CHUNK = 1 << 22
+
+
 def pairs_with_equal_keys(pred_keys: np.ndarray, gt_keys: np.ndarray):
-    """Every (pred, gt) index pair whose keys (small non-negative ints) are equal.
+    """Every (pred, gt) index pair whose keys (small non-negative ints) are equal, yielded in
+    chunks of whole detections holding at most PAIRS_PER_CHUNK pairs (or one detection's), so
+    memory stays bounded however many pairs a key holds.
 
     Pairs come ordered by pred, then by gt index.
     """
@@ -36,10 +43,17 @@ def pairs_with_equal_keys(pred_keys: np.ndarray, gt_keys: np.ndarray):
     first_of_key = np.searchsorted(gt_keys[gt_order], np.arange(num_keys + 1))
     first = first_of_key[pred_keys]
     count = first_of_key[pred_keys + 1] - first
-    pair_pred = np.repeat(np.arange(len(pred_keys)), count)
-    pair_offset = np.arange(len(pair_pred)) - np.repeat(np.cumsum(count) - count, count)
-    pair_gt = gt_order[np.repeat(first, count) + pair_offset]
-    return pair_pred, pair_gt
+    pairs_before = np.r_[0, np.cumsum(count)]  # pairs of the detections before each one
+    start = 0
+    while start < len(pred_keys):
+        stop = max(int(np.searchsorted(pairs_before, pairs_before[start] + PAIRS_PER_CHUNK,
+                                       side="right")) - 1, start + 1)
+        chunk_count = count[start:stop]
+        pair_pred = np.repeat(np.arange(start, stop), chunk_count)
+        pair_offset = np.arange(len(pair_pred)) - np.repeat(
+            pairs_before[start:stop] - pairs_before[start], chunk_count)
+        yield pair_pred, gt_order[np.repeat(first[start:stop], chunk_count) + pair_offset]
+        start = stop
 
 
 def pair_iou(pred_segments, gt_segments, pair_pred, pair_gt) -> np.ndarray:
@@ -55,10 +69,8 @@ def greedy_match(pred_segments, pred_keys, gt_segments, gt_keys, thresholds) -> 
     compete for which ground truth (one key per video and class). Returns int64 [T, P].
     """
     num_pred, num_gt, thresholds = len(pred_segments), len(gt_segments), np.asarray(thresholds)
-    pair_pred, pair_gt = pairs_with_equal_keys(pred_keys, gt_keys)
-    iou = pair_iou(pred_segments, gt_segments, pair_pred, pair_gt)
-    usable = iou >= thresholds.min()
-    pair_pred, pair_gt, iou = pair_pred[usable], pair_gt[usable], iou[usable]
+    pair_pred, pair_gt, iou = usable_pairs(pred_segments, pred_keys, gt_segments, gt_keys,
+                                           thresholds.min())
     # One copy of the candidate pairs per threshold, with ids offset so that copies never meet.
     pred_ids, gt_ids, ious = [], [], []
     for t, threshold in enumerate(thresholds):
@@ -72,6 +84,17 @@ def greedy_match(pred_segments, pred_keys, gt_segments, gt_keys, thresholds) -> 
     matched = matched.reshape(len(thresholds), num_pred)
     offsets = (np.arange(len(thresholds)) * num_gt)[:, None]
     return np.where(matched >= 0, matched - offsets, -1)
+
+
+def usable_pairs(pred_segments, pred_keys, gt_segments, gt_keys, min_iou):
+    """(pair_pred, pair_gt, iou) of the pairs with equal keys and tIoU >= ``min_iou``, ordered
+    by pred, then gt; built chunk by chunk, so only the usable pairs are ever held whole."""
+    parts = [(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))]
+    for pair_pred, pair_gt in pairs_with_equal_keys(pred_keys, gt_keys):
+        iou = pair_iou(pred_segments, gt_segments, pair_pred, pair_gt)
+        usable = iou >= min_iou
+        parts.append((pair_pred[usable], pair_gt[usable], iou[usable]))
+    return tuple(np.concatenate(arrays) for arrays in zip(*parts))
 
 
 def _resolve_in_rounds(pred_id, gt_id, iou, num_pred, num_gt) -> np.ndarray:

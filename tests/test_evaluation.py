@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from evaluation import (EvaluationWarning, evaluate_detections, evaluate_map, load_annotations,
                         load_predictions, parse_tiou)
+from evaluation import matching
 from evaluation.commands import EVALUATE_FLAGS
 from evaluation.metrics import rank_order
 from helpers.evaluation_inputs import (ACTIONFORMER_FILE, OPENTAD_FILE, gt_dict, needs_thumos,
@@ -312,8 +313,11 @@ def test_result_does_not_depend_on_the_order_of_videos(inputs, rng):
     assert quiet_map(shuffled_gt, shuffled_preds, thresholds) == quiet_map(gt, preds, thresholds)
 
 
-def test_crowded_overlapping_ground_truth_equals_the_reference():
-    # Many same-class segments overlapping each other: long chains of fallbacks to resolve.
+@pytest.mark.parametrize("pairs_per_chunk", [matching.PAIRS_PER_CHUNK, 50, 1])
+def test_crowded_overlapping_ground_truth_equals_the_reference(pairs_per_chunk, monkeypatch):
+    # Many same-class segments overlapping each other: long chains of fallbacks to resolve,
+    # whether the candidate pairs are built at once or a few (or one detection's) at a time.
+    monkeypatch.setattr(matching, "PAIRS_PER_CHUNK", pairs_per_chunk)
     rng = np.random.default_rng(7)
     starts = rng.uniform(0, 40, 60)
     truth = {"v1": [(s, s + rng.uniform(1, 8), str(rng.choice(["a", "b"]))) for s in starts]}
@@ -325,6 +329,29 @@ def test_crowded_overlapping_ground_truth_equals_the_reference():
     report = evaluate_map(gt, preds, "test", thresholds)
     expected = reference_map(gt, preds, "test", thresholds)
     np.testing.assert_allclose(report["mAP"], expected["mAP"], rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_many_detections_against_many_segments_of_one_class_stay_in_bounded_memory():
+    # 100,000 detections and 2,000 segments of one class in one video: 200 million candidate
+    # pairs, which took over 11 GB when built at once.
+    from helpers.memory import peak_growth
+
+    growth = peak_growth("""
+        import numpy as np
+        from evaluation import evaluate_map
+        from helpers.evaluation_inputs import gt_dict, preds_dict
+        rng = np.random.default_rng(0)
+        starts = np.sort(rng.uniform(0, 20_000, 2_000))
+        gt = gt_dict({"v": [(s, s + 5, "a") for s in starts]}, duration=20_010)
+        starts = rng.uniform(0, 20_000, 100_000)
+        preds = preds_dict({"v": [(s, s + rng.uniform(1, 10), "a", float(p))
+                                  for s, p in zip(starts, rng.uniform(size=100_000))]})
+        """, """
+        report = evaluate_map(gt, preds, "test")
+        assert 0.05 < report["average_mAP"] < 1
+        """)
+    assert growth < 600 * 2**20, growth / 2**20
 
 
 def test_rank_order_is_a_stable_sort_by_label_then_descending_score():
