@@ -25,9 +25,22 @@ def zero_padding(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x * mask.unsqueeze(-1).to(x.dtype)
 
 
+def as_image(x: torch.Tensor) -> torch.Tensor:
+    """[B, T, C] as a [B, C, 1, T] view, which is channels-last in memory: 2-D convolution and
+    pooling take it and give their output channels-last too, so that ``from_image`` is again
+    a contiguous [B, T, C], with no layout copy either way (1-D ops on a transposed [B, T, C]
+    copy it in and out, which cost a training step more than the convolutions themselves)."""
+    return x.transpose(1, 2).unsqueeze(2)
+
+
+def from_image(y: torch.Tensor) -> torch.Tensor:
+    return y.squeeze(2).transpose(1, 2)
+
+
 class MaskedConv1d(nn.Module):
     """1-D convolution over time on [B, T, C] ('same' padding; ``stride`` subsamples), its
-    output zeroed at padded steps. The bias starts at zero."""
+    output zeroed at padded steps. The bias starts at zero. The weights are a Conv1d's (the
+    checkpoint layout); it runs as a 2-D convolution of height 1 (see ``as_image``)."""
 
     def __init__(self, in_dim, out_dim, kernel_size=3, stride=1, groups=1, bias=True):
         super().__init__()
@@ -41,8 +54,10 @@ class MaskedConv1d(nn.Module):
 
     def forward(self, x, mask):
         out_mask = downsample_mask(mask, self.stride)
-        y = self.conv(x.transpose(1, 2)).transpose(1, 2)
-        return zero_padding(y, out_mask), out_mask
+        conv = self.conv
+        y = F.conv2d(as_image(x), conv.weight.unsqueeze(2), conv.bias, (1, self.stride),
+                     (0, conv.padding[0]), groups=conv.groups)
+        return zero_padding(from_image(y), out_mask), out_mask
 
 
 class ConvNormReLU(nn.Module):
@@ -148,7 +163,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = LocalSelfAttention(dim, num_heads, window, stride, dropout)
-        self.skip = nn.MaxPool1d(3, stride, padding=1) if stride > 1 else None
+        self.skip = nn.MaxPool2d((1, 3), (1, stride), padding=(0, 1)) if stride > 1 else None
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout),
@@ -159,7 +174,7 @@ class TransformerBlock(nn.Module):
     def forward(self, x, mask):
         attended, out_mask = self.attn(self.norm1(x), mask)
         if self.skip is not None:
-            x = self.skip(x.transpose(1, 2)).transpose(1, 2)
+            x = from_image(self.skip(as_image(x)))
         x = zero_padding(x, out_mask) + self.drop_path_attn(attended)
         x = x + self.drop_path_mlp(zero_padding(self.mlp(self.norm2(x)), out_mask))
         return x, out_mask
