@@ -91,7 +91,10 @@ def banded_attention(q, k, v, key_mask, window: int) -> torch.Tensor:
     extra = -length % block  # a level's length is a multiple of 2w in the head; others pad
     blocks = (length + extra) // block
     scale = q.shape[-1] ** -0.5
-    q = F.pad(q * scale, (0, 0, 0, extra)).unflatten(2, (blocks, block))
+    q = q * scale
+    if extra:
+        q = F.pad(q, (0, 0, 0, extra))
+    q = q.unflatten(2, (blocks, block))
     k, v = (F.pad(t, (0, 0, half, half + extra)).unfold(2, block + 2 * half, block)
             for t in (k, v))                                  # [B, h, blocks, d, 4w] views
     key_bias = F.pad((~key_mask).to(q.dtype) * -1e4, (half, half + extra), value=-1e4)
