@@ -73,8 +73,6 @@ class ConvNormReLU(nn.Module):
         return F.relu(self.norm(self.conv(x, mask)[0]))
 
 
-
-
 def banded_attention(q, k, v, key_mask, window: int) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + bias) v where query t sees only keys t-w..t+w (w = window // 2).
 
@@ -100,8 +98,8 @@ def banded_attention(q, k, v, key_mask, window: int) -> torch.Tensor:
     key_bias = F.pad((~key_mask).to(q.dtype) * -1e4, (half, half + extra), value=-1e4)
     key_bias = key_bias.unfold(1, block + 2 * half, block)   # [B, blocks, 4w]
     # Key j of a block is step j - w of its first query: query i sees j in [i, i + 2w].
-    offset = torch.arange(block + 2 * half, device=q.device) - torch.arange(block,
-                                                                            device=q.device)[:, None]
+    steps = torch.arange(block + 2 * half, device=q.device)
+    offset = steps - steps[:block, None]
     band = torch.zeros(offset.shape, dtype=q.dtype, device=q.device).masked_fill_(
         (offset < 0) | (offset > 2 * half), float("-inf"))
     scores = q @ k + (key_bias[:, None, :, None, :] + band)
