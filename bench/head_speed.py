@@ -4,7 +4,8 @@
 THUMOS settings (ActionFormerHead's defaults: 512 wide, 6 levels, window 19, max_seq_len
 2304), 1408-d features, 20 classes, ``--threads`` CPU threads. Both models hold the same weights
 (ours loaded from the other's state dict, as an official checkpoint loads) and run alternately
-in this one process, in ``--rounds`` rounds, their order swapped every round:
+in this one process, in ``--rounds`` rounds; each case runs ours, official, official, ours
+(the other way round in every other round) and compares each side's summed time:
 - a training step: forward, losses and backward of a batch of 2 videos (2304 and 1800 steps);
 - inference (the network's forward, no post-processing: the official NMS is a compiled
   extension) of one video of each ``--lengths`` steps.
@@ -119,10 +120,13 @@ def speed(rounds, lengths):
     for r in range(rounds + 1):  # round 0 warms up
         for name, mode, mine, theirs in cases:
             mode()
-            pair = (mine, theirs) if r % 2 else (theirs, mine)
-            t = {id(p): timed(*p) for p in pair}
-            for model in (ours, official):
-                model.zero_grad(set_to_none=True)
+            # A B B A: whoever runs first after another case pays its page faults, and the
+            # load drifts; each side's time is the sum of its two runs.
+            t = {id(mine): 0.0, id(theirs): 0.0}
+            for p in (mine, theirs, theirs, mine) if r % 2 else (theirs, mine, mine, theirs):
+                t[id(p)] += timed(*p)
+                for model in (ours, official):
+                    model.zero_grad(set_to_none=True)
             if r:
                 ratios[name].append(t[id(mine)] / t[id(theirs)])
                 print(f"  round {r}: {name}: ours {t[id(mine)]:.3f} s, official "
