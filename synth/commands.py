@@ -28,6 +28,9 @@ def _benchmark_options(function):
                      show_default=True, help="Longest video."),
         click.option("--test-fraction", type=float, default=_DEFAULT.test_fraction,
                      show_default=True, help="Share of the videos in the test subset."),
+        click.option("--context/--no-context", default=_DEFAULT.context, show_default=True,
+                     help="Add the global-context classes (shakes labelled by a cue elsewhere "
+                     "in the video; docs/synth.md)."),
     ]
     for option in reversed(options):
         function = option(function)

@@ -9,7 +9,13 @@ no single frame tells the classes apart; what the ball *does* decides the label:
   three half-trips a second (speed: the same positions, visited at a different rate);
 - ``dash`` / ``dash_after_signal``: one quick run across (a third of a second to a second); it is a
   ``dash_after_signal`` when the frame border flashed white during the ``SIGNAL_WINDOW_S`` seconds
-  before it started (long context: the clips of the dash itself look the same).
+  before it started (long context: the clips of the dash itself look the same);
+- with ``SynthConfig.context`` (the global-context family, ``CONTEXT_CLASSES``): ``shake_blue`` /
+  ``shake_green``, a ball shaking in place for about a second, labelled by the colour of a square
+  that lights up once in a corner of the video, before or after the shake and never within
+  ``CONTEXT_GAP_S`` seconds of it (beyond the head's receptive field where shakes are detected;
+  tests/test_synth.py checks it). The shakes of one video all take its one colour: what the video
+  is about, not what the shake looks like, decides the label.
 
 Each motion crosses the frame within about a second, so averaged over a clip the ball is a blur
 spread over the frame; only features that keep *where* the ball is *when* inside a clip (the
@@ -23,7 +29,9 @@ texture seen through a slowly drifting camera, with a slow illumination change a
 Actions are planned in frames, so each annotation covers exactly the frames in which the motion
 happens. A second actor that only dashes or idles sometimes shares the frame, so actions overlap;
 chained motions of one ball touch. Everything is drawn from ``numpy.random.default_rng([seed,
-index])`` and encoded with single-threaded x264, so a seed gives the same bytes on every run.
+index])`` (the global-context family from its own ``[seed, index, 1]``, so that without it the
+videos are exactly those of version 1) and encoded with single-threaded x264, so a seed gives
+the same bytes on every run.
 """
 from __future__ import annotations
 
@@ -39,10 +47,16 @@ from losa_tal import open_output, write_output
 from synth.config import SynthConfig
 
 CLASSES = ("orbit_cw", "orbit_ccw", "bounce_slow", "bounce_fast", "dash", "dash_after_signal")
+CONTEXT_CLASSES = ("shake_blue", "shake_green")  # decided by a cue elsewhere in the video
+VERSION = "losa-tal synth 2"   # 2: the global-context family (SynthConfig.context)
 # What the first actor does, and how often; a second actor only dashes.
 LEAD_MOTIONS = {"orbit": 0.4, "bounce": 0.4, "dash": 0.2}
 SIGNAL_WINDOW_S = 8.0          # a flash this many seconds before a dash makes it signalled
 SIGNAL_ON_S = 0.5              # how long the border stays white
+CONTEXT_GAP_S = 10.0           # no cue within this many seconds of a shake, either side
+CONTEXT_SHAKERS = 0.7          # share of the videos in which a shaking ball appears
+CUE_ON_S = 1.0                 # how long the corner square stays lit
+CUE_COLOURS = {"shake_blue": (0.15, 0.35, 0.95), "shake_green": (0.15, 0.85, 0.25)}
 CAMERA_DRIFT = 0.06           # camera drift amplitude, as a fraction of the frame side
 BALL_HUE = 0.0                 # every ball is red-orange (hue jitters a little)
 ANNOTATION_FILE = "annotations.json"
@@ -50,6 +64,7 @@ VIDEO_DIR = "videos"
 
 # Durations (seconds, sampled log-uniformly) of each motion: from well under a second to tens.
 DURATION_RANGE_S = {"orbit": (1.0, 16.0), "bounce": (1.0, 12.0), "dash": (0.3, 0.9),
+                    "shake": (0.5, 1.2),
                     "drift": (1.5, 6.0), "rest": (1.0, 5.0)}
 
 
@@ -57,7 +72,8 @@ DURATION_RANGE_S = {"orbit": (1.0, 16.0), "bounce": (1.0, 12.0), "dash": (0.3, 0
 class Segment:
     """One stretch of one actor's life, in frames ``[start, stop)``.
 
-    ``motion`` is one of orbit/bounce/dash/drift/rest/signal; ``params`` the motion's own numbers.
+    ``motion`` is one of orbit/bounce/dash/shake/drift/rest/signal/cue; ``params`` the motion's
+    own numbers.
     ``origin`` is where the ball is when the segment starts, in the frame pixels of frame
     ``appeared`` (when the ball came into view); camera drift since then moves it on screen.
     """
@@ -89,10 +105,15 @@ class VideoPlan:
     def duration(self) -> float:
         return self.num_frames / self.fps
 
-    def annotations(self) -> list[dict]:
+    def annotations(self, classes=CLASSES) -> list[dict]:
         actions = sorted((s for s in self.segments if s.label), key=lambda s: (s.start, s.stop))
         return [{"segment": [round(s.start / self.fps, 4), round(s.stop / self.fps, 4)],
-                 "label": s.label, "label_id": CLASSES.index(s.label)} for s in actions]
+                 "label": s.label, "label_id": classes.index(s.label)} for s in actions]
+
+
+def benchmark_classes(config: SynthConfig) -> tuple:
+    """The classes a benchmark with this config holds, in label-id order."""
+    return CLASSES + CONTEXT_CLASSES if config.context else CLASSES
 
 
 # ----------------------------------------------------------------------------------- planning
@@ -108,6 +129,9 @@ def plan_video(config: SynthConfig, index: int) -> VideoPlan:
         segments += _plan_actor(rng, config, num_frames, {"dash": 1.0}, gap_s=(4.0, 15.0))
     segments += _plan_signals(rng, config, segments, num_frames)
     _label_dashes(segments, config.fps)
+    if config.context:
+        segments += _plan_context(np.random.default_rng([config.seed, index, 1]), config,
+                                  num_frames)
     camera = {"drift": [(rng.uniform(15, 40), rng.uniform(0, 2 * math.pi)) for _ in range(2)],
               "light": (rng.uniform(10, 30), rng.uniform(0, 2 * math.pi)),
               "texture_seed": int(rng.integers(2**31))}
@@ -156,6 +180,27 @@ def _plan_episode(rng, config: SynthConfig, start: int, motions) -> list[Segment
     return segments
 
 
+def _plan_context(rng, config: SynthConfig, num_frames: int) -> list[Segment]:
+    """The global-context family: one corner cue per video, and (in some videos) a ball that
+    shakes now and then; shakes within CONTEXT_GAP_S of the cue become rests."""
+    fps = config.fps
+    label = str(rng.choice(CONTEXT_CLASSES))
+    on = int(CUE_ON_S * fps)
+    onset = int(rng.integers(0, num_frames - on))
+    cue = Segment("cue", onset, onset + on, (0.0, 0.0), params={"label": label})
+    shaker = []
+    if rng.random() < CONTEXT_SHAKERS:
+        shaker = _plan_actor(rng, config, num_frames, {"shake": 1.0}, gap_s=(2.0, 8.0))
+    gap = CONTEXT_GAP_S * fps
+    for s in shaker:
+        if s.motion == "shake":
+            if s.start - gap < cue.stop and cue.start < s.stop + gap:  # too near: no action
+                s.motion, s.label, s.params = "rest", None, {}
+            else:
+                s.label = label
+    return shaker + [cue]  # the cue last: drawn over the balls
+
+
 def _motion_params(rng, motion: str, fps: int) -> dict:
     if motion == "orbit":
         return {"clockwise": bool(rng.random() < 0.5), "period_s": rng.uniform(1.0, 1.6)}
@@ -166,18 +211,23 @@ def _motion_params(rng, motion: str, fps: int) -> dict:
         return {"swerve": rng.uniform(-0.6, 0.6), "signalled": bool(rng.random() < 0.4)}
     if motion == "drift":
         return {"swing": rng.uniform(0.4, 0.8), "period_s": rng.uniform(4.0, 8.0)}
+    if motion == "shake":
+        return {"hz": rng.uniform(2.5, 3.5)}
     return {}
 
 
 def _motion_frames(rng, motion: str, params: dict, fps: int, alone: bool) -> int:
     """Length in frames: log-uniform in DURATION_RANGE_S; a bounce ends after whole half-trips
-    (back on the ring); the rests around an action may be empty (the ball appears moving)."""
+    (back on the ring), a shake after whole periods (where it started); the rests around an
+    action may be empty (the ball appears moving)."""
     if motion == "rest" and not alone:
         return int(rng.uniform(0.0, 1.5) * fps)
     low, high = DURATION_RANGE_S[motion]
     seconds = math.exp(rng.uniform(math.log(low), math.log(high)))
     if motion == "bounce":
         seconds = max(1, round(seconds * 2 * params["hz"])) / (2 * params["hz"])
+    if motion == "shake":
+        seconds = max(1, round(seconds * params["hz"])) / params["hz"]
     return max(2, int(round(seconds * fps)))
 
 
@@ -188,6 +238,8 @@ def _motion_label(motion: str, params: dict) -> str | None:
         return "bounce_fast" if params["fast"] else "bounce_slow"
     if motion == "dash":
         return "dash"  # _label_dashes decides between dash and dash_after_signal
+    if motion == "shake":
+        return "shake"  # _plan_context labels it by the video's cue
     return None  # rest and drift are never actions
 
 
@@ -239,6 +291,9 @@ def offsets(segment: Segment, frames: np.ndarray, size: int, fps: int) -> np.nda
     if motion == "bounce":
         phase = (p["hz"] * tau) % 1.0                       # 0 here, 0.5 opposite, 1 back
         return (-2.0 * np.minimum(2 * phase, 2 - 2 * phase))[:, None] * start[None, :]
+    if motion == "shake":  # along the radius, a fifth of the ring's radius each way
+        swing = 0.2 * np.sin(2 * math.pi * p["hz"] * tau)
+        return swing[:, None] * start[None, :]
     if motion == "dash":
         end = _rotate(-start, np.array([p["swerve"]]))[0]
         progress = (frames - segment.start) / max(segment.stop - segment.start - 1, 1)
@@ -333,7 +388,8 @@ def ball_centres(plan: VideoPlan, segment: Segment, frames: np.ndarray) -> np.nd
 
 
 def _draw(image, active, plan: VideoPlan, segment: Segment, frames, grid_x, grid_y) -> None:
-    """Paint the segment's ball (or the border flash) into ``image[active]`` in place."""
+    """Paint the segment's ball (or the border flash, or the corner cue) into ``image[active]``
+    in place."""
     if segment.motion == "signal":
         border = max(2, plan.size // 24)
         lit = image[active]
@@ -341,6 +397,10 @@ def _draw(image, active, plan: VideoPlan, segment: Segment, frames, grid_x, grid
                      np.s_[:, :, -border:]):
             lit[edge] = 0.97
         image[active] = lit
+        return
+    if segment.motion == "cue":
+        side = max(4, plan.size // 4)
+        image[active, :side, :side] = np.array(CUE_COLOURS[segment.params["label"]], np.float32)
         return
     centre = ball_centres(plan, segment, frames).astype(np.float32)
     dist = np.hypot(grid_x[None] - centre[:, 0, None, None],
@@ -384,6 +444,7 @@ def generate(out_dir: str, config: SynthConfig, progress: bool = True) -> dict:
     from tqdm import tqdm
 
     config.check()
+    classes = benchmark_classes(config)
     os.makedirs(os.path.join(out_dir, VIDEO_DIR), exist_ok=True)
     database = {}
     for index in tqdm(range(config.videos), desc="synth", unit="video", disable=not progress):
@@ -393,8 +454,9 @@ def generate(out_dir: str, config: SynthConfig, progress: bool = True) -> dict:
             write_video(file, render_video(plan), plan.fps, plan.size)
         database[plan.video_id] = {"subset": plan.subset, "duration": plan.duration,
                                    "fps": plan.fps, "num_frames": plan.num_frames,
-                                   "annotations": plan.annotations()}
-    annotations = {"version": "losa-tal synth 1", "classes": list(CLASSES),
+                                   "annotations": plan.annotations(classes)}
+    annotations = {"version": VERSION, "classes": list(classes),
+                   "context_classes": [c for c in classes if c in CONTEXT_CLASSES],
                    "synth": asdict(config), "database": database}
     write_output(os.path.join(out_dir, ANNOTATION_FILE), json.dumps(annotations, indent=1))
     return annotations

@@ -11,7 +11,8 @@ import pytest
 
 from helpers import REPO
 from synth.config import SynthConfig
-from synth.generator import ANNOTATION_FILE, CLASSES, VIDEO_DIR, generate
+from synth.generator import (ANNOTATION_FILE, CLASSES, CONTEXT_CLASSES, CONTEXT_GAP_S, CUE_COLOURS,
+                              VERSION, VIDEO_DIR, generate, plan_video)
 
 SMALL = dict(videos=3, size=64, fps=15, min_seconds=10.0, max_seconds=14.0)
 
@@ -135,3 +136,71 @@ def test_cli_writes_the_benchmark(tmp_path):
     assert sorted(p.name for p in (tmp_path / "c" / VIDEO_DIR).iterdir()) == \
         ["synth_0000.mp4", "synth_0001.mp4"]
     assert "wrote 2 videos" in result.stdout
+
+
+def test_context_cue_lies_beyond_the_heads_field_where_shakes_are_detected():
+    """Every global-context action is at least CONTEXT_GAP_S from its video's cue, and that gap
+    exceeds what the demo head sees from a shake: at every pyramid level whose regression range
+    can hold a shake, the level's reach (bench/long_range.py's receptive_field, worked out by
+    hand in tests/test_ablate.py) plus one clip at each end (a step's clip spans 16 frames)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from long_range import receptive_field
+
+    from store.protocol import SamplingProtocol
+    from synth.demo import TRAIN_CONFIG
+    from training.config import load_config
+
+    config = SynthConfig(seed=0, context=True)
+    classes = CLASSES + CONTEXT_CLASSES
+    lengths, labels = [], set()
+    for index in range(config.videos):
+        plan = plan_video(config, index)
+        (cue,) = [s for s in plan.segments if s.motion == "cue"]
+        for action in plan.annotations(classes):
+            if action["label"] in CONTEXT_CLASSES:
+                start, end = (round(t * plan.fps) for t in action["segment"])
+                gap = max(cue.start - end, start - cue.stop) / plan.fps
+                assert gap >= CONTEXT_GAP_S, (index, action)
+                assert action["label"] == cue.params["label"]  # the cue's colour decides
+                lengths.append((end - start) / plan.fps)
+                labels.add(action["label"])
+    assert labels == set(CONTEXT_CLASSES) and len(lengths) > 20
+
+    protocol = SamplingProtocol()
+    step_s = protocol.clip_stride / config.fps
+    clip_s = protocol.clip_len / config.fps
+    ranges = load_config(TRAIN_CONFIG).head.regression_ranges
+    detecting = [level for level, (low, high) in enumerate(ranges)
+                 if any(low <= n / step_s and (high is None or n / step_s < high)
+                        for n in lengths)]
+    assert detecting, "shakes fall in some level's regression range"
+    reach = receptive_field()
+    for level in detecting:
+        seen = max(reach[level]["steps_before"], reach[level]["steps_after"]) * step_s + clip_s
+        assert seen < CONTEXT_GAP_S, (level, seen)
+
+
+def test_context_classes_are_named_deterministic_and_drawn(tmp_path):
+    """With ``context``: the metadata names the family, the same seed writes the same bytes,
+    the other classes' plans are those of the benchmark without it, and the cue's colour is
+    in the decoded corner while it is lit."""
+    import decord
+
+    small = dict(videos=2, size=32, fps=15, min_seconds=30.0, max_seconds=32.0, seed=2)
+    first = generate(str(tmp_path / "a"), SynthConfig(context=True, **small), progress=False)
+    again = generate(str(tmp_path / "b"), SynthConfig(context=True, **small), progress=False)
+    assert first == again and _video_bytes(tmp_path / "a") == _video_bytes(tmp_path / "b")
+    assert first["version"] == VERSION
+    assert first["classes"] == list(CLASSES + CONTEXT_CLASSES)
+    assert first["context_classes"] == list(CONTEXT_CLASSES)
+    plain = SynthConfig(context=False, **small)
+    assert generate(str(tmp_path / "c"), plain, progress=False)["context_classes"] == []
+    for index in range(2):
+        without = plan_video(plain, index).segments
+        assert plan_video(SynthConfig(context=True, **small), index).segments[:len(without)] \
+            == without
+        (cue,) = [s for s in plan_video(SynthConfig(context=True, **small), index).segments
+                  if s.motion == "cue"]
+        frames = decord.VideoReader(str(tmp_path / "a" / VIDEO_DIR / f"synth_{index:04d}.mp4"))
+        lit = frames[(cue.start + cue.stop) // 2].asnumpy()[2:6, 2:6].mean((0, 1)) / 255
+        assert np.abs(lit - np.array(CUE_COLOURS[cue.params["label"]])).max() < 0.12
