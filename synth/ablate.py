@@ -13,6 +13,9 @@ the only difference), and score each on the test split:
                  may precede its dash, either side) with a learned bias per offset, so that it
                  can tell *before* from *after* (docs/losa.md, "the long-range question")
 
+The benchmark holds the global-context classes (``SynthConfig.context``; bench/ablate.py's
+``--no-context`` leaves them out), named in ``summary.json`` under ``context_classes``.
+
 Every finished run writes ``runs/<variant>/seed<S>/result.json`` at once, so an interrupted
 ablation resumes where it stopped (same settings) and a partial one still tabulates what
 finished. The table (mean and spread of average mAP over seeds, AP per class) is printed and
@@ -75,8 +78,16 @@ def run_ablation(settings: AblationSettings) -> dict:
                if not (_run_dir(out, v, s) / RESULT_FILE).is_file()]
     _train_pending(pending, store, out, settings)
     summary = summarise(collect_results(out, settings.variants, settings.train_seeds))
-    _write_outputs(out, summary)
+    _write_outputs(out, summary, context_classes(out))
     return summary
+
+
+def context_classes(out: Path) -> list:
+    """The benchmark's global-context classes, from its own metadata."""
+    from synth.demo import BENCHMARK_DIR
+    from synth.generator import ANNOTATION_FILE
+
+    return json.loads((out / BENCHMARK_DIR / ANNOTATION_FILE).read_text())["context_classes"]
 
 
 def _build_store(out: Path, settings: AblationSettings) -> None:
@@ -202,13 +213,14 @@ def table_markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_outputs(out: Path, summary: dict) -> None:
+def _write_outputs(out: Path, summary: dict, context: list) -> None:
     from synth.demo import _write_text
 
     if not summary:
         return
     slim = {v: {k: x for k, x in s.items() if k != "sensitivity"} for v, s in summary.items()}
-    _write_text(out / "summary.json", json.dumps(slim, indent=1))
+    _write_text(out / "summary.json", json.dumps({"context_classes": context, "variants": slim},
+                                                 indent=1))
     _write_text(out / "table.md", table_markdown(summary) + "\n")
     plot_ablation(summary, out / "ablation.png")
     compared = {v: summary[v]["sensitivity"] for v in ("losa", "head_only") if v in summary}

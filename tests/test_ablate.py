@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from helpers import REPO
-from synth.ablate import VARIANTS, summarise, table_markdown
+from synth.ablate import VARIANTS, _write_outputs, summarise, table_markdown
+from synth.generator import CONTEXT_CLASSES
 
 
 def _ablate(*args):
@@ -29,7 +30,9 @@ def test_quick_ablation_trains_every_variant_tabulates_and_resumes(tmp_path):
     out = tmp_path / "ablate"
     result = _ablate("--quick", "--out", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
-    summary = json.loads((out / "summary.json").read_text())
+    written = json.loads((out / "summary.json").read_text())
+    assert written["context_classes"] == list(CONTEXT_CLASSES)  # the benchmark's own metadata
+    summary = written["variants"]
     assert list(summary) == list(VARIANTS)
     for variant, s in summary.items():
         assert s["seeds"] == [0] and 0.0 <= s["mean"] <= 1.0 and s["std"] == 0.0
@@ -90,6 +93,22 @@ def test_summary_is_mean_and_sample_spread_over_seeds():
     assert summary["long"]["std"] == 0.0                          # one seed: no spread
     table = table_markdown(summary)
     assert "| losa | 3 | 30.0 +- 10.0 | 20.0 | 50.0 |" in table
+
+
+def test_written_table_has_one_row_per_variant(tmp_path):
+    def run(seed, score):
+        return {"seed": seed, "average_mAP": score, "train_seconds": 1.0, "sensitivity": {},
+                "per_class_AP": {"dash": score, "shake_blue": score / 2}}
+
+    # (no losa and head_only pair: no sensitivity figure, which needs real diagnoses)
+    summary = summarise({"long": [run(0, 0.1)], "short": [run(0, 0.3), run(1, 0.4)],
+                         "losa_gates": [run(0, 0.5), run(1, 0.2)]})
+    _write_outputs(tmp_path, summary, ["shake_blue"])
+    rows = (tmp_path / "table.md").read_text().splitlines()
+    assert [row.split(" | ")[0] for row in rows[2:]] == ["| long", "| short", "| losa_gates"]
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["context_classes"] == ["shake_blue"]
+    assert list(written["variants"]) == ["long", "short", "losa_gates"]
 
 
 def test_head_receptive_field_matches_the_layers_worked_out_by_hand():
