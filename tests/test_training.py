@@ -235,10 +235,12 @@ def test_standardise_centres_features_and_travels_in_the_checkpoint_to_infer(tmp
     assert sum(map(len, in_memory["results"].values())) > 0
 
     # LoSA at initialisation (zero fusion projection) hands the head exactly the head-only
-    # model's standardised input.
-    head_inputs = {}
+    # model's standardised input, and at the same seed it is the same head: LoSA starts as the
+    # head-only model of its seed, whichever adapters it builds.
+    head_inputs, heads = {}, {}
     for kind in ("losa", "head_only"):
         kind_config = tiny_config(data={"standardise": True}, model={"type": kind})
+        torch.manual_seed(7)
         detector = Detector(DIM, len(CLASSES), len(LAYERS) if kind == "losa" else 0,
                             int(np.prod(TOKENS)), kind_config.model, kind_config.head,
                             standardise=True).eval()
@@ -247,7 +249,9 @@ def test_standardise_centres_features_and_travels_in_the_checkpoint_to_infer(tmp
         detector.head.register_forward_hook(
             lambda module, args, output, kind=kind: head_inputs.setdefault(kind, args[0]))
         detector({**batch, "inter": batch["inter"] if kind == "losa" else None})
+        heads[kind] = detector.head.state_dict()
     assert torch.equal(head_inputs["losa"], head_inputs["head_only"])
+    assert_same_state(heads["losa"], heads["head_only"])
     assert head_inputs["losa"][valid].abs().mean() > 0.5  # standardised, not the raw constant
 
 

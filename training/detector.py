@@ -27,10 +27,15 @@ class Detector(nn.Module):
             self.register_buffer("last_std", torch.ones(feature_dim))
             self.register_buffer("inter_mean", torch.zeros(num_layers, feature_dim))
             self.register_buffer("inter_std", torch.ones(num_layers, feature_dim))
+        # The head first: its initial weights then depend on the seed alone, not on which
+        # adapters draw random numbers before it, so LoSA, any of its ablations and head-only
+        # start from the same head, and LoSA at step 0 *is* the head-only model of its seed.
+        # (Built after the adapters, LoSA with both ranges got another head than short-only at
+        # the same seed; docs/losa.md, "The collapse at training seed 1", measured the cost.)
+        self.head = ActionFormerHead.from_config(feature_dim, num_classes, head_config)
         self.losa = None
         if model_config.type == "losa":
             self.losa = LoSA.from_config(feature_dim, num_layers, num_tokens, model_config.losa)
-        self.head = ActionFormerHead.from_config(feature_dim, num_classes, head_config)
 
     def forward(self, batch: dict):
         features, inter = self.standardised_inputs(batch)
