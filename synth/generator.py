@@ -11,8 +11,8 @@ no single frame tells the classes apart; what the ball *does* decides the label:
   ``dash_after_signal`` when the frame border flashed white during the ``SIGNAL_WINDOW_S`` seconds
   before it started (long context: the clips of the dash itself look the same);
 - with ``SynthConfig.context`` (the global-context family, ``CONTEXT_CLASSES``): ``shake_blue`` /
-  ``shake_green``, a ball shaking in place for about a second, labelled by the colour of a square
-  that lights up once in a corner of the video, before or after the shake and never within
+  ``shake_green``, a ball shaking in place for one to two seconds, labelled by the colour of a
+  square that lights up once in a corner of the video, before or after the shake and never within
   ``CONTEXT_GAP_S`` seconds of it (beyond the head's receptive field where shakes are detected;
   tests/test_synth.py checks it). The shakes of one video all take its one colour: what the video
   is about, not what the shake looks like, decides the label.
@@ -54,7 +54,7 @@ LEAD_MOTIONS = {"orbit": 0.4, "bounce": 0.4, "dash": 0.2}
 SIGNAL_WINDOW_S = 8.0          # a flash this many seconds before a dash makes it signalled
 SIGNAL_ON_S = 0.5              # how long the border stays white
 CONTEXT_GAP_S = 10.0           # no cue within this many seconds of a shake, either side
-CONTEXT_SHAKERS = 0.7          # share of the videos in which a shaking ball appears
+CONTEXT_SHAKERS = 0.9          # share of the videos in which a shaking ball appears
 CUE_ON_S = 1.0                 # how long the corner square stays lit
 CUE_COLOURS = {"shake_blue": (0.15, 0.35, 0.95), "shake_green": (0.15, 0.85, 0.25)}
 CAMERA_DRIFT = 0.06           # camera drift amplitude, as a fraction of the frame side
@@ -64,7 +64,7 @@ VIDEO_DIR = "videos"
 
 # Durations (seconds, sampled log-uniformly) of each motion: from well under a second to tens.
 DURATION_RANGE_S = {"orbit": (1.0, 16.0), "bounce": (1.0, 12.0), "dash": (0.3, 0.9),
-                    "shake": (0.5, 1.2),
+                    "shake": (0.8, 2.0),
                     "drift": (1.5, 6.0), "rest": (1.0, 5.0)}
 
 
@@ -291,8 +291,8 @@ def offsets(segment: Segment, frames: np.ndarray, size: int, fps: int) -> np.nda
     if motion == "bounce":
         phase = (p["hz"] * tau) % 1.0                       # 0 here, 0.5 opposite, 1 back
         return (-2.0 * np.minimum(2 * phase, 2 - 2 * phase))[:, None] * start[None, :]
-    if motion == "shake":  # along the radius, a fifth of the ring's radius each way
-        swing = 0.2 * np.sin(2 * math.pi * p["hz"] * tau)
+    if motion == "shake":  # along the radius, 0.45 of the ring's radius each way
+        swing = 0.45 * np.sin(2 * math.pi * p["hz"] * tau)
         return swing[:, None] * start[None, :]
     if motion == "dash":
         end = _rotate(-start, np.array([p["swerve"]]))[0]
