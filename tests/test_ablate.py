@@ -111,12 +111,12 @@ def test_written_table_has_one_row_per_variant(tmp_path):
     assert list(written["variants"]) == ["long", "short", "losa_gates"]
 
 
-def test_head_receptive_field_matches_the_layers_worked_out_by_hand():
+def test_head_receptive_field_matches_the_layers_worked_out_by_hand(monkeypatch):
     """Level 0: two embedding convs (k3: 2 steps), two stem blocks (q/k/v conv k3 + local
     attention of window 9: 1 + 4 steps each) and the tower (3 convs k3: 3 steps): 15. Level 1
     adds a strided block on the stem's 12 (k/v conv k3 stride 2: 1 step, attention 4 level-1
     steps = 8) and a tower of 3 level-1 steps (6): 12 + 9 + 6 = 27."""
-    sys.path.insert(0, str(REPO / "bench"))
+    monkeypatch.syspath_prepend(str(REPO / "bench"))  # bench/extract.py shadows extract
     from long_range import receptive_field
 
     reach = receptive_field()

@@ -138,12 +138,13 @@ def test_cli_writes_the_benchmark(tmp_path):
     assert "wrote 2 videos" in result.stdout
 
 
-def test_context_cue_lies_beyond_the_heads_field_where_shakes_are_detected():
+def test_context_cue_lies_beyond_the_heads_field_where_shakes_are_detected(monkeypatch):
     """Every global-context action is at least CONTEXT_GAP_S from its video's cue, and that gap
     exceeds what the demo head sees from a shake: at every pyramid level whose regression range
     can hold a shake, the level's reach (bench/long_range.py's receptive_field, worked out by
     hand in tests/test_ablate.py) plus one clip at each end (a step's clip spans 16 frames)."""
-    sys.path.insert(0, str(REPO / "bench"))
+    # Only for this test: bench/extract.py would shadow the extract package for later tests.
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
     from long_range import receptive_field
 
     from store.protocol import SamplingProtocol
