@@ -49,6 +49,8 @@ from store import FeatureStore
 location, options, plan, pause = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), float(sys.argv[4])
 fs = FeatureStore.create(location, make_meta(), storage_options=options or None)
 print("ready", flush=True)
+while len(sys.argv) > 5 and not os.path.exists(sys.argv[5]):  # a start line shared by nodes
+    time.sleep(0.005)
 for video_id, seed, num_clips in plan:
     with fs.claim(video_id) as mine:
         if not mine or video_id in fs:
@@ -64,11 +66,13 @@ for video_id, seed, num_clips in plan:
 """
 
 
-def start_node(location, plan=PLAN, locks="fake", options=None, pause=0.0, kill_at=None):
+def start_node(location, plan=PLAN, locks="fake", options=None, pause=0.0, kill_at=None,
+               go=None):
+    """A node; with ``go``, it opens the store, prints ``ready`` and waits for that file."""
     script = NODE.format(tests=str(TESTS_DIR), locks=locks, kill_at=kill_at)
     return subprocess.Popen(
         [sys.executable, "-W", "ignore", "-c", script, str(location), json.dumps(options or {}),
-         json.dumps(plan), str(pause)],
+         json.dumps(plan), str(pause), *([str(go)] if go else [])],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -121,7 +125,13 @@ def test_two_nodes_racing_on_one_video_keep_one_copy(tmp_path):
     location = tmp_path / "s.zarr"
     FeatureStore.create(location, make_meta()).close()
     plan = [("race", 7, 40)]
-    nodes = [start_node(location, plan=plan, pause=0.01) for _ in range(2)]
+    go = tmp_path / "go"
+    # Both start writing at once (after both opened the store), and writing takes longer than
+    # starting: neither can see the other's commit before it begins.
+    nodes = [start_node(location, plan=plan, pause=0.05, go=go) for _ in range(2)]
+    for node in nodes:
+        assert node.stdout.readline() == "ready\n"
+    go.touch()
     reader = FeatureStore.open(location)
     while any(node.poll() is None for node in nodes):
         for video_id in reader.videos():  # whatever is listed reads whole
