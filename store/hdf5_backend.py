@@ -76,8 +76,18 @@ class Hdf5Backend:
     @classmethod
     def create_or_open(cls, location, meta: dict) -> "Hdf5Backend":
         path = os.path.abspath(str(location))
+        backend = cls(path, writable=True)
+        # The publish lock exists before the file does (or before this writer's first append):
+        # a reader that finds no lock file reads unlocked, which is safe only while no writer
+        # has ever appended.
+        try:
+            os.makedirs(backend._writers, exist_ok=True)
+            os.close(os.open(backend._publish_lock, os.O_RDWR | os.O_CREAT, 0o666))
+        except OSError:
+            if not os.path.exists(path):
+                raise
+            # An existing store on read-only storage: refused at the first write, by name.
         if not os.path.exists(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
             building = f"{path}.creating-{uuid.uuid4().hex[:12]}"
             try:
                 with _h5py().File(building, "w", locking=False) as handle:
@@ -92,7 +102,7 @@ class Hdf5Backend:
                         os.rename(building, path)
             finally:
                 locks.remove_path(building)
-        return cls(path, writable=True)
+        return backend
 
     @staticmethod
     def is_store(location) -> bool:
@@ -256,7 +266,6 @@ class Hdf5Backend:
     def _append(self, change):
         """Run ``change(open main file)`` all or nothing: under the exclusive publish lock,
         through the undo journal, rolled back if anything fails or the process dies."""
-        os.makedirs(self._writers, exist_ok=True)
         with locks.exclusive(self._publish_lock):
             self._roll_back_interrupted_publish()
             try:
@@ -296,6 +305,9 @@ class Hdf5Backend:
         if rolled_back:
             warnings.warn(f"{self.location}: rolled back the unfinished append of a writer that "
                           "died; its video will be written again by the next run", stacklevel=2)
+
+    def leftovers(self, older_than: float) -> list:
+        return []  # dead writers' side files go by their free locks (one machine): remove_stale
 
     def remove_stale(self) -> int:
         return locks.remove_stale(os.path.join(self._writers, "staging"))
