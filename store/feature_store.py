@@ -339,10 +339,13 @@ class FeatureStore:
     # -- the plan: what the store should hold ----------------------------------------------------
     def planned_videos(self) -> list[dict] | None:
         """The videos recorded as planned (``{"video_id", ...}`` each, in plan order), or None."""
+        parts, planned = self._read_plan()
+        return planned if parts else None
+
+    def _read_plan(self) -> tuple[list[str], list[dict]]:
+        """The plan's part names and its entries (the first entry of each id), in one read."""
         with storage_errors(self.path, "cannot read the plan"):
             parts = self._backend.read_documents(PLAN)
-        if not parts:
-            return None
         planned = {}
         for name, data in parts:
             entries = _plan_entries(data)
@@ -351,7 +354,7 @@ class FeatureStore:
                                   "videos)")
             for entry in entries:
                 planned.setdefault(entry["video_id"], entry)
-        return list(planned.values())
+        return [name for name, _ in parts], list(planned.values())
 
     def record_plan(self, entries: list[dict]) -> list[dict]:
         """Record ``entries`` (``{"video_id", ...}`` each) as planned, those with new ids only,
@@ -362,12 +365,12 @@ class FeatureStore:
         if not self._writable:
             raise ValueError(f"{self.path} was opened for reading; use FeatureStore.create")
         while True:
-            planned = self.planned_videos() or []
+            parts, planned = self._read_plan()
             known = {entry["video_id"] for entry in planned}
             new = [entry for entry in entries if entry["video_id"] not in known]
             if not new:
                 return planned
-            part = f"{len(self._backend.read_documents(PLAN)) + 1:06d}"
+            part = f"{max((int(name) for name in parts if name.isdigit()), default=0) + 1:06d}"
             with storage_errors(self.path, "cannot record the plan"):
                 if self._backend.create_document(PLAN, part, json_bytes(new)):
                     return planned + new
@@ -396,8 +399,6 @@ class FeatureStore:
     # -- maintenance -----------------------------------------------------------------------------
     def leftovers(self, older_than: float) -> list[tuple[str, float]]:
         """What no committed video uses and no one has written for ``older_than`` seconds."""
-        if not hasattr(self._backend, "leftovers"):
-            return []
         with storage_errors(self.path, "cannot list the store"):
             return self._backend.leftovers(older_than)
 

@@ -243,17 +243,17 @@ class ZarrBackend:
         try:
             group = zarr.open_group(self._sub_store(attempt), mode="w-", zarr_format=3)
         except BaseException:
-            self._remove(attempt)
+            self.remove(attempt)
             raise
         return ZarrStaging(group, lambda record: self._commit(name, attempt, record),
-                           lambda: self._remove(attempt))
+                           lambda: self.remove(attempt))
 
     def _commit(self, name: str, attempt: str, record: dict) -> bool:
         document = {"video_id": record.get("video_id"), "path": attempt, "record": record}
         if self.create_exclusive(f"{COMMITS}/{name}", json.dumps(document).encode()):
             self._commits[name] = document
             return True
-        self._remove(attempt)  # another attempt was committed first: keep theirs, drop ours
+        self.remove(attempt)  # another attempt was committed first: keep theirs, drop ours
         return False
 
     def create_exclusive(self, relative: str, data: bytes) -> bool:
@@ -298,7 +298,7 @@ class ZarrBackend:
         return zarr.storage.FsspecStore(self._store.fs, read_only=False,
                                         path=f"{self._store.path.rstrip('/')}/{relative}")
 
-    def _remove(self, relative: str):
+    def remove(self, relative: str):
         if self._fs is None:
             locks.remove_path(os.path.join(self._root, relative))
         else:
@@ -329,9 +329,6 @@ class ZarrBackend:
             if age >= older_than:
                 found.append((path, age))
         return found
-
-    def remove(self, relative: str):
-        self._remove(relative)
 
     def _newest_write(self, relative: str) -> float:
         if self._fs is None:
