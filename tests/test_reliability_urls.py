@@ -6,7 +6,6 @@ why: cannot connect, not authorised, not found, read-only, a server that stops a
 that hold ``%`` on disk are read over HTTP, and no command leaves a network session open.
 """
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from click.testing import CliRunner
 
 import cli
 from helpers import REPO
+from helpers.s3 import moto_server
 from helpers.servers import serve_directory, silent_socket
 from helpers.stores import HOSTILE_IDS, make_meta, write_video
 from helpers.training import (synthetic_videos, tiny_config, write_annotations, write_config,
@@ -122,28 +122,9 @@ def assert_one_line(result, location, words):
 def s3(monkeypatch):
     """A moto S3 server on 127.0.0.1 with a bucket ``lab``; no credentials in the environment.
     Yields the storage options that reach it."""
-    moto_server = pytest.importorskip("moto.server")
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {"endpoint_url": f"http://{host}:{port}", "key": "lab-user", "secret": "s3cret",
-               "skip_instance_cache": True}
-    import urllib.request
-
-    import fsspec
-
-    # moto keeps its buckets in the process: start each test from none.
-    urllib.request.urlopen(urllib.request.Request(f"{options['endpoint_url']}/moto-api/reset",
-                                                  method="POST")).close()
-    fsspec.filesystem("s3", **options).mkdir("lab")
-    yield options
-    server.stop()
+    pytest.importorskip("moto.server")
+    with moto_server(monkeypatch) as options:
+        yield options
 
 
 def closed_port() -> int:

@@ -288,8 +288,8 @@ def test_a_format_1_store_reads_is_refused_for_writing_and_upgrades_in_place(tmp
 
 # -- object storage (moto on 127.0.0.1) -------------------------------------------------------------
 @pytest.fixture
-def s3():
-    with moto_server() as options:
+def s3(monkeypatch):
+    with moto_server(monkeypatch) as options:
         yield options
 
 

@@ -7,17 +7,19 @@ BUCKET = "lab"
 
 
 @contextlib.contextmanager
-def moto_server(environ=os.environ):
+def moto_server(monkeypatch):
     """Start a moto S3 server on 127.0.0.1 with an empty bucket ``lab``; yields the storage
-    options that reach it. ``environ`` loses its AWS_* variables so nothing reaches real AWS."""
+    options that reach it. The test's environment loses its AWS_* variables (through
+    ``monkeypatch``, so they come back after it), so nothing reaches real AWS."""
     from moto.server import ThreadedMotoServer
 
     import fsspec
 
-    for name in [name for name in environ if name.startswith("AWS_")]:
-        del environ[name]
-    environ.update({"AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-                    "AWS_EC2_METADATA_DISABLED": "true"})
+    for name in [name for name in os.environ if name.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
