@@ -11,8 +11,8 @@ no single frame tells the classes apart; what the ball *does* decides the label:
   ``dash_after_signal`` when the frame border flashed white during the ``SIGNAL_WINDOW_S`` seconds
   before it started (long context: the clips of the dash itself look the same);
 - with ``SynthConfig.context`` (the global-context family, ``CONTEXT_CLASSES``): ``shake_blue`` /
-  ``shake_green``, a ball shaking in place for one to two seconds, labelled by the colour of a
-  square that lights up once in a corner of the video, before or after the shake and never within
+  ``shake_green``, a ball shaking in place for two to four seconds, labelled by the colour of a
+  square that lights up once in a corner of the video, near its start or its end, and never within
   ``CONTEXT_GAP_S`` seconds of it (beyond the head's receptive field where shakes are detected;
   tests/test_synth.py checks it). The shakes of one video all take its one colour: what the video
   is about, not what the shake looks like, decides the label.
@@ -48,14 +48,15 @@ from synth.config import SynthConfig
 
 CLASSES = ("orbit_cw", "orbit_ccw", "bounce_slow", "bounce_fast", "dash", "dash_after_signal")
 CONTEXT_CLASSES = ("shake_blue", "shake_green")  # decided by a cue elsewhere in the video
-VERSION = "losa-tal synth 2"   # 2: the global-context family (SynthConfig.context)
+VERSION = "losa-tal synth 3"   # 2: the global-context family (SynthConfig.context); 3: longer shakes
 # What the first actor does, and how often; a second actor only dashes.
 LEAD_MOTIONS = {"orbit": 0.4, "bounce": 0.4, "dash": 0.2}
 SIGNAL_WINDOW_S = 8.0          # a flash this many seconds before a dash makes it signalled
 SIGNAL_ON_S = 0.5              # how long the border stays white
-CONTEXT_GAP_S = 10.0           # no cue within this many seconds of a shake, either side
+CONTEXT_GAP_S = 15.0           # no cue within this many seconds of a shake, either side
 CONTEXT_SHAKERS = 0.9          # share of the videos in which a shaking ball appears
 CUE_ON_S = 1.0                 # how long the corner square stays lit
+CUE_EDGE_S = 5.0               # the cue starts this close to the start or the end of the video
 CUE_COLOURS = {"shake_blue": (0.15, 0.35, 0.95), "shake_green": (0.15, 0.85, 0.25)}
 CAMERA_DRIFT = 0.06           # camera drift amplitude, as a fraction of the frame side
 BALL_HUE = 0.0                 # every ball is red-orange (hue jitters a little)
@@ -64,7 +65,7 @@ VIDEO_DIR = "videos"
 
 # Durations (seconds, sampled log-uniformly) of each motion: from well under a second to tens.
 DURATION_RANGE_S = {"orbit": (1.0, 16.0), "bounce": (1.0, 12.0), "dash": (0.3, 0.9),
-                    "shake": (0.8, 2.0),
+                    "shake": (2.0, 4.0),
                     "drift": (1.5, 6.0), "rest": (1.0, 5.0)}
 
 
@@ -186,11 +187,14 @@ def _plan_context(rng, config: SynthConfig, num_frames: int) -> list[Segment]:
     fps = config.fps
     label = str(rng.choice(CONTEXT_CLASSES))
     on = int(CUE_ON_S * fps)
-    onset = int(rng.integers(0, num_frames - on))
+    # Near one end, so that most of the video lies beyond CONTEXT_GAP_S of it and can hold shakes.
+    onset = int(rng.integers(0, int(CUE_EDGE_S * fps)))
+    if rng.random() < 0.5:
+        onset = num_frames - on - onset
     cue = Segment("cue", onset, onset + on, (0.0, 0.0), params={"label": label})
     shaker = []
     if rng.random() < CONTEXT_SHAKERS:
-        shaker = _plan_actor(rng, config, num_frames, {"shake": 1.0}, gap_s=(2.0, 8.0))
+        shaker = _plan_actor(rng, config, num_frames, {"shake": 1.0}, gap_s=(1.0, 4.0))
     gap = CONTEXT_GAP_S * fps
     for s in shaker:
         if s.motion == "shake":
