@@ -11,7 +11,8 @@ no single frame tells the classes apart; what the ball *does* decides the label:
   ``dash_after_signal`` when the frame border flashed white during the ``SIGNAL_WINDOW_S`` seconds
   before it started (long context: the clips of the dash itself look the same);
 - with ``SynthConfig.context`` (the global-context family, ``CONTEXT_CLASSES``): ``shake_blue`` /
-  ``shake_green``, a ball shaking in place for two to four seconds, labelled by the colour of a
+  ``shake_green``, the first ball shaking in place for two to four seconds (one of its motions,
+  as orbits, bounces and dashes are), labelled by the colour of a
   square that lights up once in a corner of the video, near its start or its end, and never within
   ``CONTEXT_GAP_S`` seconds of it (beyond the head's receptive field where shakes are detected;
   tests/test_synth.py checks it). The shakes of one video all take its one colour: what the video
@@ -29,8 +30,8 @@ texture seen through a slowly drifting camera, with a slow illumination change a
 Actions are planned in frames, so each annotation covers exactly the frames in which the motion
 happens. A second actor that only dashes or idles sometimes shares the frame, so actions overlap;
 chained motions of one ball touch. Everything is drawn from ``numpy.random.default_rng([seed,
-index])`` (the global-context family from its own ``[seed, index, 1]``, so that without it the
-videos are exactly those of version 1) and encoded with single-threaded x264, so a seed gives
+index])`` (the global-context family's cue from its own ``[seed, index, 1]``; without the family
+the videos are exactly those of version 1) and encoded with single-threaded x264, so a seed gives
 the same bytes on every run.
 """
 from __future__ import annotations
@@ -49,12 +50,14 @@ from synth.config import SynthConfig
 CLASSES = ("orbit_cw", "orbit_ccw", "bounce_slow", "bounce_fast", "dash", "dash_after_signal")
 CONTEXT_CLASSES = ("shake_blue", "shake_green")  # decided by a cue elsewhere in the video
 VERSION = "losa-tal synth 3"   # 2: the global-context family (SynthConfig.context); 3: longer shakes
-# What the first actor does, and how often; a second actor only dashes.
+# What the first actor does, and how often; a second actor only dashes. With the global-context
+# family the first actor also shakes: a second ball shaking beside it would share the frame
+# with every other action, and the toy backbone's pooled features mix two balls' motions.
 LEAD_MOTIONS = {"orbit": 0.4, "bounce": 0.4, "dash": 0.2}
+LEAD_MOTIONS_CONTEXT = {"orbit": 0.25, "bounce": 0.25, "dash": 0.1, "shake": 0.4}
 SIGNAL_WINDOW_S = 8.0          # a flash this many seconds before a dash makes it signalled
 SIGNAL_ON_S = 0.5              # how long the border stays white
 CONTEXT_GAP_S = 15.0           # no cue within this many seconds of a shake, either side
-CONTEXT_SHAKERS = 0.9          # share of the videos in which a shaking ball appears
 CUE_ON_S = 1.0                 # how long the corner square stays lit
 CUE_EDGE_S = 5.0               # the cue starts this close to the start or the end of the video
 CUE_COLOURS = {"shake_blue": (0.15, 0.35, 0.95), "shake_green": (0.15, 0.85, 0.25)}
@@ -125,14 +128,15 @@ def plan_video(config: SynthConfig, index: int) -> VideoPlan:
     rng = np.random.default_rng([config.seed, index])
     seconds = rng.uniform(config.min_seconds, config.max_seconds)
     num_frames = int(round(seconds * config.fps))
-    segments = _plan_actor(rng, config, num_frames, LEAD_MOTIONS, gap_s=(0.3, 3.0))
+    lead = LEAD_MOTIONS_CONTEXT if config.context else LEAD_MOTIONS
+    segments = _plan_actor(rng, config, num_frames, lead, gap_s=(0.3, 3.0))
     if rng.random() < 0.5:
         segments += _plan_actor(rng, config, num_frames, {"dash": 1.0}, gap_s=(4.0, 15.0))
     segments += _plan_signals(rng, config, segments, num_frames)
     _label_dashes(segments, config.fps)
     if config.context:
         segments += _plan_context(np.random.default_rng([config.seed, index, 1]), config,
-                                  num_frames)
+                                  segments, num_frames)
     camera = {"drift": [(rng.uniform(15, 40), rng.uniform(0, 2 * math.pi)) for _ in range(2)],
               "light": (rng.uniform(10, 30), rng.uniform(0, 2 * math.pi)),
               "texture_seed": int(rng.integers(2**31))}
@@ -181,9 +185,10 @@ def _plan_episode(rng, config: SynthConfig, start: int, motions) -> list[Segment
     return segments
 
 
-def _plan_context(rng, config: SynthConfig, num_frames: int) -> list[Segment]:
-    """The global-context family: one corner cue per video, and (in some videos) a ball that
-    shakes now and then; shakes within CONTEXT_GAP_S of the cue become rests."""
+def _plan_context(rng, config: SynthConfig, segments: list[Segment],
+                  num_frames: int) -> list[Segment]:
+    """The global-context family's cue: one corner square per video, whose colour labels every
+    shake of the video; shakes within CONTEXT_GAP_S of it become rests (in place)."""
     fps = config.fps
     label = str(rng.choice(CONTEXT_CLASSES))
     on = int(CUE_ON_S * fps)
@@ -192,17 +197,14 @@ def _plan_context(rng, config: SynthConfig, num_frames: int) -> list[Segment]:
     if rng.random() < 0.5:
         onset = num_frames - on - onset
     cue = Segment("cue", onset, onset + on, (0.0, 0.0), params={"label": label})
-    shaker = []
-    if rng.random() < CONTEXT_SHAKERS:
-        shaker = _plan_actor(rng, config, num_frames, {"shake": 1.0}, gap_s=(1.0, 4.0))
     gap = CONTEXT_GAP_S * fps
-    for s in shaker:
+    for s in segments:
         if s.motion == "shake":
             if s.start - gap < cue.stop and cue.start < s.stop + gap:  # too near: no action
                 s.motion, s.label, s.params = "rest", None, {}
             else:
                 s.label = label
-    return shaker + [cue]  # the cue last: drawn over the balls
+    return [cue]  # drawn last, over the balls
 
 
 def _motion_params(rng, motion: str, fps: int) -> dict:
