@@ -28,6 +28,7 @@ held to the end) at the largest shard count, over both distributions.
 """
 import argparse
 import heapq
+import os
 import sys
 from pathlib import Path
 
@@ -35,7 +36,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from extract.shards import Shard, Shares, work_order  # noqa: E402
+from extract.shards import (PART_SECONDS, PART_SECONDS_ENV, Shard, Shares,  # noqa: E402
+                            item_video, part_count, parts_of, work_items, work_order)
 
 
 def thumos_like(rng) -> np.ndarray:
@@ -82,18 +84,22 @@ def simulate(orders: list, seconds: dict, claims: bool, shares=None) -> tuple:
 
 
 def schemes(plan: list, count: int, seconds: dict) -> dict:
+    """``seconds``: encoding time per video; a part takes its video's time / its parts."""
     ids = sorted(entry["video_id"] for entry in plan)
     every_nth = [ids[index::count] for index in range(count)]
+    parts = {entry["video_id"]: parts_of(entry) for entry in plan}
+    items = {item: seconds[item_video(item)] / parts[item_video(item)]
+             for item, _ in work_items(plan)}
     plan_shares = Shares(plan, count)
     stealing = [work_order(plan, Shard(index, count, "bench")) for index in range(count)]
-    longest = max(seconds.values())
-    with_claims = simulate(stealing, seconds, True, Shares(plan, count))
+    longest = max(items.values())
+    with_claims = simulate(stealing, items, True, Shares(plan, count))
     return {"every-Nth": simulate(every_nth, seconds, claims=True)[0],
-            "longest-first": simulate(plan_shares.owned, seconds, claims=True)[0],
+            "longest-first": simulate(plan_shares.owned, items, claims=True)[0],
             "plan, claims": with_claims[0],
-            "plan, no locks": simulate(stealing, seconds, False, Shares(plan, count))[0],
+            "plan, no locks": simulate(stealing, items, False, Shares(plan, count))[0],
             "plan, job array": with_claims[1],
-            "bound": sum(seconds.values()) / (count * max(longest, sum(seconds.values()) / count))}
+            "bound": sum(items.values()) / (count * max(longest, sum(items.values()) / count))}
 
 
 def main():
@@ -104,6 +110,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     counts = [int(part) for part in args.shards.split(",")]
+    part_seconds = float(os.environ.get(PART_SECONDS_ENV) or PART_SECONDS)
     rng = np.random.default_rng(args.seed)
     header = f"{'distribution':<17} {'shards':>6}" + "".join(
         f" {name:>15}" for name in ("every-Nth", "longest-first", "plan, claims",
@@ -113,12 +120,14 @@ def main():
     for name, draw in DISTRIBUTIONS.items():
         durations = draw(rng)
         factors = rng.lognormal(0.0, args.noise, len(durations))
-        plan = [{"video_id": f"v{index:05d}", "duration": float(duration)}
-                for index, duration in enumerate(durations)]
+        plan = [{"video_id": f"v{index:05d}", "duration": float(duration),
+                 "parts": part_count(float(duration))} for index, duration in enumerate(durations)]
         seconds = {entry["video_id"]: entry["duration"] * factor
                    for entry, factor in zip(plan, factors)}
+        split = sum(entry["parts"] > 1 for entry in plan)
         print(f"# {name}: {len(plan)} videos, {durations.sum() / 3600:.1f} h, median "
-              f"{np.median(durations) / 60:.1f} min, longest {durations.max() / 60:.1f} min")
+              f"{np.median(durations) / 60:.1f} min, longest {durations.max() / 60:.1f} min; "
+              f"{split} split into parts of at most {part_seconds:.0f} s")
         for count in counts:
             shares_ = schemes(plan, count, seconds)
             print(f"{name:<17} {count:>6}" + "".join(f" {value:>15.3f}"

@@ -9,6 +9,11 @@ than clips moves a quarter of the bytes, and every frame is decoded and resized 
 the frames a chunk shares with the next one are carried over, not decoded again. The main
 process gathers the clips (on the GPU when there is one) and batches them across videos.
 
+A long video may be extracted in parts (store/parts.py): a part is a clip range of it, and its
+chunks cover that range only. The frames before the range are decoded in order and dropped
+(never seeking, as decoding.py explains), not scaled; a clip's frames, and so its features, are
+the same whether it is extracted in a part or with the whole video.
+
 A video that cannot be decoded becomes a ``failed`` item naming it; the worker goes on with
 the next video.
 """
@@ -23,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from extract.decoding import VideoError, VideoSource, open_video
+from store.parts import part_range
 from store.protocol import IMAGENET_MEAN, IMAGENET_STD, SamplingProtocol
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
@@ -31,7 +37,7 @@ VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".m
 
 # Crash-test hook (tests/test_extract_faults.py): with LOSA_TAL_KILL_AT="decode:3" set, the
 # process SIGKILLs itself the third time it passes the point named "decode" (points: decode here;
-# write, commit and published in pipeline.py). Unset, a point costs one environment lookup.
+# write, commit, published and assemble in pipeline.py). Unset, a point costs one environment lookup.
 KILL_AT_ENV = "LOSA_TAL_KILL_AT"
 _points_passed: dict = {}
 
@@ -120,22 +126,36 @@ def backbone_frames(frames: torch.Tensor, protocol: SamplingProtocol) -> torch.T
 
 
 def iter_chunks(video: str, path: str | os.PathLike, protocol: SamplingProtocol,
-                clips_per_chunk: int, num_threads: int = 1):
-    """Yield the chunks of one video in clip order (see the module docstring)."""
+                clips_per_chunk: int, num_threads: int = 1, part=None):
+    """Yield the chunks of one video in clip order (see the module docstring); with ``part``
+    ``(k, parts)``, of that part's clips only."""
     source = open_video(path, num_threads, every_frame=protocol.uses_every_frame)
     try:
-        yield from _chunks_of(source, video, protocol, clips_per_chunk)
+        yield from _chunks_of(source, video, protocol, clips_per_chunk, part)
     finally:
         source.close()
 
 
-def _chunks_of(source: VideoSource, video: str, protocol: SamplingProtocol, clips_per_chunk: int):
+def _chunks_of(source: VideoSource, video: str, protocol: SamplingProtocol, clips_per_chunk: int,
+               part=None):
+    """Each chunk says which clips it holds (``first_clip``, ``index``), of which clip range
+    (``clips``: the part's, or the whole video's) and which ``part`` (None: the whole video)."""
     indices = protocol.native_indices(source.num_frames, source.fps, source.frame_times)
     num_clips = len(indices)
+    start, stop = (0, num_clips) if part is None else part_range(*part, num_clips)
+    common = {"kind": "chunk", "video": video, "part": part, "clips": (start, stop),
+              "num_clips": num_clips, "info": source.info}
+    # The first chunk carries the whole video's feature times (the worker knows the frames'
+    # own times); a part of no clips (a video of fewer clips than parts) is one empty chunk.
+    times = protocol.feature_times(source.num_frames, source.fps, source.frame_times)
+    if start == stop:
+        yield {**common, "first_clip": start, "times": times, "frames": torch.zeros(0),
+               "index": torch.zeros((0, protocol.clip_len), dtype=torch.int64)}
+        return
     cached_ids = np.zeros(0, dtype=np.int64)  # native ids of the frames kept from last chunk
     cached = None
-    for first in range(0, num_clips, clips_per_chunk):
-        clip_ids = indices[first:first + clips_per_chunk]
+    for first in range(start, stop, clips_per_chunk):
+        clip_ids = indices[first:min(first + clips_per_chunk, stop)]
         needed = np.unique(clip_ids)
         fresh = needed[~np.isin(needed, cached_ids)]
         parts_ids, parts = [], []
@@ -149,12 +169,8 @@ def _chunks_of(source: VideoSource, video: str, protocol: SamplingProtocol, clip
         order = np.argsort(np.concatenate(parts_ids), kind="stable")
         cached_ids = np.concatenate(parts_ids)[order]  # == needed
         cached = torch.cat(parts)[torch.from_numpy(order)]
-        # The first chunk carries the feature times (the worker knows the frames' own times).
-        times = protocol.feature_times(source.num_frames, source.fps, source.frame_times) \
-            if first == 0 else None
-        yield {"kind": "chunk", "video": video, "first_clip": first, "num_clips": num_clips,
-               "info": source.info, "times": times, "frames": cached,
-               "index": torch.from_numpy(np.searchsorted(cached_ids, clip_ids))}
+        yield {**common, "first_clip": first, "times": times if first == start else None,
+               "frames": cached, "index": torch.from_numpy(np.searchsorted(cached_ids, clip_ids))}
 
 
 def gather_clips(frames: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -165,7 +181,8 @@ def gather_clips(frames: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 class ClipChunks(torch.utils.data.IterableDataset):
     """The chunks of many videos, decoded in DataLoader workers.
 
-    ``videos`` yields ``(video_id, path)``: a list is split between the workers (worker w of n
+    ``videos`` yields ``(video_id, path)`` or ``(video_id, path, part)`` (``(k, parts)``: that
+    part's clips only): a list is split between the workers (worker w of n
     takes items w, w+n, ...); any other iterable (a queue that the main process fills with
     claimed videos) is read as it is, by whichever worker is free. Either way each video is
     decoded by exactly one worker, in clip order. A video that cannot be decoded yields one
@@ -189,12 +206,14 @@ class ClipChunks(torch.utils.data.IterableDataset):
             if entry is None:
                 yield {"kind": "idle"}
                 continue
-            video, path = entry
+            video, path, *part = entry
+            part = part[0] if part else None
             try:
                 yield from iter_chunks(video, path, self.protocol, self.clips_per_chunk,
-                                       self.decode_threads)
+                                       self.decode_threads, part)
             except VideoError as err:
-                yield {"kind": "failed", "video": video, "error": f"{Path(path).name}: {err}"}
+                yield {"kind": "failed", "video": video, "part": part,
+                       "error": f"{Path(path).name}: {err}"}
 
 
 PREFETCH_CHUNKS = 4  # chunks each worker decodes ahead (they wait in shared memory)

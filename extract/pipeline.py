@@ -16,6 +16,12 @@ left to it (``Shares.at_work``). Workers receive claimed videos through a queue:
 finishes a long video takes the next one, whatever its length. Videos already complete in the
 store are skipped; a video that cannot be decoded, or whose file is not the one the store
 planned under its id, is recorded as failed, and the others go on.
+
+With several shards on a Zarr store, a long video that the plan splits into parts is taken a
+part at a time, like a video: claimed, decoded (its clip range only), encoded and committed as
+a part; whoever commits its last part, or later finds all its parts committed, assembles it
+(store/parts.py). A single shard, or an HDF5 store, extracts whole videos, and assembles only a
+video whose parts other runs committed in full.
 """
 from __future__ import annotations
 
@@ -42,7 +48,8 @@ from extract.clips import (VIDEO_EXTENSIONS, ClipChunks, backbone_frames, fault_
 from extract.config import ExtractionConfig
 from extract.decoding import stated_duration
 from extract.pooling import check_grid, pool_tokens
-from extract.shards import Shard, Shares, launcher_shard, planned, source_problem
+from extract.shards import (Shard, Shares, item_video, launcher_shard, parts_of, planned,
+                            source_problem)
 from extract.workers import QueueFeed, SpawnProcess
 from losa_distributed import SHARED_MEMORY, shared_memory_free
 from losa_tal import ConfigError, InputError, input_error
@@ -68,7 +75,9 @@ class ExtractionSettings:
 
 @dataclass
 class ExtractionSummary:
-    done: list = field(default_factory=list)  # video ids encoded and published by this process
+    done: list = field(default_factory=list)  # video ids published by this process
+    parts: list = field(default_factory=list)  # parts (video_id, k) published by this process
+    # The next three hold work items: video ids, or parts (video_id, k) of split videos.
     already: list = field(default_factory=list)  # complete in the store before we got to them
     taken: list = field(default_factory=list)  # claimed by another extractor at the time
     # unfinished in another shard's own share, where its owner presumably is (Shares.at_work)
@@ -335,21 +344,30 @@ VIDEOS_PER_WORKER = 2
 
 
 class ShardWork:
-    """This shard's view of the store's plan: the videos in its work order, as ``(video_id,
-    path)`` (the path this machine sees), each one's planned source, and every shard's share."""
+    """This shard's view of the store's plan: its work order, as ``(item, path)`` (an item is a
+    video id or a part ``(video_id, k)``, extract/shards.py; the path this machine sees), each
+    video's planned source and parts, and every shard's share."""
 
     def __init__(self, store: FeatureStore, settings: ExtractionSettings, shard: Shard):
         expected = settings.expected_durations
         self.shard, self.paths = shard, dict(settings.videos)
         self.entries = planned(store, settings.videos, shard,
                                lambda vid, path: expected.get(vid) or stated_duration(path))
-        self.shares = Shares(list(self.entries.values()), shard.count)
-        self.order = [(vid, self.paths[vid]) for vid in self.shares.order(shard.index)]
+        self.parts = {vid: parts_of(entry) for vid, entry in self.entries.items()}
+        self.split = shard.count > 1 and store.takes_parts  # else whole videos (module doc)
+        self.shares = Shares(list(self.entries.values()), shard.count, self.split)
+        self.order = [(item, self.paths[item_video(item)])
+                      for item in self.shares.order(shard.index)]
         self._own = set(self.shares.owned[shard.index])
         self.depth = max(1, VIDEOS_PER_WORKER * settings.config.num_workers)  # held at once
 
-    def owns(self, video_id) -> bool:
-        return video_id in self._own
+    @property
+    def split_videos(self) -> list:
+        """The videos planned in parts (all of them: a single shard may assemble one)."""
+        return [vid for vid, parts in self.parts.items() if parts > 1]
+
+    def owns(self, item) -> bool:
+        return item in self._own
 
     def source_problem(self, video_id) -> str | None:
         return source_problem(self.entries[video_id], self.paths[video_id])
@@ -361,43 +379,66 @@ class ShardWork:
 
 
 class Claims:
-    """Hands out videos claimed in the store, one at a time, in this shard's work order, and holds
-    each claim until the video is finished (published or failed)."""
+    """Hands out work items (videos, or parts of split videos) claimed in the store, one at a
+    time, in this shard's work order, and holds each claim until the item is finished
+    (published or failed)."""
 
     def __init__(self, store: FeatureStore, work: "ShardWork", summary: ExtractionSummary):
         self.store, self.work, self.summary = store, work, summary
         self._pending = iter(work.order)
-        self._held = {}  # video_id -> ExitStack holding its claim
+        self._held = {}  # item -> ExitStack holding its claim
         self.exhausted = False
 
     def next(self):
-        """The next video this process now owns, as ``(video_id, path)``; None when none is left."""
+        """The next item this process now owns, as ``(video_id, path)`` or, for a part,
+        ``(video_id, path, (k, parts))``; None when none is left."""
         committed = set(self.store.videos())  # one listing
-        busy = self.work.shares.at_work(committed, self.work.shard.index, self.work.depth)
-        for video_id, path in self._pending:
+        done = committed | self._committed_parts(committed)
+        busy = self.work.shares.at_work(done, self.work.shard.index, self.work.depth)
+        for item, path in self._pending:
+            video_id = item_video(item)
+            if video_id in self.summary.failed:
+                continue
             # A file that is not the planned one is refused; each committed video's file is
             # checked by one shard, its owner (a check may read 2 MiB of it).
-            if (video_id not in committed or self.work.owns(video_id)) and \
+            if (video_id not in committed or self.work.owns(item)) and \
                     self._refused(video_id):
                 continue
-            if video_id in committed:  # finished: skipped without a claim, which a user who
-                self.summary.already.append(video_id)  # may only read the store cannot take
+            # A split video whose parts are all committed (by this run or another, which may have
+            # died before assembling it) is assembled by whoever finds them, a single shard too.
+            if video_id not in committed and self.work.parts[video_id] > 1 and \
+                    (item in done or item == video_id) and \
+                    assemble(self.store, video_id, self.work.parts[video_id],
+                             self.summary) is not None:
+                committed.add(video_id)
+            if video_id in committed or item in done:  # finished: skipped without a claim,
+                self.summary.already.append(item)  # which a user who may only read cannot take
                 continue
-            if video_id in busy:
-                self.summary.left.append(video_id)
+            if item in busy:
+                self.summary.left.append(item)
                 continue
             stack = contextlib.ExitStack()
-            if not stack.enter_context(self.store.claim(video_id)):
+            if not stack.enter_context(self.store.claim(*_claimed(item))):
                 stack.close()
-                self.summary.taken.append(video_id)
-            elif video_id in self.store:
+                self.summary.taken.append(item)
+            elif video_id in self.store or item in self._committed_parts(set()):
                 stack.close()
-                self.summary.already.append(video_id)
+                self.summary.already.append(item)
             else:
-                self._held[video_id] = stack
-                return video_id, str(path)
+                self._held[item] = stack
+                part = () if item == video_id else ((item[1], self.work.parts[video_id]),)
+                return (video_id, str(path), *part)
         self.exhausted = True
         return None
+
+    def _committed_parts(self, committed: set) -> set:
+        """The committed parts ``(video_id, k)`` of split videos not committed (one listing;
+        none when the plan splits no video)."""
+        split = [vid for vid in self.work.split_videos if vid not in committed]
+        if not split:
+            return set()
+        return {(vid, part) for vid, parts in self.store.committed_parts(split).items()
+                for part in parts}
 
     def _refused(self, video_id) -> bool:
         problem = self.work.source_problem(video_id)
@@ -417,16 +458,42 @@ class Claims:
     def held_ids(self) -> list:
         return sorted(self._held)
 
-    def release(self, video_id):
-        self._held.pop(video_id).close()
+    def release(self, item):
+        self._held.pop(item).close()
 
     def release_all(self):
-        for video_id in list(self._held):
-            self.release(video_id)
+        for item in list(self._held):
+            self.release(item)
+
+
+def _claimed(item) -> tuple:
+    """``FeatureStore.claim``'s arguments for a work item."""
+    return item if isinstance(item, tuple) else (item,)
+
+
+def item_of(chunk: dict):
+    """The work item a decoded chunk (or failure) belongs to."""
+    part = chunk.get("part")
+    return chunk["video"] if part is None else (chunk["video"], part[0])
+
+
+def assemble(store: FeatureStore, video_id: str, parts: int,
+             summary: ExtractionSummary) -> bool | None:
+    """Commit a video planned in ``parts`` parts from them if all are committed (True if this
+    process did, False if another one did; ``FeatureStore.assemble``); None while some are
+    missing."""
+    if len(store.committed_parts([video_id]).get(video_id, ())) < parts:
+        return None
+    fault_point("assemble")
+    assembled = store.assemble(video_id)
+    if assembled:
+        summary.done.append(video_id)
+    return assembled
 
 
 class OpenVideo:
-    """A video being written: its store writer and how many of its clips are handed to it.
+    """A video (or a part of one) being written: its store writer and how many of its clips
+    are handed to it.
 
     The writes run in order on the run's one store-writer thread, so that the main thread feeds
     the backbone meanwhile; ``commit`` and ``discard`` wait for them first, and a write that
@@ -436,20 +503,23 @@ class OpenVideo:
     MAX_PENDING = 4  # batches of features waiting for the writer thread, per video
 
     def __init__(self, store, chunk, writes: ThreadPoolExecutor, record: dict):
-        self.num_clips = chunk["num_clips"]
+        first, stop = chunk["clips"]
+        self.size = stop - first
         self.times = chunk["times"]
-        self.writer = store.video_writer(chunk["video"], self.num_clips,
-                                         {**chunk["info"], **record})
+        info = {**chunk["info"], **record}
+        part = chunk["part"]
+        self.writer = store.video_writer(chunk["video"], chunk["num_clips"], info) \
+            if part is None else store.part_writer(chunk["video"], *part, chunk["num_clips"], info)
         self.written = 0
         self.writes, self.pending = writes, []
 
     def write(self, start, features) -> bool:
-        """Queue clips for writing; True once the whole video is queued."""
+        """Queue clips for writing; True once the whole video (or part) is queued."""
         while self.pending and (self.pending[0].done() or len(self.pending) >= self.MAX_PENDING):
             self.pending.pop(0).result()  # raises what the write raised
         self.pending.append(self.writes.submit(self._write, start, features))
         self.written += len(features[LAST])
-        return self.written == self.num_clips
+        return self.written == self.size
 
     def _write(self, start, features):
         self.writer.write(start, features)
@@ -503,7 +573,7 @@ class Extraction:
             if item["kind"] == "idle":  # only with workers: one more video for the idle one
                 self._refill(claims, feed, claims.held + 1)
             elif item["kind"] == "failed":
-                self._fail(item["video"], item["error"], claims)
+                self._fail(item, claims)
             else:
                 self._add_chunk(item, claims)
         self._encode_batch(claims)  # the tail
@@ -549,23 +619,26 @@ class Extraction:
         self._tick()
 
     def _add_chunk(self, chunk, claims):
-        video = chunk["video"]
-        if video not in self.open:
-            self.open[video] = OpenVideo(self.store, chunk, self.writes,
-                                         {**compute_record(self.encoder.device),
-                                          "source": self.work.source(video)})
+        video, key = chunk["video"], item_of(chunk)
+        if key not in self.open:
+            self.open[key] = OpenVideo(self.store, chunk, self.writes,
+                                       {**compute_record(self.encoder.device),
+                                        "source": self.work.source(video)})
             self._check_duration(video, chunk["info"]["duration"])
+            if self.open[key].size == 0:  # a part of no clips (fewer clips than parts)
+                self._publish(key, claims)
+                return
         device = self.encoder.device
         frames = backbone_frames(chunk["frames"].to(device, non_blocking=True),
                                  self.config.protocol)
         clips = gather_clips(frames, chunk["index"].to(device, non_blocking=True))
-        self.batch.append((video, chunk["first_clip"], clips))
+        self.batch.append((key, chunk["first_clip"], clips))
         self.batch_clips += len(clips)
         while self.batch_clips >= self.config.batch_size:
             self._encode_batch(claims)
 
     def _encode_batch(self, claims):
-        """Encode up to batch_size waiting clips and hand each video its features."""
+        """Encode up to batch_size waiting clips and hand each video (or part) its features."""
         size = self.config.batch_size
         parts, taken = [], 0
         while self.batch and taken < size:
@@ -592,30 +665,37 @@ class Extraction:
                 self._publish(video, claims)
         self._tick()
 
-    def _publish(self, video, claims):
-        opened = self.open.pop(video)
+    def _publish(self, item, claims):
+        opened = self.open.pop(item)
         fault_point("commit")
-        if opened.commit():
-            self.summary.done.append(video)
-        else:  # another writer published it first (possible only without claims)
-            self.summary.already.append(video)
+        if not opened.commit():  # another writer published it first (only without claims)
+            self.summary.already.append(item)
+        elif isinstance(item, tuple):
+            self.summary.parts.append(item)
+        else:
+            self.summary.done.append(item)
         fault_point("published")
-        claims.release(video)
+        if isinstance(item, tuple):  # its last part: the video is assembled here
+            assemble(self.store, item[0], self.work.parts[item[0]], self.summary)
+        claims.release(item)
         self._feed()
 
-    def _fail(self, video, reason, claims):
-        opened = self.open.pop(video, None)
+    def _fail(self, failure, claims):
+        video, reason, item = failure["video"], failure["error"], item_of(failure)
+        opened = self.open.pop(item, None)
         if opened is not None:  # decoding broke mid-video: drop what was written
             opened.discard()
-        self.batch = [part for part in self.batch if part[0] != video]
+        self.batch = [part for part in self.batch if part[0] != item]
         self.batch_clips = sum(len(part[2]) for part in self.batch)
         self.summary.failed[video] = reason
         self.store.record_failure(video, reason)
         tqdm.write(f"skipped video {video!r}: {reason}", file=sys.stderr)
-        claims.release(video)
+        claims.release(item)
         self._feed()
 
     def _check_duration(self, video, decoded):
+        if video in self.summary.warnings:  # another part of it
+            return
         problem = short_duration(decoded, self.settings.expected_durations.get(video))
         if problem:
             problem += "; extracted as decoded"
@@ -701,7 +781,8 @@ def run_extraction(settings: ExtractionSettings, show_progress: bool = True,
 
 def format_summary(summary: ExtractionSummary, missing=()) -> str:
     """The lines printed at the end of a run."""
-    lines = [f"extracted {len(summary.done)} videos ({summary.clips} clips, "
+    parts = f" and {len(summary.parts)} parts of long videos" if summary.parts else ""
+    lines = [f"extracted {len(summary.done)} videos{parts} ({summary.clips} clips, "
              f"{summary.clips_per_second:.1f} clips/s); {len(summary.already)} already in the "
              f"store; {len(summary.taken)} taken by another extractor; "
              + (f"{len(summary.left)} left to the shards they belong to; " if summary.left

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import os
 from dataclasses import dataclass
 
@@ -36,6 +37,11 @@ SHARD_FLAG = "--shard"
 # What identifies a source file besides its size: a hash of its first and last MiB (a whole-file
 # hash would read every video once more; a different video of the same size differs there).
 HASHED_BYTES = 2**20
+# A video longer than this is planned as ceil(duration / PART_SECONDS) parts that shards extract
+# separately (bench/shards.py: at 64 shards THUMOS-like durations need parts of at most ~5 min
+# for a useful-GPU share of 0.9; shorter parts cost more skipped decoding and more assembly).
+PART_SECONDS = 240.0
+PART_SECONDS_ENV = "LOSA_TAL_PART_SECONDS"  # overrides it when a plan is recorded (tests)
 
 
 @dataclass(frozen=True)
@@ -152,7 +158,51 @@ def plan_entry(video_id: str, path, duration) -> dict:
     except OSError:
         source = None
     return {"video_id": video_id, "path": os.fspath(path), "duration": duration,
-            "source": source}
+            "source": source, "parts": part_count(duration)}
+
+
+# -- parts of long videos ----------------------------------------------------------------------
+def part_count(duration) -> int:
+    """How many parts a video of ``duration`` seconds is planned as (1 when unknown)."""
+    seconds = os.environ.get(PART_SECONDS_ENV)
+    seconds = float(seconds) if seconds else PART_SECONDS
+    return max(1, math.ceil(_weight({"duration": duration}) / seconds))
+
+
+def parts_of(entry: dict) -> int:
+    """The parts a plan entry records; an entry planned before parts existed is one."""
+    parts = entry.get("parts", 1)
+    return parts if isinstance(parts, int) and not isinstance(parts, bool) and parts > 1 else 1
+
+
+def part_range(part: int, parts: int, num_clips: int) -> tuple[int, int]:
+    """Clips ``[first, stop)`` of part ``part`` of ``parts`` of a video of ``num_clips`` clips
+    (a part may be empty when the video has fewer clips than parts)."""
+    return part * num_clips // parts, (part + 1) * num_clips // parts
+
+
+def work_items(plan: list, split: bool = True) -> list[tuple]:
+    """``(item, weight)`` of every unit of work in ``plan``: a video's id, or for a video
+    planned in P > 1 parts (``split``) each ``(video_id, k)``, weighing duration / P."""
+    items = []
+    for entry in plan:
+        parts = parts_of(entry) if split else 1
+        if parts == 1:
+            items.append((entry["video_id"], _weight(entry)))
+        else:
+            items += [((entry["video_id"], part), _weight(entry) / parts)
+                      for part in range(parts)]
+    return items
+
+
+def item_video(item) -> str:
+    return item[0] if isinstance(item, tuple) else item
+
+
+def is_done(item, done) -> bool:
+    """Whether ``item`` is finished, ``done`` holding committed video ids and committed parts
+    ``(video_id, k)``: a part of a committed video is finished too."""
+    return item in done or (isinstance(item, tuple) and item[0] in done)
 
 
 def planned(store, videos: list, shard: Shard, duration) -> dict:
@@ -197,14 +247,15 @@ def source_problem(entry: dict, path) -> str | None:
 
 # -- the order of work -------------------------------------------------------------------------
 class Shares:
-    """Every shard's own share of a plan (ids, longest first) and, given what is committed, the
-    video each owner is presumably encoding."""
+    """Every shard's own share of a plan (work items, longest first) and, given what is
+    committed, the item each owner is presumably encoding. Items are ids, and with ``split``
+    the parts ``(video_id, k)`` of videos planned in several parts (``work_items``)."""
 
-    def __init__(self, plan: list, count: int):
-        self.owned = shares(plan, count)
+    def __init__(self, plan: list, count: int, split: bool = True):
+        self.owned = shares(plan, count, split)
         self._first = [0] * count  # per share: all before it are committed (committed only grows)
 
-    def order(self, index: int) -> list[str]:
+    def order(self, index: int) -> list:
         """Shard ``index``'s order: its own share, then every other shard's share from its end
         (the videos its owner reaches last), shards visited in turn from the next one."""
         count = len(self.owned)
@@ -213,42 +264,43 @@ class Shares:
             order += reversed(self.owned[(index + step) % count])
         return order
 
-    def at_work(self, committed, but: int, depth: int = 1) -> set:
-        """The first ``depth`` uncommitted videos of every share but shard ``but``'s: an owner
-        works through its share in order, ``depth`` videos at a time, so it is on those unless
-        it died or has not started. Other shards leave them alone: where claims do not work,
-        that is all that keeps two shards off one video, and a long video encoded twice would
-        make everyone wait for the second copy."""
+    def at_work(self, done, but: int, depth: int = 1) -> set:
+        """The first ``depth`` unfinished items of every share but shard ``but``'s (``done``:
+        committed ids and parts, see ``is_done``): an owner works through its share in order,
+        ``depth`` items at a time, so it is on those unless it died or has not started. Other
+        shards leave them alone: where claims do not work, that is all that keeps two shards
+        off one item, and a long one encoded twice would make everyone wait for the copy."""
         busy = set()
         for index, share in enumerate(self.owned):
             first = self._first[index]
-            while first < len(share) and share[first] in committed:
+            while first < len(share) and is_done(share[first], done):
                 first += 1
             self._first[index] = first
             if index != but:
-                waiting = (video for video in share[first:] if video not in committed)
+                waiting = (item for item in share[first:] if not is_done(item, done))
                 busy.update(itertools.islice(waiting, depth))
         return busy
 
 
-def shares(plan: list, count: int) -> list[list]:
-    """Every shard's own videos (ids), longest first: each video in turn, longest first, goes to
-    the shard with the least planned time (then the fewest videos, then the lowest index). A
-    video of unknown duration weighs nothing."""
-    ordered = sorted(plan, key=lambda entry: (-_weight(entry), entry["video_id"]))
+def shares(plan: list, count: int, split: bool = True) -> list[list]:
+    """Every shard's own work items (``work_items``), longest first: each in turn goes to the
+    shard with the least planned time (then the fewest items, then the lowest index). A video
+    of unknown duration weighs nothing."""
+    ordered = sorted(work_items(plan, split), key=lambda pair: (
+        -pair[1], item_video(pair[0]), pair[0][1] if isinstance(pair[0], tuple) else -1))
     loads = [(0.0, 0, index) for index in range(count)]
     owned = [[] for _ in range(count)]
-    for entry in ordered:
-        load, videos, index = min(loads)
-        owned[index].append(entry["video_id"])
-        loads[index] = (load + _weight(entry), videos + 1, index)
+    for item, weight in ordered:
+        load, items, index = min(loads)
+        owned[index].append(item)
+        loads[index] = (load + weight, items + 1, index)
     return owned
 
 
-def work_order(plan: list, shard) -> list[str]:
-    """The ids of ``plan`` in the order ``shard`` (index, count) takes them (``Shares.order``).
-    Depends only on the plan's entries (not their order) and the shard."""
-    return Shares(plan, shard.count).order(shard.index)
+def work_order(plan: list, shard, split: bool = True) -> list:
+    """The work items of ``plan`` in the order ``shard`` (index, count) takes them
+    (``Shares.order``). Depends only on the plan's entries (not their order) and the shard."""
+    return Shares(plan, shard.count, split).order(shard.index)
 
 
 def _weight(entry: dict) -> float:

@@ -89,7 +89,9 @@ def verify(path, storage_options, quiet):
     for vid, reason in report.failed.items():
         click.echo(f"failed: {vid}: its source could not be extracted ({reason})")
     for vid in report.missing:
-        click.echo(f"missing: {vid}: planned, not committed")
+        why = f"{report.partial[vid]}; run extract again" if vid in report.partial else \
+            "planned, not committed"
+        click.echo(f"missing: {vid}: {why}")
     click.echo(f"{report.checked} video(s) checked, {len(report.bad)} bad"
                + (f", {len(report.missing)} planned but missing" if report.missing else "")
                + (f", {len(report.failed)} failed at extraction" if report.failed else ""))

@@ -298,6 +298,41 @@ class FeatureStore:
             raise ValueError(f"{self.path} was opened for reading; use FeatureStore.create")
         return VideoWriter(self, video_id, num_clips, info)
 
+    # -- parts of long videos (store/parts.py) ----------------------------------------------------
+    @property
+    def takes_parts(self) -> bool:
+        """Whether videos may be written in parts here (Zarr; HDF5 takes whole videos)."""
+        return self._backend.takes_parts
+
+    def part_writer(self, video_id: str, part: int, parts: int, num_clips: int, info: dict):
+        """A writer of part ``part`` of ``parts`` of a video of ``num_clips`` clips: clips
+        ``store.parts.part_range(part, parts, num_clips)``, written at their indices in the
+        video; ``commit(times)`` (the whole video's) publishes the part, not the video, and
+        returns False if another writer published that part first. See ``assemble``."""
+        from .writer import VideoWriter
+
+        if not self._writable:
+            raise ValueError(f"{self.path} was opened for reading; use FeatureStore.create")
+        if not self.takes_parts:
+            raise ValueError(f"{self.path}: {self.format} stores take whole videos, not parts")
+        return VideoWriter(self, video_id, num_clips, info, part=(part, parts))
+
+    def committed_parts(self, video_ids) -> dict:
+        """``{video_id: {k, ...}}``: the committed parts of these videos, in one listing."""
+        from .parts import committed_parts
+
+        with storage_errors(self.path, "cannot list the parts"):
+            return committed_parts(self, video_ids)
+
+    def assemble(self, video_id: str):
+        """Commit a video written in parts once all are committed: True if this call did,
+        False if it was committed already (or by a concurrent call), None while parts are
+        missing."""
+        from .parts import assemble
+
+        with storage_errors(self.path, f"cannot assemble video {video_id!r}"):
+            return assemble(self, video_id)
+
     def write_video(self, video_id: str, features: dict, times, info: dict) -> bool:
         """Write a whole video at once; False if another writer published it first."""
         num_clips = len(next(iter(features.values()), []))
@@ -306,8 +341,9 @@ class FeatureStore:
             return writer.commit(times)
 
     @contextlib.contextmanager
-    def claim(self, video_id: str):
-        """Take a video for this process: ``with fs.claim(vid) as mine: if mine: ...``.
+    def claim(self, video_id: str, part: int | None = None):
+        """Take a video (or part ``part`` of it, see ``part_writer``) for this process:
+        ``with fs.claim(vid) as mine: if mine: ...``.
 
         Yields False while another process holds it. A claim only saves duplicate work (the
         commit decides what is stored, exactly once): it is an ``flock``, dropped by the kernel
@@ -321,7 +357,8 @@ class FeatureStore:
             return
         with contextlib.ExitStack() as stack:
             try:
-                mine = stack.enter_context(try_claim(directory, encode_video_id(video_id)))
+                name = encode_video_id(video_id) + ("" if part is None else f"@{part}")
+                mine = stack.enter_context(try_claim(directory, name))
             except OSError as err:
                 if err.errno not in NO_LOCKS:
                     with storage_errors(self.path, f"cannot claim video {video_id!r}"):

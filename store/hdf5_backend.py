@@ -249,7 +249,11 @@ class Hdf5Backend:
     def claims_dir(self):
         return os.path.join(self._writers, "claims")
 
-    def begin(self, name: str) -> "Hdf5Staging":
+    takes_parts = False  # one file on one machine: videos are written whole (store/parts.py)
+
+    def begin(self, name: str, part=None) -> "Hdf5Staging":
+        if part is not None:
+            raise ValueError(f"{self.location}: HDF5 stores take whole videos, not parts")
         if self._staging is None:
             self._staging = locks.StagingArea(os.path.join(self._writers, "staging"))
         return Hdf5Staging(self._staging.new_path(".h5"), lambda path: self._publish(name, path))
@@ -308,6 +312,9 @@ class Hdf5Backend:
 
     def leftovers(self, older_than: float) -> list:
         return []  # dead writers' side files go by their free locks (one machine): remove_stale
+
+    def committed_parts(self) -> dict:
+        return {}
 
     def remove_stale(self) -> int:
         return locks.remove_stale(os.path.join(self._writers, "staging"))

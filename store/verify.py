@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from losa_tal import InputError
 
 from .errors import RemoteFailure
+from .parts import part_progress
 
 # Clips read at a time, so a long video with many layers never has to fit in memory at once.
 VERIFY_BLOCK_CLIPS = 1024
@@ -17,6 +18,8 @@ class VerifyReport:
     checked: int = 0
     bad: dict = field(default_factory=dict)  # video id -> problem
     missing: list = field(default_factory=list)  # planned, not committed, not failed
+    # missing videos extracted in parts, some committed: id -> "3 of 5 parts committed"
+    partial: dict = field(default_factory=dict)
     failed: dict = field(default_factory=dict)  # planned, not committed: id -> why its source failed
     notes: list = field(default_factory=list)  # things readers ignore but a user should know
 
@@ -30,7 +33,8 @@ def verify_store(fs, progress: bool = False) -> VerifyReport:
     the recorded duration), every layer's shape, dtype and values (finite; checksums on every
     chunk); then list the planned videos that are not committed: those whose source failed
     (recorded by extraction, with the reason; the store is right not to hold them) apart from
-    the missing ones (no run has committed them: the store is incomplete)."""
+    the missing ones (no run has committed them: the store is incomplete), saying how many
+    parts of those extracted in parts are committed."""
     from tqdm import tqdm
 
     report = VerifyReport()
@@ -47,6 +51,8 @@ def verify_store(fs, progress: bool = False) -> VerifyReport:
         failed = fs.failed_videos()
         report.failed = {vid: failed[vid] for vid in sorted(absent & set(failed))}
         report.missing = sorted(absent - set(failed))
+        report.partial = {vid: part_progress(fs, vid, parts) for vid, parts in
+                          sorted(fs.committed_parts(report.missing).items())}
     incomplete = fs.incomplete_videos()
     if incomplete:
         report.notes.append(f"{len(incomplete)} uncommitted video(s) ignored by readers (a writer "

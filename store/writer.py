@@ -39,22 +39,34 @@ def chunk_clips(bytes_per_clip: int) -> int:
 
 
 class VideoWriter:
-    """Returned by ``FeatureStore.video_writer``; see there."""
+    """Returned by ``FeatureStore.video_writer`` and ``part_writer``; see there.
 
-    def __init__(self, store, video_id: str, num_clips: int, info: dict):
+    A part writer (``part``: ``(k, parts)``, store/parts.py) holds clips ``[first, stop)`` of
+    the video only, written at their clip indices in the video, and publishes a part record
+    instead of the video; ``float32_layers`` start in float32 (assembly copies such parts)."""
+
+    def __init__(self, store, video_id: str, num_clips: int, info: dict, part=None,
+                 float32_layers=()):
+        from .parts import part_range
+
         if not (isinstance(num_clips, (int, np.integer)) and num_clips >= 1):
             raise ValueError(f"num_clips must be a positive integer, got {num_clips!r}")
         self._store, self._video_id, self._num_clips = store, video_id, int(num_clips)
+        self._first, self._stop = (0, self._num_clips) if part is None else \
+            part_range(*part, self._num_clips)
         self._layers = store.stored_layers
         self._info = self._checked_info(info)
-        self._float32 = []
-        self._written = {layer: np.zeros(self._num_clips, dtype=bool) for layer in self._layers}
+        self._float32 = list(float32_layers)
+        self._written = {layer: np.zeros(self._stop - self._first, dtype=bool)
+                         for layer in self._layers}
         self._finished = False
         self._staging = None
+        published_as = None if part is None else \
+            {"part": part[0], "parts": part[1], "clips": [self._first, self._stop]}
         with self._storage_errors():
-            self._staging = store._backend.begin(encode_video_id(video_id))
+            self._staging = store._backend.begin(encode_video_id(video_id), published_as)
             for layer in self._layers:
-                self._create(layer, store.meta["dtype"])
+                self._create(layer, "float32" if layer in self._float32 else store.meta["dtype"])
 
     def __enter__(self):
         return self
@@ -68,10 +80,11 @@ class VideoWriter:
         """Clips ``start:start + n`` of any of the store's layers (``{LAST: [n, D], i: [n, K, D]}``)."""
         self._check_open()
         checked = {layer: self._checked(layer, start, values) for layer, values in features.items()}
+        offset = start - self._first
         for layer, values in checked.items():
             with self._storage_errors():
-                self._staging.write(array_key(layer), start, self._fitted(layer, values))
-            self._written[layer][start:start + len(values)] = True
+                self._staging.write(array_key(layer), offset, self._fitted(layer, values))
+            self._written[layer][offset:offset + len(values)] = True
 
     def commit(self, times) -> bool:
         """Publish the video; False if another writer published it first (theirs is kept)."""
@@ -117,10 +130,10 @@ class VideoWriter:
             raise ValueError(f"layer {layer}: expected floating-point features, got {values.dtype}")
         expected = self._store.layer_shape(layer, len(values) if values.ndim else 0)
         if values.shape != expected or not isinstance(start, (int, np.integer)) or \
-                not 0 <= start <= self._num_clips - len(values):
+                not self._first <= start <= self._stop - len(values):
             raise ValueError(f"layer {layer}: expected clips [{start}, {start} + n) of shape "
-                             f"{expected[1:]} within {self._num_clips} clips, got shape "
-                             f"{values.shape}")
+                             f"{expected[1:]} within clips [{self._first}, {self._stop}), got "
+                             f"shape {values.shape}")
         if not np.isfinite(values).all():
             raise input_error(self._store.path, f"video {self._video_id!r} layer {layer}: the "
                               "features contain NaN or inf (check the checkpoint and the video); "
@@ -154,9 +167,10 @@ class VideoWriter:
 
     # -- storage -------------------------------------------------------------------------------
     def _create(self, layer, dtype):
-        shape = self._store.layer_shape(layer, self._num_clips)
+        size = self._stop - self._first
+        shape = self._store.layer_shape(layer, size)
         bytes_per_clip = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
-        chunks = (min(chunk_clips(bytes_per_clip), self._num_clips), *shape[1:])
+        chunks = (max(1, min(chunk_clips(bytes_per_clip), size)), *shape[1:])
         self._staging.create_array(array_key(layer), shape, dtype, chunks)
 
     def _fitted(self, layer, values: np.ndarray) -> np.ndarray:

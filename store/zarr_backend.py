@@ -5,6 +5,10 @@ STORE/zarr.json                         root group; attributes {"losa_tal": root
 STORE/commits/<name>                    a committed video: JSON {"video_id", "path", "record"}
 STORE/attempts/<name>/<attempt>/        one writer's attempt at a video (a Zarr group):
                                         last [T, D], layer_<i> [T, K, D], times [T] float64
+                                        (or at a part of one: its clips only, all the times)
+STORE/parts/<name>/<k>                  a committed part k of a video extracted in parts:
+                                        JSON {"video_id", "path", "record", "part", "parts",
+                                        "clips"}; readers never look here (store/parts.py)
 STORE/plan/<part>                       the videos the store should hold (JSON lists, in parts)
 STORE/.writers/                         local scratch: claim locks, commit temporaries
 ```
@@ -16,7 +20,8 @@ Commit protocol (format 2). Each attempt writes only under its own ``attempts/<n
 (a name no other writer uses). The video is published by *creating* ``commits/<name>`` only if
 it does not exist: ``link`` of a finished temporary on a POSIX file system (atomic on local
 disks, NFS, Lustre and GPFS alike), a conditional PUT (``If-None-Match: *``) on S3. Exactly one
-attempt wins; a loser deletes only its own attempt. Nothing else decides what is safe: locks
+attempt wins; a loser deletes only its own attempt. A part of a long video is published the same
+way as ``parts/<name>/<k>``, and the video, assembled from its parts, as ``commits/<name>``. Nothing else decides what is safe: locks
 (``claims``) only save duplicate work, and no writer deletes another's data. Leftovers of dead
 attempts are removed by ``store gc`` (by age). A file system that can create a file only if
 absent neither way is refused for writing unless the caller promises to be the only writer.
@@ -48,6 +53,7 @@ FORMAT_VERSION = 2
 ROOT_META_KEY = "losa_tal"
 COMMITS = "commits"
 ATTEMPTS = "attempts"
+PARTS = "parts"
 LEGACY_VIDEOS = "videos"  # format 1
 WRITERS = ".writers"
 METADATA_FILE = "zarr.json"
@@ -235,7 +241,11 @@ class ZarrBackend:
                               "on one machine only; upgrade it in place first with `losa-tal "
                               f"store upgrade {self.location}` (while no writer runs)")
 
-    def begin(self, name: str) -> "ZarrStaging":
+    takes_parts = True
+
+    def begin(self, name: str, part: dict | None = None) -> "ZarrStaging":
+        """An attempt at video ``name``, or at one of its parts (``part``: ``{"part", "parts",
+        "clips"}``, published as ``parts/<name>/<part>`` with those fields)."""
         import zarr
 
         self.require_writable_layout()
@@ -245,16 +255,45 @@ class ZarrBackend:
         except BaseException:
             self.remove(attempt)
             raise
-        return ZarrStaging(group, lambda record: self._commit(name, attempt, record),
+        return ZarrStaging(group, lambda record: self._commit(name, attempt, record, part),
                            lambda: self.remove(attempt))
 
-    def _commit(self, name: str, attempt: str, record: dict) -> bool:
-        document = {"video_id": record.get("video_id"), "path": attempt, "record": record}
-        if self.create_exclusive(f"{COMMITS}/{name}", json.dumps(document).encode()):
-            self._commits[name] = document
+    def _commit(self, name: str, attempt: str, record: dict, part: dict | None = None) -> bool:
+        document = {"video_id": record.get("video_id"), "path": attempt, "record": record,
+                    **(part or {})}
+        target = f"{COMMITS}/{name}" if part is None else f"{PARTS}/{name}/{part['part']}"
+        if self.create_exclusive(target, json.dumps(document).encode()):
+            if part is None:
+                self._commits[name] = document
             return True
         self.remove(attempt)  # another attempt was committed first: keep theirs, drop ours
         return False
+
+    # -- parts (store/parts.py) ------------------------------------------------------------------
+    def committed_parts(self) -> dict[str, set]:
+        """``{name: {k, ...}}`` of the committed parts: one (recursive) listing."""
+        found = {}
+        for relative in self._list_tree(PARTS):
+            name, _, part = relative.partition("/")
+            if part.isdigit():
+                found.setdefault(name, set()).add(int(part))
+        return found
+
+    def part_documents(self, name: str) -> dict:
+        """``{k: document}`` of a video's committed parts (an unreadable one is left out)."""
+        listed = [part for part in self._list(f"{PARTS}/{name}") if part.isdigit()]
+        data = self._read_bytes([f"{PARTS}/{name}/{part}" for part in listed])
+        documents = {int(part): _parse_json(raw) for part, raw in zip(listed, data)}
+        return {part: document for part, document in documents.items()
+                if document is not None and _is_store_path(document.get("path"))
+                and isinstance(document.get("record"), dict)}
+
+    def part_array(self, document: dict, key: str):
+        """An array of a committed part's attempt (``document`` from ``part_documents``)."""
+        import zarr
+
+        return zarr.open_array(self._store, path=f"{document['path']}/{key}", mode="r",
+                               zarr_format=3)
 
     def create_exclusive(self, relative: str, data: bytes) -> bool:
         """Create a small file only if it does not exist; False if it does. Where the file
@@ -313,10 +352,17 @@ class ZarrBackend:
         """``(path, age in seconds)`` of what no committed video uses and nothing has written
         for ``older_than`` seconds: attempts of dead or losing writers, a format-1 store's
         unmarked groups, scratch files. Newer ones may belong to a running writer."""
+        committed = set(self.committed_names())
         used = {document["path"] for document in
-                (self.commit_document(name) for name in self.committed_names()) if document}
+                (self.commit_document(name) for name in committed) if document}
+        split = self.committed_parts()
+        # A committed part's attempt is used until its video is committed; then the part and
+        # its attempt are leftovers (the video's own attempt holds a copy).
+        used |= {document["path"] for name in set(split) - committed
+                 for document in self.part_documents(name).values()}
         candidates = [f"{ATTEMPTS}/{name}/{attempt}" for name in self._list(ATTEMPTS)
                       for attempt in self._list(f"{ATTEMPTS}/{name}")]
+        candidates += [f"{PARTS}/{name}" for name in sorted(set(split) & committed)]
         candidates += [f"{LEGACY_VIDEOS}/{name}" for name in self._list(LEGACY_VIDEOS)]
         candidates += [f"{WRITERS}/{kind}/{name}" for kind in ("tmp", "staging", "claims")
                        for name in self._list(f"{WRITERS}/{kind}")]
@@ -391,6 +437,19 @@ class ZarrBackend:
             return []
         # zarr.json (a folder's own group document) and atomic-write temporaries are not entries.
         return [name for name in names if not name.startswith(METADATA_FILE)]
+
+    def _list_tree(self, relative: str) -> list[str]:
+        """Paths of every file under a folder, relative to it (one listing on object storage)."""
+        if self._fs is None:
+            top = os.path.join(self._root, relative)
+            return [os.path.relpath(os.path.join(folder, name), top).replace(os.sep, "/")
+                    for folder, _, names in os.walk(top) for name in names]
+        path = f"{self._root}/{relative}"
+        self._fs.invalidate_cache(path)
+        try:
+            return [found[len(path) + 1:] for found in self._fs.find(path)]
+        except FileNotFoundError:
+            return []
 
     def _read_root(self):
         """The root zarr.json (None if absent). Unlike other documents, a failure to fetch it
