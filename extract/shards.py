@@ -38,9 +38,10 @@ SHARD_FLAG = "--shard"
 # hash would read every video once more; a different video of the same size differs there).
 HASHED_BYTES = 2**20
 # A video longer than this is planned as ceil(duration / PART_SECONDS) parts that shards extract
-# separately (bench/shards.py: at 64 shards THUMOS-like durations need parts of at most ~5 min
-# for a useful-GPU share of 0.9; shorter parts cost more skipped decoding and more assembly).
-PART_SECONDS = 240.0
+# separately. bench/shards.py at 64 shards, THUMOS-like, no working locks: 0.93 at 120 s, about
+# 0.9 at 150-240 s depending on the draw, 0.87 at 400 s; shorter parts cost more decoding of
+# skipped frames and more assembly copies.
+PART_SECONDS = 120.0
 PART_SECONDS_ENV = "LOSA_TAL_PART_SECONDS"  # overrides it when a plan is recorded (tests)
 
 

@@ -131,9 +131,10 @@ class VideoWriter:
         expected = self._store.layer_shape(layer, len(values) if values.ndim else 0)
         if values.shape != expected or not isinstance(start, (int, np.integer)) or \
                 not self._first <= start <= self._stop - len(values):
+            within = f"{self._num_clips} clips" if self._stop - self._first == self._num_clips \
+                else f"clips [{self._first}, {self._stop}) (a part)"
             raise ValueError(f"layer {layer}: expected clips [{start}, {start} + n) of shape "
-                             f"{expected[1:]} within clips [{self._first}, {self._stop}), got "
-                             f"shape {values.shape}")
+                             f"{expected[1:]} within {within}, got shape {values.shape}")
         if not np.isfinite(values).all():
             raise input_error(self._store.path, f"video {self._video_id!r} layer {layer}: the "
                               "features contain NaN or inf (check the checkpoint and the video); "

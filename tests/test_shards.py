@@ -5,7 +5,6 @@ the one the store planned under its id.
 """
 import os
 import random
-import re
 import shutil
 
 import pytest
@@ -14,8 +13,8 @@ from click.testing import CliRunner
 from cli import main
 from extract.pipeline import format_summary, run_extraction
 from extract.shards import SINGLE, Shard, Shares, launcher_shard, shares, work_order
-from helpers.extraction import (assert_same_contents, settings_for, start_extract,
-                                store_contents, write_backbone_file, write_videos)
+from helpers.extraction import (assert_same_contents, extracted, finish_all, settings_for,
+                                start_shard, store_contents, write_backbone_file, write_videos)
 from helpers.videos import write_video
 from losa_tal import InputError
 from store import FeatureStore
@@ -175,30 +174,6 @@ WITHOUT_LOCKS = ("-c", "import errno, fcntl, runpy, sys\n"
                        "    raise OSError(errno.ENOSYS, 'Function not implemented')\n"
                        "fcntl.flock = refused\n"
                        "runpy.run_path('cli.py', run_name='__main__')\n")
-
-
-def start_shard(folder, store, backbone, *extra, env=None, **options):
-    """An extractor whose shard is only what ``env`` or ``extra`` say."""
-    environment = {key: value for key, value in os.environ.items()
-                   if not key.startswith("SLURM_") and key not in ("RANK", "WORLD_SIZE")}
-    environment.update({"OMP_NUM_THREADS": "1", **(env or {})})
-    return start_extract(folder, store, backbone, *extra, env=environment, **options)
-
-
-def finish_all(processes, errors=None) -> list:
-    """Their outputs, once each ended well; their error outputs go to ``errors``, if given."""
-    outputs = []
-    for process in processes:
-        stdout, stderr = process.communicate(timeout=600)
-        assert process.returncode == 0, stderr[-3000:]
-        outputs.append(stdout)
-        if errors is not None:
-            errors.append(stderr)
-    return outputs
-
-
-def extracted(stdout) -> int:
-    return int(re.search(r"extracted (\d+) videos", stdout).group(1))
 
 
 @pytest.mark.slow

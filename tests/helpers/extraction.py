@@ -1,6 +1,8 @@
 """Extraction end to end on real video files: the tiny random-init backbone, the videos and their
 settings, the command line that extracts them, and a store's whole contents to compare."""
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +66,32 @@ def start_extract(folder, store, backbone_file, *extra, env=None,
     args = cli_args(folder, store, backbone_file, "--batch-size", 3, *extra)
     return subprocess.Popen([sys.executable, *program, *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def start_shard(folder, store, backbone, *extra, env=None, **options):
+    """``start_extract`` whose shard is only what ``env`` or ``extra`` say (this process's
+    launcher variables are left out)."""
+    environment = {key: value for key, value in os.environ.items()
+                   if not key.startswith("SLURM_") and key not in ("RANK", "WORLD_SIZE")}
+    environment.update({"OMP_NUM_THREADS": "1", **(env or {})})
+    return start_extract(folder, store, backbone, *extra, env=environment, **options)
+
+
+def finish_all(processes, errors=None) -> list:
+    """Their outputs, once each ended well; their error outputs go to ``errors``, if given."""
+    outputs = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr[-3000:]
+        outputs.append(stdout)
+        if errors is not None:
+            errors.append(stderr)
+    return outputs
+
+
+def extracted(stdout) -> int:
+    """How many videos an ``extract`` run's summary says it extracted."""
+    return int(re.search(r"extracted (\d+) videos", stdout).group(1))
 
 
 def store_contents(path) -> dict:
