@@ -7,22 +7,25 @@ An event simulation of ``count`` shards extracting one store, for two duration d
 - ActivityNet-like: 15,000 videos, lognormal, mean ~2 min, cut to 5 s .. 10 min.
 
 A video's encoding time is its duration times a per-video factor (lognormal, ``--noise``): the
-plan knows durations, not how fast each video will decode and encode. Every shard walks its
-order of videos as ``extract`` does: a video already committed is skipped, so is the first
-unfinished video of another shard's own share (``Shares.at_work``: its owner is on it), and
-one another shard is encoding is skipped where claims work (``flock``) and encoded a second
-time where they do not (object storage; the store then publishes one copy and the other is lost
-time). A shard stops at the end of its order. Share = useful work / (shards x the time the last
-shard stops).
+plan knows durations, not how fast each video will decode and encode. A video longer than
+``extract.shards.PART_SECONDS`` is planned in parts, as ``extract`` plans it; a part takes its
+video's time divided by its parts, and the assembly of a split video (a copy of its features,
+off the GPU's path) is not counted. Every shard walks its order of work items (videos and parts)
+as ``extract`` does: an item already committed is skipped, so is the first unfinished item of
+another shard's own share (``Shares.at_work``: its owner is on it), and one another shard is
+encoding is skipped where claims work (``flock``) and encoded a second time where they do not
+(object storage; the store then publishes one copy and the other is lost time). A shard stops
+at the end of its order. Share = useful work / (shards x the time the last shard stops).
 
-Schemes: ``every-Nth`` (the old split: sorted ids, every N-th video, nothing else),
+Schemes: ``every-Nth`` (the old split: sorted ids, every N-th whole video, nothing else),
 ``longest-first`` (the same shares as the plan, but no stealing), and the plan with stealing
 (``extract.shards.work_order``, what ``extract`` runs) with and without working claims.
 ``plan, job array`` counts each shard's GPU until that shard stops (a job array's task gives
-its GPU back; claims working). ``bound`` is the best any whole-video schedule can do with every
-GPU held to the end: no shard can finish before the longest video, nor before its share of the
-total. The last line is the smallest share of the plan (with or without claims, every GPU
-held to the end) at the largest shard count, over both distributions.
+its GPU back; claims working). ``bound`` is the best any schedule of these work items can do
+with every GPU held to the end: no shard can finish before the longest item, nor before its
+share of the total. The last line is the smallest share of the plan (with or without claims,
+every GPU held to the end) at the largest shard count, over both distributions.
+``LOSA_TAL_PART_SECONDS`` (extract.shards.PART_SECONDS_ENV) tries another part length.
 
     python bench/shards.py [--shards 8,32,64] [--noise 0.15] [--seed 0]
 """

@@ -421,7 +421,8 @@ class Claims:
             if not stack.enter_context(self.store.claim(*_claimed(item))):
                 stack.close()
                 self.summary.taken.append(item)
-            elif video_id in self.store or item in self._committed_parts(set()):
+            elif video_id in self.store or \
+                    (item != video_id and item in self._committed_parts(set())):
                 stack.close()
                 self.summary.already.append(item)
             else:
@@ -714,8 +715,8 @@ class Extraction:
         if self.progress is None:
             return
         summary = self.summary
-        finished = len(summary.done) + len(summary.already) + len(summary.taken) + \
-            len(summary.left) + len(summary.failed)
+        finished = len(summary.done) + len(summary.parts) + len(summary.already) + \
+            len(summary.taken) + len(summary.left) + len(summary.failed)
         elapsed = time.perf_counter() - self.started
         self.progress.set_postfix(clips_s=f"{summary.clips / max(elapsed, 1e-9):.1f}",
                                   failed=len(summary.failed), refresh=False)

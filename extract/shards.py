@@ -21,6 +21,14 @@ longest-first greedy split, balanced by duration), then the other shards' shares
 tails, so that a shard that is done helps the ones that are not. A video committed meanwhile is
 skipped, one claimed (an ``flock``, where locks work) is left to its holder; where locks do not
 work two shards may encode the same video near the end, and the store publishes one of them.
+
+A video longer than ``PART_SECONDS`` would hold one GPU past everyone else's share (THUMOS-like
+durations at 64 shards: 28 min against 22), so its plan entry records ``"parts": P``
+(``part_count``, decided once, so every shard and every resume agrees; an entry without it is one
+part). With several shards on a Zarr store the work items are then its parts ``(video_id, k)``
+(``work_items``, each weighing duration / P), ordered and shared like videos; part ``k`` is clips
+``store.parts.part_range(k, P, N)`` of the video's N clips, and the store assembles the video
+once all parts are committed (store/parts.py). A single shard takes whole videos.
 """
 from __future__ import annotations
 

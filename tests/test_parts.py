@@ -357,3 +357,23 @@ def test_shards_killed_before_the_assembly_are_finished_by_one_process(
     assert "extracted" in resumed and parts_extracted(resumed) == 0
     assert_same_contents(store_contents(store), one_process)
     assert_verify_clean(store)
+
+
+def test_a_video_of_fewer_clips_than_parts_commits_empty_parts(tmp_path, monkeypatch):
+    """Two clips planned in four parts (a duration that overstates the video): parts 0 and 2
+    are empty, committed all the same, and the assembled video equals one process's."""
+    videos = write_videos(tmp_path / "videos", {"tiny.mp4": (20, 30)})
+    one = tmp_path / "one.zarr"
+    run_extraction(settings_for(videos, one), show_progress=False)
+    monkeypatch.setenv(PART_SECONDS_ENV, "0.2")
+    store = tmp_path / "s.zarr"
+    summaries = []
+    for index in (0, 1):  # shard 0 leaves shard 1's first part to it, which then ends the work
+        settings = settings_for(videos, store)
+        settings.shard = Shard(index, 2, "test")
+        summaries.append(run_extraction(settings, show_progress=False))
+    assert FeatureStore.open(store).planned_videos()[0]["parts"] == 4
+    assert sorted(part for summary in summaries for part in summary.parts) == \
+        [("tiny", part) for part in range(4)]
+    assert [summary.done for summary in summaries] == [[], ["tiny"]]
+    assert_same_contents(store_contents(store), store_contents(one))
