@@ -22,3 +22,11 @@ def dataset_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     videos = {**synthetic_videos(4, "training"), **synthetic_videos(2, "validation", first=4)}
     return write_store(root / "store.zarr", videos), write_annotations(root / "gt.json", videos)
+
+
+@pytest.fixture(scope="module")
+def backbone_file(tmp_path_factory):
+    """The tiny extraction backbone as a ``--backbone`` file."""
+    from helpers.extraction import write_backbone_file
+
+    return write_backbone_file(tmp_path_factory.mktemp("backbone"))

@@ -32,7 +32,7 @@ from extract.clips import KILL_AT_ENV
 from extract.pipeline import run_extraction
 from helpers import REPO
 from helpers.extraction import (assert_same_contents, cli_args, settings_for,
-                                start_extract, store_contents, write_backbone_file, write_videos)
+                                start_extract, store_contents, write_videos)
 from helpers.videos import write_empty, write_random_bytes, write_truncated, write_video
 from losa_tal import InputError
 from store import FeatureStore
@@ -59,11 +59,6 @@ def reference(fault_videos, tmp_path_factory):
     path = tmp_path_factory.mktemp("reference") / "reference.zarr"
     extract(fault_videos[1], path)
     return store_contents(path)
-
-
-@pytest.fixture(scope="module")
-def backbone_file(tmp_path_factory):
-    return write_backbone_file(tmp_path_factory.mktemp("backbone"))
 
 
 def start_cli(folder, store, backbone, *extra, kill_at=None, env=None):

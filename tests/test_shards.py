@@ -14,7 +14,7 @@ from cli import main
 from extract.pipeline import format_summary, run_extraction
 from extract.shards import SINGLE, Shard, Shares, launcher_shard, shares, work_order
 from helpers.extraction import (assert_same_contents, extracted, finish_all, settings_for,
-                                start_shard, store_contents, write_backbone_file, write_videos)
+                                start_shard, store_contents, write_videos)
 from helpers.videos import write_video
 from losa_tal import InputError
 from store import FeatureStore
@@ -160,11 +160,6 @@ def one_process(shard_videos, tmp_path_factory):
                              show_progress=False)
     assert sorted(summary.done) == sorted(vid for vid, _ in shard_videos[1])
     return store_contents(path)
-
-
-@pytest.fixture(scope="module")
-def backbone_file(tmp_path_factory):
-    return write_backbone_file(tmp_path_factory.mktemp("backbone"))
 
 
 # cli.py in a process where flock is refused (Lustre without the flock mount option): every
