@@ -457,7 +457,9 @@ class Claims:
         return len(self._held)
 
     def held_ids(self) -> list:
-        return sorted(self._held)
+        """The items held, as text (``long (part 2)`` for a part), sorted."""
+        return sorted(item if item == item_video(item) else f"{item[0]} (part {item[1]})"
+                      for item in self._held)
 
     def release(self, item):
         self._held.pop(item).close()
@@ -553,7 +555,7 @@ class Extraction:
         self.started = time.perf_counter()
         self.open = {}  # video_id -> OpenVideo
         self.writes = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
-        self.batch = []  # [(video_id, first_clip, clips)] waiting for the backbone
+        self.batch = []  # [(item, first_clip, clips)] waiting for the backbone
         self.batch_clips = 0
 
     def run(self, claims: Claims):
@@ -641,29 +643,29 @@ class Extraction:
     def _encode_batch(self, claims):
         """Encode up to batch_size waiting clips and hand each video (or part) its features."""
         size = self.config.batch_size
-        parts, taken = [], 0
+        pieces, taken = [], 0
         while self.batch and taken < size:
-            video, first, clips = self.batch.pop(0)
+            item, first, clips = self.batch.pop(0)
             if taken + len(clips) > size:  # split: the rest waits for the next batch
                 cut = size - taken
-                self.batch.insert(0, (video, first + cut, clips[cut:]))
+                self.batch.insert(0, (item, first + cut, clips[cut:]))
                 clips = clips[:cut]
-            parts.append((video, first, clips))
+            pieces.append((item, first, clips))
             taken += len(clips)
         self.batch_clips -= taken
-        if not parts:
+        if not pieces:
             return
         started = time.perf_counter()
-        features = self.encoder(torch.cat([clips for _, _, clips in parts]))
+        features = self.encoder(torch.cat([clips for _, _, clips in pieces]))
         self.summary.compute_seconds += time.perf_counter() - started
         self.summary.clips += taken
         offset = 0
-        for video, first, clips in parts:
+        for item, first, clips in pieces:
             count = len(clips)
             own = {layer: values[offset:offset + count] for layer, values in features.items()}
             offset += count
-            if self.open[video].write(first, own):
-                self._publish(video, claims)
+            if self.open[item].write(first, own):
+                self._publish(item, claims)
         self._tick()
 
     def _publish(self, item, claims):

@@ -267,8 +267,8 @@ def one_process(part_videos, tmp_path_factory):
     return store_contents(path)
 
 
-def shards(folder, store, backbone, count, env=None):
-    return [start_shard(folder, store, backbone, "--shard", f"{index}/{count}",
+def shards(folder, store, backbone, count, *extra, env=None):
+    return [start_shard(folder, store, backbone, "--shard", f"{index}/{count}", *extra,
                         env={**SPLIT, **(env or {})}) for index in range(count)]
 
 
@@ -302,8 +302,9 @@ def test_shards_split_a_long_video_into_parts_and_equal_one_process(
         part_videos, one_process, backbone_file, tmp_path):
     folder, videos = part_videos
     store = tmp_path / "s.zarr"
-    outputs = finish_like_one_process(store, shards(folder, store, backbone_file, 3),
-                                      one_process)
+    # with a decoding worker each: parts travel to workers through the queue
+    outputs = finish_like_one_process(
+        store, shards(folder, store, backbone_file, 3, "--num-workers", 1), one_process)
     plan = {entry["video_id"]: entry for entry in FeatureStore.open(store).planned_videos()}
     assert {vid: entry["parts"] for vid, entry in plan.items()} == \
         {"long": 3, "mid": 1, "short": 1}
