@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from cli import main
 from extract.pipeline import format_summary, run_extraction
 from extract.shards import SINGLE, Shard, Shares, launcher_shard, shares, work_order
-from helpers.extraction import (assert_same_contents, extracted, finish_all, settings_for,
-                                start_shard, store_contents, write_videos)
+from helpers.extraction import (WITHOUT_LOCKS, assert_same_contents, extracted, finish_all,
+                                settings_for, start_shard, store_contents, write_videos)
 from helpers.videos import write_video
 from losa_tal import InputError
 from store import FeatureStore
@@ -160,15 +160,6 @@ def one_process(shard_videos, tmp_path_factory):
                              show_progress=False)
     assert sorted(summary.done) == sorted(vid for vid, _ in shard_videos[1])
     return store_contents(path)
-
-
-# cli.py in a process where flock is refused (Lustre without the flock mount option): every
-# claim succeeds, with a warning, so only the work order and the commit keep shards apart.
-WITHOUT_LOCKS = ("-c", "import errno, fcntl, runpy, sys\n"
-                       "def refused(*args):\n"
-                       "    raise OSError(errno.ENOSYS, 'Function not implemented')\n"
-                       "fcntl.flock = refused\n"
-                       "runpy.run_path('cli.py', run_name='__main__')\n")
 
 
 @pytest.mark.slow

@@ -68,6 +68,15 @@ def start_extract(folder, store, backbone_file, *extra, env=None,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+# cli.py in a process where flock is refused (Lustre without the flock mount option): every
+# claim succeeds, with a warning, so only the work order and the commit keep shards apart.
+WITHOUT_LOCKS = ("-c", "import errno, fcntl, runpy, sys\n"
+                       "def refused(*args):\n"
+                       "    raise OSError(errno.ENOSYS, 'Function not implemented')\n"
+                       "fcntl.flock = refused\n"
+                       "runpy.run_path('cli.py', run_name='__main__')\n")
+
+
 def start_shard(folder, store, backbone, *extra, env=None, **options):
     """``start_extract`` whose shard is only what ``env`` or ``extra`` say (this process's
     launcher variables are left out)."""
