@@ -1,9 +1,10 @@
 """The HDF5 layout (``--format hdf5``): one ``.h5`` file with the Zarr layout's hierarchy.
 
 ```
-STORE.h5                 root attribute "losa_tal" (JSON string); group /videos
-  /videos/<name>         attributes "record" (JSON string), then "complete" = True
+STORE.h5                 root attribute "losa_tal" (JSON text); group /videos
+  /videos/<name>         attributes "record" (JSON text), then "complete" = True
   /videos/<name>/last, layer_<i>, times     chunked along T, fletcher32 checksums, NaN fill
+  /plan/<part>, /failed/<name>              documents (JSON text, uint8 datasets)
 STORE.h5.writers/        staging files, claims, the publish lock and journal (safe to delete when
                          no writer runs and there is no publish.journal)
 ```
@@ -25,12 +26,23 @@ warning. Videos already published are never at risk.
 
 Readers open the file for each read under a shared lock, so they see only complete videos while
 writers append, and never a handle that went stale under them (opening costs well under 1 ms).
+
+JSON text is written as fixed-length ASCII attributes (documents, which can exceed an attribute's
+64 KiB, as uint8 datasets): nothing in the file is variable-length, so the library never reads a
+global heap. Stores written before kept variable-length strings there, and one damaged length in
+a heap collection makes the HDF5 library loop forever inside ``H5Aread``; such a store's
+attributes are read once in a child process first (:func:`_check_attributes_in_child`), which is
+killed if it stops making progress.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import select
+import subprocess
+import sys
+import time
 import uuid
 import warnings
 
@@ -46,6 +58,10 @@ ROOT_META_KEY = "losa_tal"
 VIDEOS = "videos"
 STAGED_GROUP = "video"
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# How long the child that reads a variable-length store's attributes may take to start (import
+# h5py, open the file) and then to read any one attribute, before the file is called damaged.
+CHILD_START_SECONDS = 60.0
+CHILD_STALL_SECONDS = 10.0
 
 
 def _h5py():
@@ -71,6 +87,7 @@ class Hdf5Backend:
         self._complete = {}
         self._listed = False  # whether the videos were listed once (committed_names)
         self._staging = None
+        self._attributes_checked = False  # a variable-length store's, by the child (once)
 
     # -- creation --------------------------------------------------------------------------------
     @classmethod
@@ -91,7 +108,7 @@ class Hdf5Backend:
             building = f"{path}.creating-{uuid.uuid4().hex[:12]}"
             try:
                 with _h5py().File(building, "w", locking=False) as handle:
-                    handle.attrs[ROOT_META_KEY] = json.dumps(meta)
+                    handle.attrs[ROOT_META_KEY] = _json_text(meta)
                     handle.create_group(VIDEOS)
                 try:
                     os.link(building, path)  # unlike rename, never replaces a racing writer's file
@@ -114,7 +131,7 @@ class Hdf5Backend:
 
     def read_meta(self):
         with self._reading_metadata():
-            raw = self._handle.attrs.get(ROOT_META_KEY)
+            raw = self._text(self._handle.attrs, ROOT_META_KEY)
         if raw is None:
             return None
         try:
@@ -171,6 +188,16 @@ class Hdf5Backend:
                 raise  # the disk, not the file: storage_errors says which
             raise _damaged(self.location, " ".join(str(err).split())[:200]) from err
 
+    def _text(self, attrs, key: str):
+        """The JSON text attribute ``key`` (bytes, or str in stores written before), or None. A
+        variable-length one is read only once the child found that reading it ends."""
+        if key not in attrs:
+            return None
+        if not self._attributes_checked and _is_variable_length(attrs.get_id(key).dtype):
+            _check_attributes_in_child(self.location)
+            self._attributes_checked = True
+        return attrs[key]
+
     def committed_names(self) -> list[str]:
         with self._reading_metadata():
             for name in self._videos():
@@ -199,8 +226,8 @@ class Hdf5Backend:
         if not isinstance(group, _h5py().Group) or not _is_marked_complete(group):
             return
         try:
-            record = json.loads(group.attrs["record"])
-        except (KeyError, TypeError, ValueError):
+            record = json.loads(self._text(group.attrs, "record"))
+        except (TypeError, ValueError):
             record = None
         self._complete[name] = record if isinstance(record, dict) else {"complete": True}
 
@@ -229,14 +256,18 @@ class Hdf5Backend:
             group = self._handle.get(folder)
             if not isinstance(group, _h5py().Group):
                 return []
-            return sorted((name, str(value).encode()) for name, value in group.attrs.items())
+            documents = {name: _as_bytes(self._text(group.attrs, name)) for name in group.attrs}
+            for name, dataset in group.items():  # stores written before keep them as attributes
+                if isinstance(dataset, _h5py().Dataset):
+                    documents[name] = dataset[()].tobytes()
+            return sorted(documents.items())
 
     def create_document(self, folder: str, name: str, data: bytes) -> bool:
         def add(main) -> bool:
             group = main.require_group(folder)
-            if name in group.attrs:
+            if name in group.attrs or name in group:
                 return False
-            group.attrs[name] = data.decode()
+            group.create_dataset(name, data=np.frombuffer(data, dtype=np.uint8))
             return True
 
         return self._append(add)
@@ -330,6 +361,71 @@ def _damaged(location, problem: str):
                        "copy, or extract into a new store")
 
 
+def _json_text(value):
+    """``value`` as JSON in a fixed-length ASCII string (json.dumps escapes all else)."""
+    return np.bytes_(json.dumps(value).encode("ascii"))
+
+
+def _as_bytes(text) -> bytes:
+    return text if isinstance(text, bytes) else str(text).encode()
+
+
+def _is_variable_length(dtype) -> bool:
+    string = _h5py().check_string_dtype(dtype)
+    return (string is not None and string.length is None) or \
+        _h5py().check_vlen_dtype(dtype) is not None
+
+
+# Reads every attribute of every group, printing a line after each: the parent sees progress.
+# Errors are passed over (the parent meets them itself, as one line); only a hang or a crash
+# of the library matters here.
+_READ_ATTRIBUTES = """
+import sys, h5py
+def walk(group):
+    for name in list(group.attrs):
+        try: group.attrs[name]
+        except Exception: pass
+        print(flush=True)
+    for name in list(group):
+        try: child = group.get(name)
+        except Exception: continue
+        if isinstance(child, h5py.Group): walk(child)
+with h5py.File(sys.argv[1], "r", locking=False) as handle:
+    print(flush=True)
+    try: walk(handle)
+    except Exception: pass
+"""
+
+
+def _check_attributes_in_child(location: str):
+    """Read the file's attributes in a child process first: a damaged global heap can make the
+    HDF5 library loop forever (or crash), which no exception reports, so the child is killed
+    if it stalls, and the file called damaged."""
+    child = subprocess.Popen([sys.executable, "-c", _READ_ATTRIBUTES, location],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL)
+    try:
+        limit = CHILD_START_SECONDS
+        while True:
+            started = time.monotonic()
+            ready, _, _ = select.select([child.stdout], [], [], limit)
+            if not ready:
+                raise _damaged(location, "reading its attributes made the HDF5 library stop "
+                               f"responding ({time.monotonic() - started:.0f} s)")
+            if not os.read(child.stdout.fileno(), 65536):
+                break  # the child finished
+            limit = CHILD_STALL_SECONDS
+        returncode = child.wait()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdout.close()
+    if returncode < 0:
+        raise _damaged(location, f"reading its attributes crashed the HDF5 library (signal "
+                       f"{-returncode})")
+
+
 def _is_marked_complete(group) -> bool:
     value = group.attrs.get("complete")
     return isinstance(value, (bool, np.bool_)) and bool(value)
@@ -360,7 +456,7 @@ class Hdf5Staging:
         return self._group[key][...]
 
     def publish(self, record: dict) -> bool:
-        self._group.attrs["record"] = json.dumps(record)
+        self._group.attrs["record"] = _json_text(record)
         self._close()
         self._raw.check()
         return self._publish(self._path)

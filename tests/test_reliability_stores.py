@@ -9,6 +9,7 @@ never a traceback, never a result computed from misread features. An HDF5 store 
 metadata (the library's index and name heaps) is damaged is one line saying so, never a
 traceback and never an empty store.
 """
+import collections
 import json
 import shutil
 from pathlib import Path
@@ -178,3 +179,142 @@ def test_damaged_hdf5_metadata_is_one_line_naming_the_file(tmp_path, damage):
         assert result.exit_code == 2 and "Traceback" not in result.output, (name, result.output)
         assert len(errors) == 1 and errors[0].startswith(f"error: {store}: damaged HDF5 "
                                                          "metadata"), (name, result.output)
+
+
+# -- global heaps: stores written before kept their JSON as variable-length strings ------------
+def written_before(path: Path, videos) -> Path:
+    """A store written through the project's writer as stores were written before: JSON text in
+    variable-length strings, whose bytes live in the file's global heap collections."""
+    from store import hdf5_backend
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hdf5_backend, "_json_text", json.dumps, raising=False)
+        return write_store(path, videos)
+
+
+def heap_collections(data: bytes) -> list[dict]:
+    """Each global heap collection in the file, parsed from its bytes (HDF5 file format
+    specification, "Global Heap"; 8-byte lengths, as h5py writes them):
+
+    collection: "GCOL" (4 bytes), version 1 (1), reserved (3), collection size (8, header
+    included), then objects, each starting on an 8-byte boundary:
+    object: heap object index (2), reference count (2), reserved (4), object size (8), the
+    object's bytes padded to a multiple of 8. Index 0 is the free space at the end; its size
+    counts its own 16-byte header.
+    Returns ``{"at", "size", "objects": [{"index", "at", "size"}]}`` (``at``: offsets in the
+    file; an object's size field is at ``at + 8``).
+    """
+    found, at = [], data.find(b"GCOL")
+    while at >= 0:
+        size, objects, offset = int.from_bytes(data[at + 8:at + 16], "little"), [], at + 16
+        while offset + 16 <= at + size:
+            index = int.from_bytes(data[offset:offset + 2], "little")
+            length = int.from_bytes(data[offset + 8:offset + 16], "little")
+            objects.append({"index": index, "at": offset, "size": length})
+            if index == 0:
+                break
+            offset += 16 + -(-length // 8) * 8
+        found.append({"at": at, "size": size, "objects": objects})
+        at = data.find(b"GCOL", at + 4)
+    return found
+
+
+def run_command(args, timeout=120):
+    """The real command line in its own process, killed (SIGKILL) after ``timeout`` seconds: a
+    process stuck inside the HDF5 library does not answer SIGTERM."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    return subprocess.run([sys.executable, str(REPO / "cli.py")] + [str(a) for a in args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def store_written_before(tmp_path_factory):
+    root = tmp_path_factory.mktemp("written_before")
+    videos = {**synthetic_videos(2, "training"), **synthetic_videos(1, "validation", first=2)}
+    assert heap_collections(write_store(root / "new.h5", videos).read_bytes()) == [], \
+        "new stores hold no variable-length data"
+    store = written_before(root / "store.h5", videos)
+    annotations = write_annotations(root / "gt.json", videos)
+    config = write_config(root / "config.json", tiny_config(train={"epochs": 1}))
+    honest = run_command(["store", "verify", store])
+    assert honest.returncode == 0, honest.stderr
+    return {"root": root, "store": store, "annotations": annotations, "config": config,
+            "verify": honest.stdout}
+
+
+def damaged_copy(paths, tmp_path, at: int, flip: int) -> Path:
+    data = bytearray(paths["store"].read_bytes())
+    data[at] ^= flip
+    store = tmp_path / f"store_{at}.h5"
+    store.write_bytes(bytes(data))
+    return store
+
+
+def root_metadata_object(data: bytes) -> dict:
+    """The heap object holding the root metadata (the one whose bytes start its JSON)."""
+    return next(obj for heap in heap_collections(data) for obj in heap["objects"]
+                if obj["index"] and data[obj["at"] + 16:].startswith(b'{"dtype"'))
+
+
+@pytest.mark.parametrize("name", slow_except(["verify", "info", "train", "export"], ["verify"]))
+def test_a_damaged_global_heap_length_is_one_line_not_a_hang(store_written_before, tmp_path,
+                                                             name):
+    """The flip that made the HDF5 library loop forever inside H5Aread: the top bit of the low
+    byte of the root metadata object's size. The parse of the collection then lands in its free
+    space on an object of index 0 and size 0, and never moves on."""
+    paths = store_written_before
+    obj = root_metadata_object(paths["store"].read_bytes())
+    store = damaged_copy(paths, tmp_path, obj["at"] + 8, 0x80)
+    args = ["store", "info", store] if name == "info" else \
+        command(name, paths, store, tmp_path / name)
+    result = run_command(args)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(errors) == 1 and errors[0].startswith(f"error: {store}: damaged HDF5 metadata"), \
+        result.stderr
+
+
+def test_a_store_written_before_reads_as_before(store_written_before, tmp_path):
+    """Variable-length attributes are still read: the same videos and records as a new store."""
+    from store import FeatureStore
+
+    paths = store_written_before
+    store = FeatureStore.open(paths["store"])
+    assert store.videos() == ["video_000", "video_001", "video_002"]
+    assert store.meta["feature_dim"] == 16 and store.video_info("video_000")["fps"] == 30.0
+    assert "3 video(s) checked, 0 bad" in paths["verify"]
+
+
+@pytest.mark.slow
+def test_no_flipped_byte_of_a_global_heap_hangs_a_command(store_written_before, tmp_path):
+    """Every byte of every collection's headers (the collection's and each object's), and every
+    ninth byte of the objects' contents, flipped in turn: `store verify` ends within the bound
+    with one error line naming the file, bad videos named, or the honest store's own report."""
+    paths = store_written_before
+    data = paths["store"].read_bytes()
+    places = set()
+    for heap in heap_collections(data):
+        places.update(range(heap["at"], heap["at"] + 16))
+        for obj in heap["objects"]:
+            places.update(range(obj["at"], obj["at"] + 16))
+            if obj["index"]:
+                places.update(range(obj["at"] + 16, obj["at"] + 16 + obj["size"], 9))
+    outcomes = collections.Counter()
+    for at in sorted(places):
+        store = damaged_copy(paths, tmp_path, at, 0xFF)
+        result = run_command(["store", "verify", store])
+        assert "Traceback" not in result.stderr, (at, result.stderr)
+        if result.returncode == 2:
+            errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+            assert len(errors) == 1 and errors[0].startswith(f"error: {store}: "), (at, errors)
+        elif result.returncode == 1:
+            assert "bad: " in result.stdout, (at, result.stdout)
+        else:
+            assert result.returncode == 0 and result.stdout == paths["verify"], (at, result)
+        outcomes[result.returncode] += 1
+        store.unlink()
+    assert outcomes[2] > 0, outcomes
