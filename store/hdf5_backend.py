@@ -256,8 +256,9 @@ class Hdf5Backend:
             group = self._handle.get(folder)
             if not isinstance(group, _h5py().Group):
                 return []
+            # Stores written before keep documents as attributes, new ones as datasets.
             documents = {name: _as_bytes(self._text(group.attrs, name)) for name in group.attrs}
-            for name, dataset in group.items():  # stores written before keep them as attributes
+            for name, dataset in group.items():
                 if isinstance(dataset, _h5py().Dataset):
                     documents[name] = dataset[()].tobytes()
             return sorted(documents.items())
