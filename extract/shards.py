@@ -27,7 +27,7 @@ durations at 64 shards: 28 min against 22), so its plan entry records ``"parts":
 (``part_count``, decided once, so every shard and every resume agrees; an entry without it is one
 part). With several shards on a Zarr store the work items are then its parts ``(video_id, k)``
 (``work_items``, each weighing duration / P), ordered and shared like videos; part ``k`` is clips
-``store.parts.part_range(k, P, N)`` of the video's N clips, and the store assembles the video
+``store.protocol.part_range(k, P, N)`` of the video's N clips, and the store assembles the video
 once all parts are committed (store/parts.py). A single shard takes whole videos.
 """
 from __future__ import annotations
@@ -182,12 +182,6 @@ def parts_of(entry: dict) -> int:
     """The parts a plan entry records; an entry planned before parts existed is one."""
     parts = entry.get("parts", 1)
     return parts if isinstance(parts, int) and not isinstance(parts, bool) and parts > 1 else 1
-
-
-def part_range(part: int, parts: int, num_clips: int) -> tuple[int, int]:
-    """Clips ``[first, stop)`` of part ``part`` of ``parts`` of a video of ``num_clips`` clips
-    (a part may be empty when the video has fewer clips than parts)."""
-    return part * num_clips // parts, (part + 1) * num_clips // parts
 
 
 def work_items(plan: list, split: bool = True) -> list[tuple]:

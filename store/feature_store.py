@@ -306,7 +306,7 @@ class FeatureStore:
 
     def part_writer(self, video_id: str, part: int, parts: int, num_clips: int, info: dict):
         """A writer of part ``part`` of ``parts`` of a video of ``num_clips`` clips: clips
-        ``store.parts.part_range(part, parts, num_clips)``, written at their indices in the
+        ``store.protocol.part_range(part, parts, num_clips)``, written at their indices in the
         video; ``commit(times)`` (the whole video's) publishes the part, not the video, and
         returns False if another writer published that part first. See ``assemble``."""
         from .writer import VideoWriter

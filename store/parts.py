@@ -2,7 +2,7 @@
 (shards) extract, each committed once, then assembled into one ordinary committed video.
 
 Part ``k`` of ``P`` of a video of ``N`` clips holds clips ``[k*N//P, (k+1)*N//P)``
-(``part_range``). A part attempt is an attempt like any other (``attempts/<name>/<attempt>``,
+(``store.protocol.part_range``). A part attempt is an attempt like any other (``attempts/<name>/<attempt>``,
 its arrays sized to its clips, ``times`` the whole video's), published by creating
 ``parts/<name>/<k>`` only if absent, as a video is published by creating ``commits/<name>``
 (zarr_backend.py): one attempt per part wins, a loser drops only its own. Once all ``P`` parts
@@ -25,17 +25,11 @@ from losa_tal import input_error
 
 from .meta import RESERVED_INFO_KEYS, TIMES_KEY, array_key
 from .names import encode_video_id
+from .protocol import part_range
+from .writer import VideoWriter
 
 # Clips copied at a time by assembly, so a long video never has to fit in memory at once.
 ASSEMBLY_BLOCK_CLIPS = 1024
-
-
-def part_range(part: int, parts: int, num_clips: int) -> tuple[int, int]:
-    """Clips ``[first, stop)`` of part ``part`` of ``parts`` of a video of ``num_clips`` clips
-    (a part is empty when the video has fewer clips than parts)."""
-    if not 0 <= part < parts:
-        raise ValueError(f"part {part} is not one of {parts} parts")
-    return part * num_clips // parts, (part + 1) * num_clips // parts
 
 
 def committed_parts(fs, video_ids) -> dict:
@@ -48,8 +42,6 @@ def committed_parts(fs, video_ids) -> dict:
 def assemble(fs, video_id: str):
     """Commit ``video_id`` from its committed parts: True if this call committed it, False if
     it was committed already (or another assembler won), None while parts are missing."""
-    from .writer import VideoWriter  # not at the top: decoding workers import part_range
-
     if video_id in fs:
         return False
     backend = fs._backend

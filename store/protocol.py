@@ -203,3 +203,12 @@ def frame_times_duration(frame_times: np.ndarray, fps: float | None) -> float | 
     if count > 1:
         return float(frame_times[-1] * count / (count - 1))
     return 1 / fps if count and fps else None
+
+
+def part_range(part: int, parts: int, num_clips: int) -> tuple[int, int]:
+    """Clips ``[first, stop)`` of part ``part`` of ``parts`` of a video of ``num_clips`` clips
+    (a part is empty when the video has fewer clips than parts). Clip layout, so it lives here,
+    where decoding workers find it without importing the store (store/parts.py: the parts)."""
+    if not 0 <= part < parts:
+        raise ValueError(f"part {part} is not one of {parts} parts")
+    return part * num_clips // parts, (part + 1) * num_clips // parts

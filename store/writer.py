@@ -25,6 +25,7 @@ from .errors import storage_errors
 from .meta import (RESERVED_INFO_KEYS, TIMES_KEY, array_key, json_normal,
                    video_record_problems)
 from .names import encode_video_id
+from .protocol import part_range
 
 CHUNK_BYTES = 1 << 20
 MIN_CHUNK_CLIPS = 16
@@ -47,8 +48,6 @@ class VideoWriter:
 
     def __init__(self, store, video_id: str, num_clips: int, info: dict, part=None,
                  float32_layers=()):
-        from .parts import part_range
-
         if not (isinstance(num_clips, (int, np.integer)) and num_clips >= 1):
             raise ValueError(f"num_clips must be a positive integer, got {num_clips!r}")
         self._store, self._video_id, self._num_clips = store, video_id, int(num_clips)

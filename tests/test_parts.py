@@ -29,7 +29,7 @@ from helpers.stores import (assert_video_equals, clip_times, make_meta, video_fe
                             video_info)
 from helpers.videos import write_video
 from store import FeatureStore
-from store.parts import part_range
+from store.protocol import part_range
 from store.protocol import SamplingProtocol
 from store.verify import verify_store
 
@@ -118,7 +118,7 @@ if mode == "assemble":  # copying slower than starting: both assemblers copy at 
     print("assembled", fs.assemble(video), flush=True)
 else:
     part = int(mode)
-    first, stop = store.parts.part_range(part, parts, clips)
+    first, stop = store.protocol.part_range(part, parts, clips)
     features = video_features(1, clips)
     with fs.part_writer(video, part, parts, clips, video_info(clips)) as writer:
         for start in range(first, stop, 4):
