@@ -16,8 +16,14 @@ output folder (``python cli.py demo --out DIR``: its benchmark and store):
    without position, the head alone, and a global attention without position could find) with
    the best threshold on the train dashes.
 4. How many dash_after_signal instances does the test split hold (the AP's sample size)?
+5. With ``--context`` (a benchmark with the global-context classes, e.g. bench/ablate.py's
+   output folder): is the cue's colour, which labels the video's shakes, in the last layer?
+   A probe per video on the mean of the clips the cue overlaps (what an attention that found
+   the cue reads), the same on the mean of all clips (what a uniform global attention
+   reads), and a clip probe that finds the cue's clips among the rest (AP on the test clips).
 
-    python bench/long_range.py --demo demo_out [--seed 0] [--videos 40] [--json out.json]
+    python bench/long_range.py --demo demo_out [--seed 0] [--videos 40] [--context]
+                               [--json out.json]
 """
 import argparse
 import json
@@ -35,7 +41,8 @@ from store.feature_store import FeatureStore  # noqa: E402
 from store.meta import LAST  # noqa: E402
 from synth.config import SynthConfig  # noqa: E402
 from synth.demo import BENCHMARK_DIR, STORE_DIR, TRAIN_CONFIG  # noqa: E402
-from synth.generator import ANNOTATION_FILE, SIGNAL_WINDOW_S, plan_video  # noqa: E402
+from synth.generator import (ANNOTATION_FILE, CONTEXT_CLASSES, SIGNAL_WINDOW_S,  # noqa: E402
+                             plan_video)
 from training.config import load_config  # noqa: E402
 
 CLIP_FRAMES = 16  # the demo's sampling protocol: 16-frame clips
@@ -204,15 +211,43 @@ def probe_dashes(examples) -> dict:
             "local_accuracy": local, "context_accuracy": context}
 
 
+def probe_cue(videos) -> dict:
+    """Step 5 (see the module docstring): test accuracy of the colour probes, their majority
+    class, and the AP of the cue-clip probe with its base rate."""
+    colour, views, clips = [], {"the cue's clips": [], "all clips": []}, []
+    for v in videos:
+        (cue,) = [s for s in v["plan"].segments if s.motion == "cue"]
+        lit = np.array([a < cue.stop and cue.start < b for a, b in v["frames"]])
+        last = v["views"]["last"]
+        views["the cue's clips"].append(last[lit].mean(0))
+        views["all clips"].append(last.mean(0))
+        colour.append(float(cue.params["label"] == CONTEXT_CLASSES[0]))
+        clips.append((v["subset"], last, lit.astype(np.float64)))
+    colour, train = np.array(colour), np.array([v["subset"] == "train" for v in videos])
+    accuracy = {}
+    for name, x in views.items():
+        x = np.stack(x)
+        predicted = fit_probe(x[train], colour[train])(x[~train]) > 0
+        accuracy[name] = float((predicted == (colour[~train] > 0)).mean())
+    split = lambda subset, i: np.concatenate([c[i] for c in clips if c[0] == subset])  # noqa: E731
+    probe = fit_probe(split("train", 1), split("train", 2))
+    return {"test_videos": int((~train).sum()),
+            "majority_accuracy": float(max(colour[~train].mean(), 1 - colour[~train].mean())),
+            "colour_accuracy": accuracy, "cue_clip_rate": float(split("test", 2).mean()),
+            "cue_clip_AP": average_precision(probe(split("test", 1)), split("test", 2))}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo", required=True, help="a `cli.py demo` output folder")
     parser.add_argument("--seed", type=int, default=0, help="the demo's --seed")
     parser.add_argument("--videos", type=int, default=SynthConfig.videos, help="its --videos")
+    parser.add_argument("--context", action="store_true",
+                        help="the benchmark holds the global-context classes (step 5)")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    synth = SynthConfig(seed=args.seed, videos=args.videos)
+    synth = SynthConfig(seed=args.seed, videos=args.videos, context=args.context)
     videos = load_benchmark(args.demo, synth)
     step_s = float(np.median(np.diff(videos[0]["frames"][:, 0]))) / synth.fps
     reach = receptive_field()
@@ -237,10 +272,18 @@ def main(argv=None) -> int:
     print(f"4. test split: {dashes['test_after_signal']} dash_after_signal and "
           f"{dashes['test_dashes'] - dashes['test_after_signal']} dash instances "
           f"({dashes['train_dashes']} dashes in train)")
+    figures = {"step_seconds": step_s, "receptive_field": reach, "dashes": dashes}
+    if args.context:
+        cue = figures["cue"] = probe_cue(videos)
+        print(f"5. the cue's colour on the {cue['test_videos']} test videos (majority class "
+              f"{cue['majority_accuracy']:.3f}):")
+        for name, accuracy in cue["colour_accuracy"].items():
+            print(f"   from the last layer's mean over {name}: {accuracy:.3f}")
+        print(f"   the cue's clips found by a clip probe: AP {cue['cue_clip_AP']:.3f} (base rate "
+              f"{cue['cue_clip_rate']:.3f})")
     if args.json:
         flash.pop("probes")
-        write_output(args.json, json.dumps({"step_seconds": step_s, "receptive_field": reach,
-                                            "flash_probe": flash, "dashes": dashes}, indent=1))
+        write_output(args.json, json.dumps({**figures, "flash_probe": flash}, indent=1))
     return 0
 
 

@@ -132,3 +132,40 @@ def test_a_run_another_process_finished_is_read_not_retrained(tmp_path):
     # No store and no benchmark exist: any training attempt would fail.
     assert train_and_score("long", 3, tmp_path / "missing.zarr", tmp_path, None) == \
         {"variant": "long", "seed": 3}
+
+
+def test_cue_probe_reads_the_colour_where_the_cue_is_and_counts_its_clips(monkeypatch):
+    """bench/long_range.py's step 5 on planted features: the colour (+-2 on one channel) lies
+    only in the clips a cue overlaps, a marker (+4 on another) tells those clips apart. The
+    colour probe on the cue's clips is right on every test video, the clip probe ranks the cue's
+    clips first, and the base rate is the share of cue clips among the test clips."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    from long_range import probe_cue
+
+    from synth.generator import Segment
+
+    rng = np.random.default_rng(0)
+    frames = np.array([[4 * t, 4 * t + 16] for t in range(40)], dtype=np.float64)
+    videos = []
+    for index in range(24):
+        label = CONTEXT_CLASSES[index % 2]
+        start = int(rng.integers(0, 120))
+        cue = Segment("cue", start, start + 15, (0.0, 0.0), params={"label": label})
+        lit = (frames[:, 0] < cue.stop) & (cue.start < frames[:, 1])
+        last = rng.normal(size=(40, 6))
+        last[lit, 0] += 2.0 if label == CONTEXT_CLASSES[0] else -2.0
+        last[lit, 1] += 4.0
+        videos.append({"subset": "train" if index < 16 else "test", "frames": frames,
+                       "plan": SimpleNamespace(segments=[cue]), "views": {"last": last}})
+    result = probe_cue(videos)
+    assert result["test_videos"] == 8 and result["majority_accuracy"] == 0.5
+    assert result["colour_accuracy"]["the cue's clips"] == 1.0
+    lit_test = sum(int(((v["frames"][:, 0] < v["plan"].segments[0].stop)
+                        & (v["plan"].segments[0].start < v["frames"][:, 1])).sum())
+                   for v in videos[16:])
+    assert result["cue_clip_rate"] == lit_test / (8 * 40)
+    assert result["cue_clip_AP"] > 0.95
