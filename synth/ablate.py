@@ -153,8 +153,8 @@ def train_and_score(variant: str, seed: int, store: Path, out: Path, epochs) -> 
     predictions = infer(str(run_dir), str(store), str(annotations), subset="test",
                         out_path=str(run_dir / "predictions.json"), device="cpu",
                         progress=False)
-    evaluation = evaluate_detections(load_annotations(str(annotations)), predictions,
-                                     subset="test")
+    truth = load_annotations(str(annotations))
+    evaluation = evaluate_detections(truth, predictions, subset="test")
     report = evaluation.report()
     context = context_classes(out)
     result = {"variant": variant, "seed": seed, "average_mAP": report["average_mAP"],
@@ -162,24 +162,24 @@ def train_and_score(variant: str, seed: int, store: Path, out: Path, epochs) -> 
               "per_class_AP": {label: sum(ap) / len(ap)
                                for label, ap in report["per_class_AP"].items()},
               "sensitivity": diagnose(evaluation)["sensitivity"],
-              "family_AP": family_ap(annotations, predictions, context),
+              "family_AP": family_ap(truth, predictions, context),
               "train_seconds": round(seconds, 1)}
     _write_text(run_dir / RESULT_FILE, json.dumps(result, indent=1))
     return result
 
 
 def family_ap(annotations, predictions: dict, family: list) -> float | None:
-    """AP (mean over the tIoU thresholds) of the ``family`` classes taken as one class: whether
-    their actions are found at all, whatever label they get (None without test actions). The gap between it and the AP of
-    each member is what telling the members apart costs."""
-    from evaluation import evaluate_detections, load_annotations
+    """AP (mean over the tIoU thresholds) of the ``family`` classes taken as one class, from
+    parsed ``annotations``: whether their actions are found at all, whatever label they get
+    (None without test actions). The gap between it and the AP of each member is what telling
+    the members apart costs."""
+    from evaluation import evaluate_detections
 
     if not family:
         return None
     merged = "|".join(family)
     one = lambda label: merged if label in family else label  # noqa: E731
-    truth = load_annotations(str(annotations))
-    truth = truth.select(list(truth.videos("test")), relabel=one)
+    truth = annotations.select(list(annotations.videos("test")), relabel=one)
     results = {video: _merged(detections, one) for video, detections in
                predictions["results"].items()}
     report = evaluate_detections(truth, {"results": results}, subset="test").report()
