@@ -32,7 +32,7 @@ JSON text is written as fixed-length ASCII attributes (documents, which can exce
 global heap. Stores written before kept variable-length strings there, and one damaged length in
 a heap collection makes the HDF5 library loop forever inside ``H5Aread``; such a store's
 attributes are read once in a child process first (:func:`_check_attributes_in_child`), which is
-killed if it stops making progress.
+killed if it stops making progress or runs too long, and never outlives its command.
 """
 from __future__ import annotations
 
@@ -59,9 +59,12 @@ VIDEOS = "videos"
 STAGED_GROUP = "video"
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # How long the child that reads a variable-length store's attributes may take to start (import
-# h5py, open the file) and then to read any one attribute, before the file is called damaged.
+# h5py, open the file), then to read any one attribute, and in all, before the file is called
+# damaged. The total is also the child's CPU-time limit, so a child whose command was killed
+# ends by itself where the system cannot end it with its parent.
 CHILD_START_SECONDS = 60.0
 CHILD_STALL_SECONDS = 10.0
+CHILD_TOTAL_SECONDS = 300.0
 
 
 def _h5py():
@@ -377,42 +380,80 @@ def _is_variable_length(dtype) -> bool:
         _h5py().check_vlen_dtype(dtype) is not None
 
 
-# Reads every attribute of every group, printing a line after each: the parent sees progress.
-# Errors are passed over (the parent meets them itself, as one line); only a hang or a crash
-# of the library matters here.
+# Reads every attribute of every group reached by hard links (the only attributes a command
+# reads), each group once (links can form cycles), printing a line after each: the parent sees
+# progress. Errors are passed over (the parent meets them itself, as one line); only a hang or a
+# crash of the library matters here.
+# The child dies with the command (Linux), by SIGINT/SIGTERM like the command, and at its CPU
+# limit in any case: a child stuck in the library never returns to Python to notice anything.
 _READ_ATTRIBUTES = """
-import sys, h5py
-def walk(group):
-    for name in list(group.attrs):
-        try: group.attrs[name]
+import os, resource, signal, sys
+location, parent, cpu_seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+if sys.platform.startswith("linux"):
+    import ctypes
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+if os.getppid() != parent:
+    sys.exit(1)  # the command ended before the line above took effect
+hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+if hard != resource.RLIM_INFINITY:
+    cpu_seconds = min(cpu_seconds, hard)
+resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, hard))
+for number in (signal.SIGINT, signal.SIGXCPU):
+    signal.signal(number, signal.SIG_DFL)
+import h5py
+def read(obj):
+    for name in list(obj.attrs):
+        try: obj.attrs[name]
         except Exception: pass
         print(flush=True)
-    for name in list(group):
-        try: child = group.get(name)
+def walk(root):
+    seen, groups = set(), [root]
+    while groups:
+        group = groups.pop()
+        try: address = h5py.h5o.get_info(group.id).addr
         except Exception: continue
-        if isinstance(child, h5py.Group): walk(child)
-with h5py.File(sys.argv[1], "r", locking=False) as handle:
+        if address in seen: continue
+        seen.add(address)
+        read(group)
+        for name in list(group):
+            try:
+                if isinstance(group.get(name, getlink=True), h5py.HardLink) and \
+                        group.get(name, getclass=True) is h5py.Group:
+                    groups.append(group[name])
+            except Exception: pass
+with h5py.File(location, "r", locking=False) as handle:
     print(flush=True)
     try: walk(handle)
     except Exception: pass
 """
 
 
+def _attribute_reader(location: str, cpu_seconds: float) -> list[str]:
+    """The command line of the child that reads ``location``'s attributes."""
+    return [sys.executable, "-c", _READ_ATTRIBUTES, location, str(os.getpid()),
+            str(max(1, round(cpu_seconds)))]
+
+
 def _check_attributes_in_child(location: str):
     """Read the file's attributes in a child process first: a damaged global heap can make the
     HDF5 library loop forever (or crash), which no exception reports, so the child is killed
-    if it stalls, and the file called damaged."""
-    child = subprocess.Popen([sys.executable, "-c", _READ_ATTRIBUTES, location],
+    if it stalls or runs past the total limit, and the file called damaged."""
+    child = subprocess.Popen(_attribute_reader(location, CHILD_TOTAL_SECONDS),
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL)
+    started = time.monotonic()
     try:
         limit = CHILD_START_SECONDS
         while True:
-            started = time.monotonic()
-            ready, _, _ = select.select([child.stdout], [], [], limit)
-            if not ready:
+            waited = time.monotonic()
+            left = started + CHILD_TOTAL_SECONDS - waited
+            ready, _, _ = select.select([child.stdout], [], [], max(0.0, min(limit, left)))
+            if not ready and limit < left:
                 raise _damaged(location, "reading its attributes made the HDF5 library stop "
-                               f"responding ({time.monotonic() - started:.0f} s)")
+                               f"responding ({time.monotonic() - waited:.0f} s)")
+            if not ready:
+                raise _damaged(location, "reading its attributes did not end within "
+                               f"{CHILD_TOTAL_SECONDS:.0f} s")
             if not os.read(child.stdout.fileno(), 65536):
                 break  # the child finished
             limit = CHILD_STALL_SECONDS

@@ -19,6 +19,7 @@ CATEGORIES = [  # (category, file, test-name regex); the first match wins
     ("crashes", "test_training.py", r"test_sigkill"),
     ("crashes", "test_reliability_processes.py", r""),
     ("crashes", "test_extract_faults.py", r"test_(sigkill|killed)"),
+    ("crashes", "test_reliability_stores.py", r"test_a_killed_command"),
     ("disk full and permissions", "test_reliability_storage.py", r""),
     ("disk full and permissions", "test_store_faults.py", r"test_(zarr_write_failure|"
                                                           r"zarr_publish_failure|"
@@ -35,6 +36,7 @@ CATEGORIES = [  # (category, file, test-name regex); the first match wins
                                             r"a_live_writers)"),
     ("concurrency", "test_store.py", r"test_claims_are_exclusive"),
     ("concurrency", "test_reliability_outputs.py", r"test_two_"),
+    ("concurrency", "test_reliability_stores.py", r"test_looping_reads_at_once"),
     ("hostile inputs", "test_reliability_inputs.py", r""),
     ("hostile inputs", "test_reliability_checkpoints.py", r""),
     ("hostile inputs", "test_reliability_stores.py", r""),

@@ -12,32 +12,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from helpers import REPO
 from helpers.extraction import TINY, cli_args
+from helpers.processes import session_processes
 from helpers.videos import write_video
 
 GONE_WITHIN_S = 10  # after the main process dies, every process of its session must be gone
-
-
-def session_processes(session: int) -> dict:
-    """``{pid: command line}`` of the live (not zombie) processes of a session."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        state, _ppid, _group, sid = stat.rpartition(")")[2].split()[:4]
-        if int(sid) == session and state != "Z":
-            found[int(entry)] = command.decode(errors="replace")
-    return found
 
 
 def is_worker(command: str) -> bool:

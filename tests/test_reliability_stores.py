@@ -10,8 +10,15 @@ metadata (the library's index and name heaps) is damaged is one line saying so, 
 traceback and never an empty store.
 """
 import collections
+import contextlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -220,15 +227,25 @@ def heap_collections(data: bytes) -> list[dict]:
 
 
 def run_command(args, timeout=120):
-    """The real command line in its own process, killed (SIGKILL) after ``timeout`` seconds: a
-    process stuck inside the HDF5 library does not answer SIGTERM."""
-    import subprocess
-    import sys
-
+    """The real command line in its own session, every process of it killed (SIGKILL) after
+    ``timeout`` seconds: a process stuck inside the HDF5 library does not answer SIGTERM, and
+    one left running would slow every later command. A command that left a process running
+    fails the test."""
     from helpers import REPO
+    from helpers.processes import session_processes
 
-    return subprocess.run([sys.executable, str(REPO / "cli.py")] + [str(a) for a in args],
-                          capture_output=True, text=True, timeout=timeout)
+    process = subprocess.Popen([sys.executable, str(REPO / "cli.py")] + [str(a) for a in args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+        left = session_processes(process.pid) if os.path.isdir("/proc") else {}
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+    assert not left, (args, left)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="module")
@@ -260,22 +277,29 @@ def root_metadata_object(data: bytes) -> dict:
                 if obj["index"] and data[obj["at"] + 16:].startswith(b'{"dtype"'))
 
 
-@pytest.mark.parametrize("name", slow_except(["verify", "info", "train", "export"], ["verify"]))
-def test_a_damaged_global_heap_length_is_one_line_not_a_hang(store_written_before, tmp_path,
-                                                             name):
-    """The flip that made the HDF5 library loop forever inside H5Aread: the top bit of the low
-    byte of the root metadata object's size. The parse of the collection then lands in its free
-    space on an object of index 0 and size 0, and never moves on."""
-    paths = store_written_before
+def looping_copy(paths, tmp_path) -> Path:
+    """A copy with the flip that made the HDF5 library loop forever inside H5Aread: the top bit
+    of the low byte of the root metadata object's size. The parse of the collection then lands
+    in its free space on an object of index 0 and size 0, and never moves on."""
     obj = root_metadata_object(paths["store"].read_bytes())
-    store = damaged_copy(paths, tmp_path, obj["at"] + 8, 0x80)
-    args = ["store", "info", store] if name == "info" else \
-        command(name, paths, store, tmp_path / name)
-    result = run_command(args)
+    return damaged_copy(paths, tmp_path, obj["at"] + 8, 0x80)
+
+
+def assert_one_damaged_line(result, store):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert len(errors) == 1 and errors[0].startswith(f"error: {store}: damaged HDF5 metadata"), \
         result.stderr
+
+
+@pytest.mark.parametrize("name", slow_except(["verify", "info", "train", "export"], ["verify"]))
+def test_a_damaged_global_heap_length_is_one_line_not_a_hang(store_written_before, tmp_path,
+                                                             name):
+    paths = store_written_before
+    store = looping_copy(paths, tmp_path)
+    args = ["store", "info", store] if name == "info" else \
+        command(name, paths, store, tmp_path / name)
+    assert_one_damaged_line(run_command(args), store)
 
 
 def test_a_store_written_before_reads_and_appends_as_before(store_written_before, tmp_path):
@@ -345,3 +369,119 @@ def test_no_flipped_byte_of_a_global_heap_hangs_a_command(store_written_before, 
 
 
 test_no_flipped_byte_of_a_global_heap_hangs_a_command.reliability_cases = GLOBAL_HEAP_FLIPS
+
+
+# -- the child that reads a store's attributes first: it must end, and end with its command ----
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the reader dies with its "
+                    "command through Linux's PR_SET_PDEATHSIG; elsewhere its CPU limit ends it")
+def test_a_killed_command_leaves_no_reader_spinning(store_written_before, tmp_path):
+    """SIGKILL (the OOM killer, a scheduler's hard kill, a test's timeout) reaches only the
+    command; its reader, stuck in the library's loop where no signal handler runs, must not spin
+    on. Left running, each took a core, and every later command ran slower."""
+    from helpers import REPO
+    from helpers.processes import session_processes
+
+    store = looping_copy(store_written_before, tmp_path)
+    process = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "store", "verify", store],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until the reader has spun for a second (reading an honest file: 0.1 s)
+            readers = set(session_processes(process.pid)) - {process.pid}
+            if readers and cpu_seconds(min(readers)) >= 1.0:
+                break
+            assert process.poll() is None and time.monotonic() < deadline, "no reader spun"
+            time.sleep(0.05)
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 10
+        while session_processes(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not session_processes(process.pid), session_processes(process.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_a_reader_alone_ends_at_its_cpu_limit(store_written_before, tmp_path):
+    """Where nothing ends the reader with its command, its CPU limit does: run with nobody
+    watching it, on the file that loops forever, it is ended by the kernel."""
+    from store import hdf5_backend
+
+    store = looping_copy(store_written_before, tmp_path)
+    result = subprocess.run(hdf5_backend._attribute_reader(str(store), 2), capture_output=True,
+                            timeout=60)
+    assert result.returncode in (-signal.SIGXCPU, -signal.SIGKILL), result
+    assert result.stdout == b"\n", "it opened the file and stuck on the first attribute"
+
+
+def test_a_reader_that_never_stalls_is_stopped_at_the_total_limit(store_written_before,
+                                                                  monkeypatch):
+    """A reader that keeps making progress forever never trips the stall limit: the total limit
+    ends it, with the one damaged-metadata line."""
+    from losa_tal import InputError
+    from store import hdf5_backend
+
+    monkeypatch.setattr(hdf5_backend, "_READ_ATTRIBUTES",
+                        "import time\nwhile True:\n    print(flush=True)\n    time.sleep(0.05)\n")
+    monkeypatch.setattr(hdf5_backend, "CHILD_TOTAL_SECONDS", 3.0)
+    store, outcome = str(store_written_before["store"]), {}
+
+    def check():
+        try:
+            hdf5_backend._check_attributes_in_child(store)
+        except InputError as error:
+            outcome["error"] = str(error)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=check, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "the check never ended"
+    assert 3.0 <= time.monotonic() - started < 30
+    assert outcome["error"].startswith(f"{store}: damaged HDF5 metadata (reading its attributes "
+                                       "did not end within 3 s)"), outcome
+
+
+def test_links_in_a_cycle_are_read_once(store_written_before, tmp_path):
+    """Hard links may form cycles (a group linked into itself, twice over): the reader visits
+    each object once and follows no soft or external link, so such a store verifies as the
+    honest one. Walking every path, the reader never stalled and never ended."""
+    import h5py
+
+    store = tmp_path / "store.h5"
+    shutil.copy(store_written_before["store"], store)
+    with h5py.File(store, "a", locking=False) as handle:
+        loops = handle.create_group("loops")
+        loops.attrs["note"] = "a variable-length string"
+        loops["again"], loops["and_again"] = loops, loops
+        loops["soft"] = h5py.SoftLink("/loops")
+        loops["elsewhere"] = h5py.ExternalLink(str(tmp_path / "missing.h5"), "/")
+    result = run_command(["store", "verify", store], timeout=60)
+    assert result.returncode == 0 and result.stdout == store_written_before["verify"], result
+
+
+@pytest.mark.slow
+def test_looping_reads_at_once_each_end_in_one_line(store_written_before, tmp_path):
+    """Six commands at once on two cores, most of them with a reader stuck in the library's
+    loop: each ends with its one damaged-metadata line, and none leaves a process (run_command
+    checks). The flips: each collection's size, and each collection's first object's size."""
+    import concurrent.futures
+
+    data, paths = store_written_before["store"].read_bytes(), store_written_before
+    heaps = heap_collections(data)
+    flips = [(heaps[0]["at"] + 8, 0xFF), (heaps[0]["at"] + 9, 0xFF)] + \
+        [(heap["objects"][0]["at"] + 8, 0xFF) for heap in heaps]
+    stores = [damaged_copy(paths, tmp_path, at, flip) for at, flip in flips]
+    with concurrent.futures.ThreadPoolExecutor(len(stores)) as pool:
+        results = list(pool.map(lambda store: run_command(["store", "verify", store]), stores))
+    for store, result in zip(stores, results):
+        assert_one_damaged_line(result, store)
+    stalls = sum("stop responding" in result.stderr for result in results)
+    assert stalls >= 4, [result.stderr for result in results]
