@@ -50,7 +50,7 @@ from extract.decoding import stated_duration
 from extract.pooling import check_grid, pool_tokens
 from extract.shards import (Shard, Shares, item_video, launcher_shard, parts_of, planned,
                             source_problem)
-from extract.workers import QueueFeed, SpawnProcess
+from extract.workers import QueueFeed, SpawnContext, SpawnProcess
 from losa_distributed import SHARED_MEMORY, shared_memory_free
 from losa_tal import ConfigError, InputError, input_error
 from store import LAST, FeatureStore
@@ -563,7 +563,7 @@ class Extraction:
         workers = config.num_workers
         pin = self.encoder.device.type == "cuda"
         if workers:
-            feed = torch.multiprocessing.get_context("spawn").Queue()
+            feed = SpawnContext().Queue()
             dataset = ClipChunks(QueueFeed(feed), config.protocol, config.batch_size)
             # Two claimed videos per worker, so a worker that finishes one finds the next waiting;
             # each video finished (published or failed) is replaced, and an idle worker gets one.

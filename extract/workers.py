@@ -22,8 +22,14 @@ import os
 import pickle
 import queue as queue_module
 import signal
+import sys
 
 PR_SET_PDEATHSIG = 1
+# A command that stops (Ctrl-C, SIGTERM, an error) kills its workers at once; semaphores of
+# their queues can then be left to multiprocessing's resource tracker, which removes them and
+# warns about each after the command's one line. Removing them is its job; the warnings are
+# noise. The tracker takes its warning filters from the command line it is started with.
+QUIET_TRACKER = "ignore::UserWarning:multiprocessing.resource_tracker"
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -60,9 +66,17 @@ class SpawnProcess(multiprocessing.context.SpawnProcess):
 
 class SpawnContext(multiprocessing.context.SpawnContext):
     """The spawn start method with :class:`SpawnProcess`; give it to a DataLoader as its
-    ``multiprocessing_context``."""
+    ``multiprocessing_context``, and create the queues workers share with it. Creating one
+    starts the resource tracker quiet (see ``QUIET_TRACKER``) unless it already runs."""
 
     Process = SpawnProcess
+
+    def __init__(self):
+        from multiprocessing import resource_tracker
+
+        if QUIET_TRACKER not in sys.warnoptions:
+            sys.warnoptions.append(QUIET_TRACKER)
+        resource_tracker.ensure_running()
 
 
 class QueueFeed:
