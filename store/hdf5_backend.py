@@ -386,6 +386,8 @@ def _is_variable_length(dtype) -> bool:
 # crash of the library matters here.
 # The child dies with the command (Linux), by SIGINT/SIGTERM like the command, and at its CPU
 # limit in any case: a child stuck in the library never returns to Python to notice anything.
+# It runs under ordinary scheduling: a spinning child that inherited a real-time policy kept
+# its real-time parent, whose watchdog would kill it, off the CPU.
 _READ_ATTRIBUTES = """
 import os, resource, signal, sys
 location, parent, cpu_seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -394,6 +396,8 @@ if sys.platform.startswith("linux"):
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 if os.getppid() != parent:
     sys.exit(1)  # the command ended before the line above took effect
+if hasattr(os, "sched_setscheduler"):  # below a real-time command: it must get to kill this one
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
 hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
 if hard != resource.RLIM_INFINITY:
     cpu_seconds = min(cpu_seconds, hard)

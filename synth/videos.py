@@ -6,7 +6,9 @@ written, bit for bit; ``.mp4`` (H.264) and ``.avi`` (MPEG-4) are lossy, like rea
 """
 from __future__ import annotations
 
+import contextlib
 import fractions
+import os
 from pathlib import Path
 
 import av
@@ -49,7 +51,7 @@ def encode(path, frames: np.ndarray, container_format: str, codec: str, pix_fmt:
     """Encode uint8 RGB frames [F, H, W, 3] into ``path``; ``frame_times`` (seconds) as in
     :func:`write_video`."""
     rate = fractions.Fraction(fps).limit_denominator(1001)
-    with av.open(str(path), "w", format=container_format) as container:
+    with scheduling_kept(), av.open(str(path), "w", format=container_format) as container:
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
         stream.options = dict(options)
@@ -63,3 +65,20 @@ def encode(path, frames: np.ndarray, container_format: str, codec: str, pix_fmt:
                 frame.time_base = fractions.Fraction(1, 1000)
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
+
+
+@contextlib.contextmanager
+def scheduling_kept():
+    """Give the calling thread back the scheduling it had. SVT-AV1's encoder, run as root, puts
+    it under SCHED_FIFO at priority 99, and every process started from it afterwards inherits
+    that: a child that then spins inside a library keeps its real-time parent off the CPU (two
+    such children starved their commands on a 2-core machine)."""
+    if not hasattr(os, "sched_getscheduler"):  # not Linux
+        yield
+        return
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        yield
+    finally:
+        if (os.sched_getscheduler(0), os.sched_getparam(0)) != (policy, param):
+            os.sched_setscheduler(0, policy, param)

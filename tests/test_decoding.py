@@ -6,6 +6,7 @@ Each video is written with PyAV with its frame index drawn into the pixels
 with the protocol's own list.
 """
 import json
+import os
 
 import numpy as np
 import pytest
@@ -59,6 +60,18 @@ def test_clips_hold_the_named_frames_when_frames_are_skipped(encoded, encoding, 
     assert np.array_equal(got, expected), f"{(got != expected).sum()} frames wrong"
     # A protocol that skips frames is read by PyAV, which converts only the frames used.
     assert chunks[0]["info"]["decoder"]["name"] == "pyav"
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="Linux scheduling only")
+def test_encoding_leaves_the_scheduling_of_the_process_as_it_was(tmp_path):
+    """SVT-AV1's encoder, run as root, put the test process under SCHED_FIFO at priority 99;
+    every command a later test started inherited it, and two spinning children of such
+    commands kept them off both CPUs (a CI run hung on it)."""
+    if not can_encode("av1"):
+        pytest.skip("this FFmpeg cannot encode av1")
+    before = (os.sched_getscheduler(0), os.sched_getparam(0))
+    write_indexed(tmp_path / "av1.mkv", 30, "av1")
+    assert (os.sched_getscheduler(0), os.sched_getparam(0)) == before
 
 
 def test_the_open_gop_files_do_defeat_index_seeking(encoded):
