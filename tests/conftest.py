@@ -1,5 +1,7 @@
 """Suite-wide test settings and the fixtures several test modules share (helpers that are not
 fixtures live in the helpers package)."""
+import os
+
 import pytest
 
 
@@ -12,6 +14,23 @@ def one_torch_thread():
 
     torch.set_num_threads(1)
     yield
+
+
+def scheduling() -> tuple:
+    return (os.sched_getscheduler(0), os.sched_getparam(0)) \
+        if hasattr(os, "sched_getscheduler") else ()
+
+
+SCHEDULING = scheduling()
+
+
+@pytest.fixture(autouse=True)
+def scheduling_unchanged():
+    """A library that changes the test process's scheduling (SVT-AV1's encoder made it real-time)
+    changes it for every command later tests start: fail the test that did it, by name."""
+    yield
+    assert scheduling() == SCHEDULING, "this test changed the test process's scheduling " \
+        f"from {SCHEDULING} to {scheduling()}; every later child would inherit it"
 
 
 @pytest.fixture(scope="module")
