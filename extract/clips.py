@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from extract.decoding import VideoError, VideoSource, open_video
-from store.protocol import part_range
-from store.protocol import IMAGENET_MEAN, IMAGENET_STD, SamplingProtocol
+from store.protocol import IMAGENET_MEAN, IMAGENET_STD, SamplingProtocol, part_range
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
                     ".wmv", ".3gp", ".ts", ".ogv")

@@ -1,8 +1,8 @@
 """Suite-wide test settings and the fixtures several test modules share (helpers that are not
 fixtures live in the helpers package)."""
-import os
-
 import pytest
+
+from helpers.processes import scheduling
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -14,11 +14,6 @@ def one_torch_thread():
 
     torch.set_num_threads(1)
     yield
-
-
-def scheduling() -> tuple:
-    return (os.sched_getscheduler(0), os.sched_getparam(0)) \
-        if hasattr(os, "sched_getscheduler") else ()
 
 
 SCHEDULING = scheduling()

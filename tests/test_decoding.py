@@ -16,6 +16,7 @@ from extract.clips import gather_clips, iter_chunks
 from extract.decoding import open_video
 from helpers.indexed_videos import (ENCODINGS, EXTENSIONS, can_encode, decode_all, read_index,
                                     write_cut_before_keyframe, write_indexed, write_trimmed)
+from helpers.processes import scheduling
 from helpers.videos import write_video
 from store import LAST, FeatureStore
 from store.protocol import SamplingProtocol
@@ -69,9 +70,9 @@ def test_encoding_leaves_the_scheduling_of_the_process_as_it_was(tmp_path):
     commands kept them off both CPUs (a CI run hung on it)."""
     if not can_encode("av1"):
         pytest.skip("this FFmpeg cannot encode av1")
-    before = (os.sched_getscheduler(0), os.sched_getparam(0))
+    before = scheduling()
     write_indexed(tmp_path / "av1.mkv", 30, "av1")
-    assert (os.sched_getscheduler(0), os.sched_getparam(0)) == before
+    assert scheduling() == before
 
 
 def test_the_open_gop_files_do_defeat_index_seeking(encoded):

@@ -29,8 +29,7 @@ from helpers.stores import (assert_video_equals, clip_times, make_meta, video_fe
                             video_info)
 from helpers.videos import write_video
 from store import FeatureStore
-from store.protocol import part_range
-from store.protocol import SamplingProtocol
+from store.protocol import SamplingProtocol, part_range
 from store.verify import verify_store
 
 # -- the plan and the order of work ------------------------------------------------------------

@@ -1,7 +1,14 @@
 """The processes a command left: a command under test runs in its own session, so every
-process it starts keeps the session id even once reparented to init."""
+process it starts keeps the session id even once reparented to init. And the scheduling that
+every process a test starts inherits."""
 import os
 from pathlib import Path
+
+
+def scheduling() -> tuple:
+    """This thread's scheduling policy and parameters (() where the system has none to read)."""
+    return (os.sched_getscheduler(0), os.sched_getparam(0)) \
+        if hasattr(os, "sched_getscheduler") else ()
 
 
 def session_processes(session: int) -> dict:
